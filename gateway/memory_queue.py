@@ -1,0 +1,174 @@
+"""The embedded job queue: one process, everything in memory, asyncio all the way.
+
+Leases expire: a job whose worker neither answers nor fails it within ``lease_ttl_s`` goes
+back to the front of its queue, until it has been leased ``max_attempts`` times; then its
+request fails with ``attempts_exhausted``. Every answer is checked against the job's current
+lease id, so an expired lease's late answer is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.queue import JobDone, JobFailed, JobFailure, JobQueue, JobSpec, QueueStats, QueueTimeout
+from worker.protocol import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Entry:
+    job_id: str
+    key: str
+    spec: JobSpec
+    future: asyncio.Future
+    enqueued_at: float
+    attempts: int = 0
+    lease_id: str | None = None
+    deadline: float = field(default=0.0)
+
+
+class InMemoryQueue(JobQueue):
+    def __init__(
+        self, lease_ttl_s: float, max_attempts: int,
+        on_expired: Callable[[bool], None] = lambda requeued: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._lease_ttl_s = lease_ttl_s
+        self._max_attempts = max_attempts
+        self._on_expired = on_expired  # for metrics: True if requeued, False if given up
+        self._clock = clock
+        self._waiting: dict[str, deque[_Entry]] = {}
+        self._leased: dict[str, _Entry] = {}
+        self._arrivals: dict[str, asyncio.Condition] = {}
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+        self._reaper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._expire_forever())
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+
+    async def run(self, key: str, specs: list[JobSpec], timeout_s: float) -> list[JobDone]:
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        entries = [
+            _Entry(f"{self._prefix}-{next(self._ids)}", key, spec, loop.create_future(), now) for spec in specs
+        ]
+        self._waiting.setdefault(key, deque()).extend(entries)
+        await self._notify(key)
+        index_of = {entry.future: i for i, entry in enumerate(entries)}
+        pending = set(index_of)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        if isinstance(outcome := future.result(), JobFailed):
+                            raise JobFailure(index_of[future], outcome)
+        except TimeoutError:
+            raise QueueTimeout(f"not answered within {timeout_s:g}s") from None
+        finally:
+            self._withdraw(entries)
+        return [entry.future.result() for entry in entries]
+
+    async def lease(self, key: str, max_items: int, wait_s: float) -> list[Job]:
+        waiting = self._waiting.setdefault(key, deque())
+        if not waiting and wait_s > 0:
+            arrivals = self._arrivals.setdefault(key, asyncio.Condition())
+            try:
+                async with asyncio.timeout(wait_s), arrivals:
+                    await arrivals.wait_for(lambda: bool(waiting))
+            except TimeoutError:
+                return []
+        jobs: list[Job] = []
+        items = 0
+        while waiting and (not jobs or items + len(waiting[0].spec.inputs) <= max_items):
+            entry = waiting.popleft()
+            entry.attempts += 1
+            entry.lease_id = uuid.uuid4().hex
+            entry.deadline = self._clock() + self._lease_ttl_s
+            self._leased[entry.job_id] = entry
+            items += len(entry.spec.inputs)
+            jobs.append(Job(job_id=entry.job_id, lease_id=entry.lease_id, model=entry.spec.model, inputs=entry.spec.inputs))
+        return jobs
+
+    def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
+        return self._answer(job_id, lease_id, done)
+
+    def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
+        return self._answer(job_id, lease_id, failed)
+
+    def stats(self) -> dict[str, QueueStats]:
+        now = self._clock()
+        leased: dict[str, int] = {}
+        for entry in self._leased.values():
+            leased[entry.key] = leased.get(entry.key, 0) + 1
+        return {
+            key: QueueStats(
+                depth=len(waiting), leased=leased.get(key, 0),
+                oldest_age_s=now - waiting[0].enqueued_at if waiting else 0.0,
+            )
+            for key, waiting in self._waiting.items()
+        }
+
+    def _answer(self, job_id: str, lease_id: str, outcome: JobDone | JobFailed) -> bool:
+        entry = self._leased.get(job_id)
+        if entry is None or entry.lease_id != lease_id:
+            return False
+        del self._leased[job_id]
+        if not entry.future.done():
+            entry.future.set_result(outcome)
+        return True
+
+    def _withdraw(self, entries: list[_Entry]) -> None:
+        """Take a finished (or abandoned) request's jobs out of the queue and the lease table."""
+        for entry in entries:
+            if self._leased.pop(entry.job_id, None) is None and not entry.future.done():
+                try:
+                    self._waiting[entry.key].remove(entry)
+                except ValueError:
+                    pass
+            if not entry.future.done():
+                entry.future.cancel()
+
+    async def _notify(self, key: str) -> None:
+        arrivals = self._arrivals.setdefault(key, asyncio.Condition())
+        async with arrivals:
+            arrivals.notify_all()
+
+    async def _expire_forever(self) -> None:
+        period = min(1.0, self._lease_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            for key in self._expire_leases():
+                await self._notify(key)
+
+    def _expire_leases(self) -> set[str]:
+        now = self._clock()
+        requeued: set[str] = set()
+        for entry in [e for e in self._leased.values() if e.deadline <= now]:
+            del self._leased[entry.job_id]
+            entry.lease_id = None
+            if entry.attempts >= self._max_attempts:
+                log.warning("job %s failed: its lease expired %d times", entry.job_id, entry.attempts)
+                entry.future.set_result(JobFailed(
+                    "attempts_exhausted",
+                    f"no worker finished this job in {entry.attempts} attempts (lease timeout {self._lease_ttl_s:g}s)",
+                ))
+                self._on_expired(False)
+            else:
+                self._waiting.setdefault(entry.key, deque()).appendleft(entry)
+                requeued.add(entry.key)
+                self._on_expired(True)
+        return requeued

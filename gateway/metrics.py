@@ -1,0 +1,71 @@
+"""The gateway's Prometheus metrics, all prefixed ``embedq_gateway_``, on an injected registry.
+
+Queue depth, oldest-job age and workers per model are read from the queue and the worker
+registry at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.queue import JobQueue
+from gateway.registry import WorkerRegistry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+PREFIX = "embedq_gateway_"
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        p = PREFIX
+        self.requests = Counter(
+            p + "requests_total", "Client requests answered, by endpoint and HTTP status", ["endpoint", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            p + "request_seconds", "Client request latency, by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.request_inputs = Histogram(
+            p + "request_inputs", "Inputs per embeddings request", buckets=INPUT_BUCKETS, registry=registry
+        )
+        self.inputs = Counter(p + "inputs_total", "Inputs embedded, by model", ["model"], registry=registry)
+        self.tokens = Counter(p + "tokens_total", "Prompt tokens embedded, by model", ["model"], registry=registry)
+        self.jobs = Counter(
+            p + "jobs_total", "Jobs finished, by outcome (ok, or the failure code)", ["outcome"], registry=registry
+        )
+        self.lease_expired = Counter(
+            p + "lease_expired_total", "Leases that expired unanswered, by what happened to the job",
+            ["action"], registry=registry,
+        )
+        self.worker_posts = Counter(
+            p + "worker_posts_total", "Job answers posted by workers, by whether the lease was current",
+            ["result"], registry=registry,
+        )
+
+    def on_lease_expired(self, requeued: bool) -> None:
+        self.lease_expired.labels("requeued" if requeued else "failed").inc()
+
+
+class LiveStateCollector(Collector):
+    """Gauges computed from the queue and the registry whenever /metrics is scraped."""
+
+    def __init__(self, queue: JobQueue, workers: WorkerRegistry):
+        self._queue = queue
+        self._workers = workers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(PREFIX + "queue_depth", "Jobs waiting for a worker", labels=["queue"])
+        leased = GaugeMetricFamily(PREFIX + "jobs_leased", "Jobs held by a worker", labels=["queue"])
+        age = GaugeMetricFamily(PREFIX + "queue_oldest_age_seconds", "Age of the oldest waiting job", labels=["queue"])
+        for key, stats in self._queue.stats().items():
+            depth.add_metric([key], stats.depth)
+            leased.add_metric([key], stats.leased)
+            age.add_metric([key], stats.oldest_age_s)
+        workers = GaugeMetricFamily(PREFIX + "workers", "Live workers, by model", labels=["model"])
+        for name, route in self._workers.routes().items():
+            workers.add_metric([name], route.workers)
+        yield from (depth, leased, age, workers)

@@ -1,0 +1,89 @@
+"""The job queue interface, between the HTTP layer and whatever holds the jobs.
+
+One queue per checkpoint (the ``[queue] checkpoint_name`` a worker serves). The HTTP layer
+only ever calls ``run`` (client side) and ``lease`` / ``complete`` / ``fail`` (worker side),
+so a shared backend such as Redis can replace the in-memory one for several replicas.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.protocol import ErrorCode, Job, JobInput
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    inputs: list[JobInput]
+
+
+@dataclass(frozen=True)
+class JobDone:
+    vectors: np.ndarray  # (len(inputs), dims) float32
+    prompt_tokens: list[int]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    # The worker's codes, plus attempts_exhausted when no worker finished it in max_attempts leases.
+    code: ErrorCode | str
+    message: str
+    input_index: int | None = None
+
+
+class JobFailure(Exception):
+    """One job of a request failed; the request fails with it (the others are withdrawn)."""
+
+    def __init__(self, job_index: int, failure: JobFailed):
+        super().__init__(failure.message)
+        self.job_index = job_index
+        self.failure = failure
+
+
+class QueueTimeout(Exception):
+    """The jobs were not all answered in time; those still queued were withdrawn."""
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int  # jobs waiting for a worker
+    leased: int  # jobs a worker holds
+    oldest_age_s: float  # of the oldest waiting job, 0 if none
+
+
+class JobQueue(ABC):
+    @abstractmethod
+    async def start(self) -> None:
+        """Start background work (lease expiry)."""
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    async def run(self, key: str, specs: list[JobSpec], timeout_s: float) -> list[JobDone]:
+        """Queue the jobs and wait for all of them, in order.
+
+        Raises JobFailure on the first failed job and QueueTimeout after timeout_s. However it
+        ends (cancellation included: the client went away), no job of it stays queued.
+        """
+
+    @abstractmethod
+    async def lease(self, key: str, max_items: int, wait_s: float) -> list[Job]:
+        """Hand out waiting jobs totalling at most max_items inputs (at least one job), waiting
+        up to wait_s for the first; each comes with a fresh lease id."""
+
+    @abstractmethod
+    def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
+        """Record a result; False (and nothing changes) if the lease is not the current one."""
+
+    @abstractmethod
+    def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
+        """Record a failure; False (and nothing changes) if the lease is not the current one."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, QueueStats]:
+        """Per queue key, for metrics and health."""

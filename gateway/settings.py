@@ -1,0 +1,81 @@
+"""The gateway's settings: one frozen model, read once at start-up from EMBEDQ_* variables.
+
+Each field ``name`` is set by the variable ``EMBEDQ_<NAME>`` (lists comma-separated);
+``--host`` / ``--port`` on the command line win over the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "EMBEDQ_"
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names the variable."""
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Bearer tokens workers must present; empty means none is configured (see workers_open).
+    worker_tokens: tuple[str, ...] = ()
+    # Accept workers without a token on a non-loopback address. Only for trusted networks.
+    allow_open_workers: bool = False
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    lease_ttl_s: float = Field(default=60.0, gt=0)  # a leased job not answered by then is requeued
+    max_attempts: int = Field(default=3, ge=1)  # leases per job before its request fails
+    worker_ttl_s: float = Field(default=15.0, gt=0)  # a worker silent this long is dropped
+    job_max_inputs: int = Field(default=32, ge=1)  # requests are split into jobs of this size
+    max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    @field_validator("worker_tokens", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def workers_open(self) -> bool:
+        """Whether worker endpoints accept any caller (no worker token configured)."""
+        return not self.worker_tokens
+
+
+def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySettings:
+    values: dict[str, object] = {
+        name: environ[ENV_PREFIX + name.upper()]
+        for name in GatewaySettings.model_fields
+        if ENV_PREFIX + name.upper() in environ
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = GatewaySettings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']} (got {err['input']!r})" for err in exc.errors()
+        )
+        raise SettingsError(problems) from None
+    if settings.workers_open and not settings.loopback and not settings.allow_open_workers:
+        raise SettingsError(
+            f"bound to {settings.host} with no worker token: set EMBEDQ_WORKER_TOKENS "
+            "(or EMBEDQ_ALLOW_OPEN_WORKERS=true on a trusted network)"
+        )
+    return settings

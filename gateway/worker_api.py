@@ -1,0 +1,135 @@
+"""The worker endpoints (``/internal/v1/...``, contract in ``worker/protocol.py``).
+
+Guarded by the worker tokens of the gateway's settings; with none configured, any caller is
+accepted, which the settings allow only on loopback unless explicitly told otherwise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.errors import Conflict, InvalidRequest, Unauthorized, UnsupportedMediaType
+from gateway.http import json_response, read_body, unless_disconnected
+from gateway.queue import JobDone, JobFailed
+from gateway.registry import UnknownWorker
+from worker.protocol import (
+    PREFIX,
+    RESULTS_CONTENT_TYPE,
+    ErrorReport,
+    FrameError,
+    HeartbeatReply,
+    LeaseReply,
+    LeaseRequest,
+    PostReply,
+    WorkerBye,
+    WorkerHello,
+    decode_results,
+)
+
+log = logging.getLogger(__name__)
+M = type[BaseModel]
+
+
+def _authorize(request: Request) -> None:
+    tokens = request.app.state.settings.worker_tokens
+    if not tokens:
+        return
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    # Compare against every token, always, so timing says nothing about which one nearly matched.
+    matches = [hmac.compare_digest(presented.encode(), t.encode()) for t in tokens]
+    if scheme.lower() != "bearer" or not any(matches):
+        log.warning("refused a worker call to %s from %s: missing or wrong worker token",
+                    request.url.path, request.client.host if request.client else "?")
+        raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")
+
+
+async def _read(request: Request, model: M):
+    _authorize(request)
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(f"not a valid {model.__name__}: {exc.errors()[0]['msg']}") from None
+
+
+def _touch(request: Request, worker_id: str) -> WorkerHello:
+    try:
+        return request.app.state.workers.touch(worker_id)
+    except UnknownWorker:
+        raise Conflict(f"worker {worker_id!r} is not registered; send a heartbeat first", code="worker_unknown") from None
+
+
+async def heartbeat(request: Request) -> Response:
+    hello: WorkerHello = await _read(request, WorkerHello)
+    state = request.app.state
+    state.workers.heartbeat(hello)
+    reply = HeartbeatReply(worker_ttl_s=state.settings.worker_ttl_s, lease_ttl_s=state.settings.lease_ttl_s)
+    return json_response(reply.model_dump())
+
+
+async def leave(request: Request) -> Response:
+    bye: WorkerBye = await _read(request, WorkerBye)
+    request.app.state.workers.leave(bye.worker_id)
+    log.info("worker %s left", bye.worker_id)
+    return json_response({})
+
+
+async def lease(request: Request) -> Response:
+    req: LeaseRequest = await _read(request, LeaseRequest)
+    hello = _touch(request, req.worker_id)
+    # A worker that hangs up mid-poll (it is stopping) must not be handed jobs it will never see.
+    jobs = await unless_disconnected(
+        request, request.app.state.queue.lease(hello.checkpoint_name, req.max_items, req.wait_s)
+    )
+    return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
+
+
+async def results(request: Request) -> Response:
+    _authorize(request)
+    if request.headers.get("content-type") != RESULTS_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"results must be posted as {RESULTS_CONTENT_TYPE}")
+    frame = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        header, matrices = decode_results(frame)
+    except (FrameError, ValidationError) as exc:
+        raise InvalidRequest(f"bad results frame: {exc}") from None
+    queue = request.app.state.queue
+    accepted = sum(
+        queue.complete(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)
+    )
+    return _posted(request, header.worker_id, accepted, len(header.results))
+
+
+async def errors(request: Request) -> Response:
+    report: ErrorReport = await _read(request, ErrorReport)
+    queue = request.app.state.queue
+    accepted = sum(
+        queue.fail(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors
+    )
+    return _posted(request, report.worker_id, accepted, len(report.errors))
+
+
+def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
+    state = request.app.state
+    try:
+        state.workers.touch(worker_id)
+    except UnknownWorker:
+        pass  # the lease ids decide what counts, not the registration
+    state.metrics.worker_posts.labels("accepted").inc(accepted)
+    state.metrics.worker_posts.labels("ignored").inc(total - accepted)
+    return json_response(PostReply(accepted=accepted, ignored=total - accepted).model_dump())
+
+
+routes = [
+    Route(PREFIX + "/workers/heartbeat", heartbeat, methods=["POST"]),
+    Route(PREFIX + "/workers/leave", leave, methods=["POST"]),
+    Route(PREFIX + "/lease", lease, methods=["POST"]),
+    Route(PREFIX + "/results", results, methods=["POST"]),
+    Route(PREFIX + "/errors", errors, methods=["POST"]),
+]

@@ -1,0 +1,168 @@
+"""Real processes on loopback: a gateway and workers started as ``python -m ...``.
+
+Ports are ephemeral (asked of the kernel), every process is stopped at teardown, and each
+process's output goes to a log file that a failing test prints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    """A child process whose output goes to a log file."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, *self.args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int | None:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else None
+        self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
+
+    def wait_for_model(self, model: str, timeout_s: float = 30) -> None:
+        wait_until(lambda: model in self.models(), timeout_s, f"model {model!r} to be listed\n{self.proc.log()}")
+
+
+class Cluster:
+    """Starts gateways and workers for one test (or module) and stops them all at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def gateway(self, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Gateway:
+        port = free_port()
+        env = {"EMBEDQ_WORKER_TTL_S": "2", **(env or {})}
+        proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
+        gateway = Gateway(proc, port)
+        wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")
+        return gateway
+
+    def worker(self, config_text: str, env: dict[str, str] | None = None) -> Proc:
+        path = self.tmp / f"worker-{len(self.procs)}.toml"
+        path.write_text(config_text)
+        return self._start("worker", ["-m", "worker", "--config", str(path)], env or {})
+
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        proc = Proc(name, args, self.tmp / f"{name}-{len(self.procs)}.log", env).start()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} {p.args}\n{p.log()}" for p in self.procs)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def fake_worker_config(
+    gateway_url: str, model: str = "fake-model", *, dimensions: int = 16, delay_s: float = 0.0,
+    metrics_port: int = 0, token: str = "", max_model_len: int = 64, max_num_seqs: int = 64,
+) -> str:
+    return f"""
+edition = 1
+[generator]
+type = "fake"
+dimensions = {dimensions}
+delay_s = {delay_s}
+max_model_len = {max_model_len}
+max_num_seqs = {max_num_seqs}
+[queue]
+url = "{gateway_url}"
+token = "{token}"
+checkpoint_name = "{model}"
+http_request_retries = 2
+lease_wait_s = 2.0
+heartbeat_interval_s = 0.5
+[queue.models."{model}"]
+description = "deterministic fake vectors"
+[monitoring]
+metrics_port = {metrics_port}
+"""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.stop_all()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(c.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report

@@ -1,0 +1,86 @@
+"""``python -m worker --config FILE [--check]``
+
+Exit codes: 0 clean stop (or a passing --check), 2 bad config, 1 the engine failed to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from worker.client import GatewayClient
+from worker.config import ConfigError, WorkerConfig, config_warnings, load_config
+from worker.engine import build_engine
+from worker.metrics import WorkerMetrics
+from worker.runner import Worker
+
+log = logging.getLogger("worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="embedq worker: leases jobs, runs vLLM")
+    parser.add_argument("--config", required=True, help="path to the worker's config.toml")
+    parser.add_argument("--check", action="store_true", help="validate and print the resolved config, then exit")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address for the metrics server (default 0.0.0.0)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def check(config: WorkerConfig) -> int:
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(json.dumps(config.redacted(), indent=2))
+    return 0
+
+
+async def serve(config: WorkerConfig, metrics_host: str) -> int:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    server, _ = start_http_server(config.monitoring.metrics_port, addr=metrics_host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", metrics_host, server.server_port)
+    try:
+        engine = await asyncio.to_thread(build_engine, config.generator)
+    except Exception:
+        log.exception("the engine failed to start")
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    queue = config.queue
+    client = GatewayClient(queue.url, queue.token, queue.http_request_retries, queue.http_timeout_s, metrics)
+    try:
+        await Worker(config, engine, client, metrics).run(stop)
+    finally:
+        await client.aclose()
+        engine.close()
+        server.shutdown()
+    log.info("worker stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per lease is noise
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        return check(config)
+    for warning in config_warnings(config):
+        log.warning(warning)
+    return asyncio.run(serve(config, args.metrics_host))
+
+
+# vLLM starts engine processes with spawn: the entry point must sit behind this guard.
+if __name__ == "__main__":
+    sys.exit(main())

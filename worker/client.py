@@ -1,0 +1,109 @@
+"""HTTP to the gateway: the one place where the worker retries (tenacity).
+
+Transport errors, 5xx and 429 are retried with exponential backoff and jitter, up to
+``[queue] http_request_retries`` times; anything else is an answer and is raised as is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from worker.metrics import WorkerMetrics
+from worker.protocol import (
+    PREFIX,
+    RESULTS_CONTENT_TYPE,
+    ErrorReport,
+    HeartbeatReply,
+    Job,
+    LeaseReply,
+    LeaseRequest,
+    PostReply,
+    WorkerBye,
+    WorkerHello,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UnknownWorker(Exception):
+    """The gateway does not know this worker (it restarted, or dropped us): register again."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return status >= 500 or status == 429
+    return False
+
+
+class GatewayClient:
+    def __init__(
+        self, url: str, token: str, retries: int, timeout_s: float, metrics: WorkerMetrics,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=transport
+        )
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._metrics = metrics
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def heartbeat(self, hello: WorkerHello) -> HeartbeatReply:
+        response = await self._post("/workers/heartbeat", json=hello.model_dump())
+        return HeartbeatReply.model_validate_json(response.content)
+
+    async def leave(self, worker_id: str) -> None:
+        await self._post("/workers/leave", json=WorkerBye(worker_id=worker_id).model_dump())
+
+    async def lease(self, request: LeaseRequest) -> list[Job]:
+        # The gateway holds the request up to wait_s; the timeout must outlast that.
+        response = await self._post(
+            "/lease", json=request.model_dump(), timeout=request.wait_s + self._timeout_s
+        )
+        return LeaseReply.model_validate_json(response.content).jobs
+
+    async def post_results(self, frame: bytes) -> PostReply:
+        response = await self._post(
+            "/results", content=frame, headers={"Content-Type": RESULTS_CONTENT_TYPE}
+        )
+        return PostReply.model_validate_json(response.content)
+
+    async def post_errors(self, report: ErrorReport) -> PostReply:
+        response = await self._post("/errors", json=report.model_dump())
+        return PostReply.model_validate_json(response.content)
+
+    async def _post(self, path: str, timeout: float | None = None, **kwargs) -> httpx.Response:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._retries + 1),
+            wait=wait_exponential_jitter(initial=0.2, max=10.0),
+            retry=retry_if_exception(_retryable),
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                response = await self._http.post(path, timeout=timeout or self._timeout_s, **kwargs)
+                if response.status_code == 409:
+                    raise UnknownWorker(response.text)
+                response.raise_for_status()
+        return response
+
+    def _before_retry(self, state) -> None:
+        self._metrics.http_retries.inc()
+        exc = state.outcome.exception()
+        log.warning("gateway call failed (%s); retry %d of %d", _brief(exc), state.attempt_number, self._retries)
+
+
+def _brief(exc: BaseException | None) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__

@@ -1,0 +1,184 @@
+"""The worker's config.toml: frozen models that mirror its tables, loaded exactly.
+
+The file format is the one operators already write (see config.toml.example). Every key of
+that format loads; keys we added have defaults; an unknown or misspelt key is an error that
+names its full path, e.g. ``generator.max_model_ln: unknown key``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 is not supported, tomli kept for completeness
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names every offending key path."""
+
+
+class _Table(BaseModel):
+    # strict: a config file says what it means; "16" is not a number of sequences.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class VllmGenerator(_Table):
+    """``[generator] type = "vllm"``: the keys are vLLM engine arguments."""
+
+    type: Literal["vllm"]
+    model_path: str = Field(min_length=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int = Field(default=64, gt=0)
+    pipeline_parallel_size: int = Field(default=1, gt=0)
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    # vLLM >= 0.10 calls this runner="pooling"; "embed" is the only task an embedding service runs.
+    task: Literal["embed"] = "embed"
+    # Additions. Never "auto" by default: on CPU it picks float16, which is 8x slower than bf16.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+
+
+class FakeGenerator(_Table):
+    """``[generator] type = "fake"``: deterministic vectors, for tests and gateway load tests."""
+
+    type: Literal["fake"]
+    dimensions: int = Field(default=384, gt=0)
+    delay_s: float = Field(default=0.0, ge=0)  # per batch, to imitate a busy engine
+    max_model_len: int = Field(default=512, gt=0)
+    max_num_seqs: int = Field(default=64, gt=0)
+
+
+Generator = Annotated[Union[VllmGenerator, FakeGenerator], Field(discriminator="type")]
+
+
+class EmbeddingTask(_Table):
+    supported: bool = True
+
+
+class ModelEntry(_Table):
+    """``[queue.models."name"]``: what the gateway advertises for this model."""
+
+    maximum_completion_tokens: int = Field(default=0, ge=0)
+    description: str = ""
+    embedding_task: EmbeddingTask = EmbeddingTask()
+
+
+class QueueConfig(_Table):
+    url: str
+    token: str = ""
+    checkpoint_name: str = Field(min_length=1)
+    version: int = Field(default=1, ge=0)
+    tags: list[str] = []
+    http_request_retries: int = Field(default=7, ge=0)
+    service_name: str = "worker"
+    service_role: str = "Worker"
+    models: dict[str, ModelEntry] = Field(min_length=1)
+    # Additions.
+    lease_wait_s: float = Field(default=20.0, gt=0, le=60)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    http_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+        return url.rstrip("/")
+
+
+class MonitoringConfig(_Table):
+    metrics_port: int = Field(default=4000, ge=0, le=65535)  # 0: an ephemeral port
+    tcp_probes: list[str] = []  # "host:port" targets whose reachability is exported as a gauge
+
+    @field_validator("tcp_probes")
+    @classmethod
+    def _host_port(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"each probe must be 'host:port', got {target!r}")
+        return targets
+
+
+class WorkerConfig(_Table):
+    edition: Literal[1]
+    generator: Generator
+    queue: QueueConfig
+    monitoring: MonitoringConfig = MonitoringConfig()
+
+    @model_validator(mode="after")
+    def _embedding_models_only(self) -> WorkerConfig:
+        if not any(m.embedding_task.supported for m in self.queue.models.values()):
+            raise ValueError("queue.models: no model has embedding_task.supported = true")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved config as plain data, safe to print: the worker token is masked."""
+        data = self.model_dump(mode="json")
+        if data["queue"]["token"]:
+            data["queue"]["token"] = "***"
+        return data
+
+
+def load_config(path: str | Path) -> WorkerConfig:
+    """Read and validate a config.toml; raise ConfigError naming each bad key path."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> WorkerConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_describe(err)}" for err in exc.errors())
+        raise ConfigError(f"{source}: invalid config:\n{problems}") from None
+
+
+def config_warnings(config: WorkerConfig) -> list[str]:
+    """Problems that do not stop a check: the file is often checked away from its node."""
+    generator = config.generator
+    if isinstance(generator, VllmGenerator) and not Path(generator.model_path).exists():
+        return [f"generator.model_path: {generator.model_path!r} does not exist on this machine"]
+    return []
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_GENERATOR_TAGS = {"vllm", "fake"}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    # pydantic puts the discriminator's value in the path; the file has no such table.
+    if len(loc) > 1 and loc[0] == "generator" and loc[1] in _GENERATOR_TAGS:
+        del loc[1]
+    path = ".".join(str(p) if _BARE_KEY.match(str(p)) else f'"{p}"' for p in loc) or "<top>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: missing required key"
+    if kind == "union_tag_invalid":
+        return f"{path}.type: must be one of 'vllm', 'fake', got {err['input'].get('type')!r}"
+    if kind == "union_tag_not_found":
+        return f"{path}.type: missing required key"
+    message = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across tables names its own keys
+        return message
+    return f"{path}: {message} (got {err['input']!r})"

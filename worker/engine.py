@@ -1,0 +1,80 @@
+"""The engine interface, and the deterministic fake engine used by fast tests.
+
+The worker talks to an engine in token ids: it tokenizes once, checks each input's length
+itself (so one over-long input fails its own job rather than the whole batch), and hands
+the ids over. Real engines live in their own modules and are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.config import FakeGenerator, VllmGenerator
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    dimensions: int
+    max_input_tokens: int
+    vocab_size: int
+
+
+class Engine(ABC):
+    info: EngineInfo
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids for each text, special tokens included, never truncated."""
+
+    @abstractmethod
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        """A (len(token_ids), dimensions) float32 matrix of L2-normalised rows."""
+
+    def close(self) -> None:
+        """Release the engine's processes and memory."""
+
+
+class FakeEngine(Engine):
+    """Deterministic vectors from token ids: same input, same vector, on every worker.
+
+    Tokens are whitespace-separated words hashed into a BERT-sized vocabulary, framed by the
+    ids BERT uses for [CLS] and [SEP], so token-id and text inputs behave as with a real model.
+    """
+
+    CLS, SEP = 101, 102
+
+    def __init__(self, generator: FakeGenerator):
+        self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522)
+        self._delay_s = generator.delay_s
+        self.batches = 0  # how many engine calls were made, for tests that count work
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        vocab = self.info.vocab_size - 1000
+        return [
+            [self.CLS, *(1000 + zlib.crc32(w.encode()) % vocab for w in text.split()), self.SEP]
+            for text in texts
+        ]
+
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        self.batches += 1
+        out = np.empty((len(token_ids), self.info.dimensions), dtype=np.float32)
+        for row, ids in enumerate(token_ids):
+            seed = zlib.crc32(np.asarray(ids, dtype="<i8").tobytes())
+            out[row] = np.random.default_rng(seed).standard_normal(self.info.dimensions)
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return out
+
+
+def build_engine(generator: FakeGenerator | VllmGenerator) -> Engine:
+    if isinstance(generator, FakeGenerator):
+        return FakeEngine(generator)
+    from worker.vllm_engine import VllmEngine  # imports vllm: seconds, and only when asked for
+
+    return VllmEngine(generator)

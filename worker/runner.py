@@ -1,0 +1,166 @@
+"""The worker's loop: register, then lease -> embed -> post until told to stop.
+
+The worker never crashes on the gateway's account: a call that fails after every retry is
+logged and counted, and the loop carries on. The jobs it held are not lost either: their
+leases expire at the gateway and go to another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import httpx
+from pydantic import ValidationError
+
+from worker.batch import run_batch
+from worker.client import GatewayClient, UnknownWorker
+from worker.config import WorkerConfig
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.probes import probe_all
+from worker.protocol import ErrorReport, Job, LeaseRequest, ModelCard, ResultsHeader, WorkerHello, encode_results
+
+log = logging.getLogger(__name__)
+
+GATEWAY_FAILURES = (httpx.HTTPError, ValidationError)
+RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
+
+
+def new_worker_id(service_name: str) -> str:
+    return f"{service_name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine, client: GatewayClient, metrics: WorkerMetrics):
+        self._config = config
+        self._engine = engine
+        self._client = client
+        self._metrics = metrics
+        self.worker_id = new_worker_id(config.queue.service_name)
+
+    def hello(self) -> WorkerHello:
+        queue, info = self._config.queue, self._engine.info
+        models = {
+            name: ModelCard(description=m.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions)
+            for name, m in queue.models.items()
+            if m.embedding_task.supported
+        }
+        return WorkerHello(
+            worker_id=self.worker_id, checkpoint_name=queue.checkpoint_name, version=queue.version,
+            tags=queue.tags, models=models, max_batch_items=self._config.generator.max_num_seqs,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not await self._register(stop):
+            return
+        background = [asyncio.create_task(self._heartbeat_forever(stop))]
+        if self._config.monitoring.tcp_probes:
+            background.append(asyncio.create_task(self._probe_forever(stop)))
+        self._metrics.ready.set(1)
+        log.info("worker %s serving %s", self.worker_id, ", ".join(self.hello().models))
+        try:
+            while not stop.is_set():
+                jobs = await self._lease(stop)
+                if jobs:
+                    await self._process(jobs)
+        finally:
+            self._metrics.ready.set(0)
+            for task in background:
+                task.cancel()
+            await self._leave()
+
+    async def _register(self, stop: asyncio.Event) -> bool:
+        """Heartbeat until the gateway answers; False if told to stop first."""
+        while not stop.is_set():
+            try:
+                await self._client.heartbeat(self.hello())
+                return True
+            except GATEWAY_FAILURES as exc:
+                self._gateway_failed("register", exc)
+                await _sleep_or_stop(RETRY_PAUSE_S, stop)
+        return False
+
+    async def _heartbeat_forever(self, stop: asyncio.Event) -> None:
+        while not await _sleep_or_stop(self._config.queue.heartbeat_interval_s, stop):
+            try:
+                await self._client.heartbeat(self.hello())
+            except GATEWAY_FAILURES as exc:
+                self._gateway_failed("heartbeat", exc)
+
+    async def _probe_forever(self, stop: asyncio.Event) -> None:
+        while True:
+            await probe_all(self._config.monitoring.tcp_probes, self._metrics.tcp_probe_up)
+            if await _sleep_or_stop(self._config.queue.heartbeat_interval_s, stop):
+                return
+
+    async def _lease(self, stop: asyncio.Event) -> list[Job]:
+        request = LeaseRequest(
+            worker_id=self.worker_id,
+            max_items=self._config.generator.max_num_seqs,
+            wait_s=self._config.queue.lease_wait_s,
+        )
+        lease = asyncio.create_task(self._client.lease(request))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({lease, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not lease.done():
+            lease.cancel()  # anything leased meanwhile expires at the gateway and is requeued
+            return []
+        try:
+            jobs = lease.result()
+        except UnknownWorker:
+            log.warning("the gateway does not know this worker (did it restart?); registering again")
+            await self._register(stop)
+            return []
+        except GATEWAY_FAILURES as exc:
+            self._gateway_failed("lease", exc)
+            await _sleep_or_stop(RETRY_PAUSE_S, stop)
+            return []
+        self._metrics.leases.labels("jobs" if jobs else "empty").inc()
+        return jobs
+
+    async def _process(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        outcome = await asyncio.to_thread(run_batch, self._engine, jobs)
+        self._metrics.engine_seconds.observe(time.perf_counter() - started)
+        if outcome.engine_inputs:
+            self._metrics.batch_size.observe(outcome.engine_inputs)
+            self._metrics.inputs.inc(outcome.engine_inputs)
+            self._metrics.tokens.inc(outcome.engine_tokens)
+        self._metrics.jobs.labels("ok").inc(len(outcome.results))
+        for error in outcome.errors:
+            self._metrics.jobs.labels(error.code).inc()
+        try:
+            if outcome.results:
+                header = ResultsHeader(worker_id=self.worker_id, results=outcome.results)
+                reply = await self._client.post_results(encode_results(header, outcome.matrices))
+                self._metrics.stale_posts.inc(reply.ignored)
+            if outcome.errors:
+                reply = await self._client.post_errors(ErrorReport(worker_id=self.worker_id, errors=outcome.errors))
+                self._metrics.stale_posts.inc(reply.ignored)
+        except GATEWAY_FAILURES as exc:
+            self._gateway_failed("post", exc)
+
+    async def _leave(self) -> None:
+        try:
+            await asyncio.wait_for(self._client.leave(self.worker_id), timeout=2.0)
+        except (asyncio.TimeoutError, *GATEWAY_FAILURES):
+            pass  # the gateway drops us when our heartbeats stop anyway
+
+    def _gateway_failed(self, call: str, exc: BaseException) -> None:
+        self._metrics.gateway_errors.inc()
+        log.warning("gateway %s failed after all retries: %s", call, exc)
+
+
+async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
+    """Sleep, waking early on stop; True if stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
