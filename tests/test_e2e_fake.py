@@ -7,6 +7,7 @@ import math
 import re
 import signal
 import subprocess
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -211,3 +212,28 @@ def test_vectors_are_unit_length_for_every_shape(running):
     vectors = _vectors(_embed(gateway.url, input=[[101, 2000, 102], [101, 102]]))
     assert vectors.shape == (2, DIMS)
     assert all(math.isclose(float(np.linalg.norm(v)), 1.0, rel_tol=1e-5) for v in vectors)
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"(?m)^{re.escape(name)} (\S+)$", text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_client_that_leaves_has_its_queued_job_withdrawn(cluster: Cluster):
+    gateway = cluster.gateway()
+    port = free_port()
+    # One input per lease and a second per batch: the second request waits in the queue.
+    cluster.worker(fake_worker_config(gateway.url, "slow", delay_s=1.0, max_num_seqs=1, metrics_port=port))
+    gateway.wait_for_model("slow")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, gateway.url + "/v1/embeddings", json={"model": "slow", "input": "first"}, timeout=10)
+        wait_until(lambda: "embedq_gateway_jobs_leased{queue=\"slow\"} 1.0" in httpx.get(gateway.url + "/metrics").text, 5, "the first job to be leased")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gateway.url + "/v1/embeddings", json={"model": "slow", "input": "abandoned"}, timeout=0.3)
+        assert first.result().status_code == 200
+    time.sleep(1.5)  # time enough for the worker to have taken the abandoned job, had it stayed
+    worker_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert _metric(worker_metrics, 'embedq_worker_jobs_total{outcome="ok"}') == 1, "the abandoned job was computed"
+    gateway_metrics = httpx.get(gateway.url + "/metrics").text
+    assert _metric(gateway_metrics, 'embedq_gateway_requests_total{endpoint="/v1/embeddings",status="499"}') == 1
+    assert _metric(gateway_metrics, 'embedq_gateway_queue_depth{queue="slow"}') == 0

@@ -40,6 +40,10 @@ def check(config: WorkerConfig) -> int:
 
 
 async def serve(config: WorkerConfig, metrics_host: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     server, _ = start_http_server(config.monitoring.metrics_port, addr=metrics_host, registry=registry)
@@ -47,12 +51,12 @@ async def serve(config: WorkerConfig, metrics_host: str) -> int:
     try:
         engine = await asyncio.to_thread(build_engine, config.generator)
     except Exception:
+        server.shutdown()
+        if stop.is_set():  # Ctrl-C reaches vLLM's own processes too and ends their start-up
+            log.info("stopped during engine start-up")
+            return 0
         log.exception("the engine failed to start")
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     queue = config.queue
     client = GatewayClient(queue.url, queue.token, queue.http_request_retries, queue.http_timeout_s, metrics)
     try:
