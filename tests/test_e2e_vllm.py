@@ -114,3 +114,18 @@ def test_many_concurrent_requests_are_batched_together(gateway):
     batches = float(re.search(r"(?m)^embedq_worker_batch_inputs_count (\S+)", metrics).group(1))
     inputs = float(re.search(r"(?m)^embedq_worker_inputs_total (\S+)", metrics).group(1))
     assert inputs / batches > 1.5, f"{inputs} inputs in {batches} engine calls: requests were not batched"
+
+
+def test_a_worker_whose_engine_cannot_start_exits_1(tmp_path):
+    import subprocess
+    import sys
+
+    config = (REPO / "examples" / "all-minilm.toml").read_text().replace(
+        'model_path = "/path/to/all-MiniLM-L6-v2"', f'model_path = "{tmp_path / "no-such-model"}"')
+    config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    result = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the engine failed to start" in result.stderr
