@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from importlib.metadata import PackageNotFoundError, version
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,12 +16,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import openai_api, worker_api
+from gateway import ollama_api, openai_api, worker_api
 from gateway.embeddings import EmbeddingService
 from gateway.errors import ApiError
 from gateway.http import ClientGone, json_response, render_error
 from gateway.memory_queue import InMemoryQueue
 from gateway.metrics import GatewayMetrics, LiveStateCollector
+from gateway.openapi import openapi_document
 from gateway.queue import JobQueue
 from gateway.registry import WorkerRegistry
 from gateway.settings import GatewaySettings
@@ -33,6 +36,17 @@ CLIENT_CLOSED = 499
 async def health(request: Request) -> Response:
     state = request.app.state
     return json_response({"status": "ok", "workers": state.workers.live_count(), "models": sorted(state.workers.routes())})
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(request.app.state.openapi)
+
+
+def _version() -> str:
+    try:
+        return version("embedq")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
 
 
 async def metrics(request: Request) -> Response:
@@ -87,16 +101,21 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
 
     routes = [
         *openai_api.routes,
+        *ollama_api.routes,
         *worker_api.routes,
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, Exception: render_error},
+        exception_handlers={
+            ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, Exception: render_error,
+        },
     )
     app.state.settings = settings
+    app.state.openapi = orjson.dumps(openapi_document(_version()))
     app.state.registry = registry
     app.state.metrics = gateway_metrics
     app.state.queue = queue

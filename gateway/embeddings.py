@@ -14,7 +14,7 @@ import numpy as np
 from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker
 from gateway.metrics import GatewayMetrics
 from gateway.queue import JobFailure, JobQueue, JobSpec, QueueTimeout
-from gateway.registry import WorkerRegistry
+from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
 from worker.protocol import JobInput
 
@@ -33,16 +33,16 @@ class EmbeddingService:
         self._workers = workers
         self._metrics = metrics
 
-    async def embed(self, model: str, inputs: list[JobInput], single: bool, dimensions: int | None) -> Embeddings:
-        route = self._workers.resolve(model)
-        if dimensions is not None and dimensions != route.card.dimensions:
-            raise InvalidRequest(
-                f"model {model!r} returns {route.card.dimensions}-dimensional vectors and cannot "
-                f"change them: 'dimensions' must be omitted or {route.card.dimensions} (got {dimensions})",
-                param="dimensions", code="unsupported_dimensions",
-            )
+    async def embed(
+        self, model: str, inputs: list[JobInput], *, single: bool, dimensions: int | None = None,
+        truncate: bool | None = None, tags: frozenset[str] = frozenset(),
+    ) -> Embeddings:
+        """Embed ``inputs`` with ``model``; ``truncate=None`` means the model's own default."""
+        route = self._workers.resolve(model, tags)
+        _check_dimensions(route, dimensions)
+        truncate = route.card.truncate if truncate is None else truncate
         size = self._settings.job_max_inputs
-        specs = [JobSpec(model, inputs[i : i + size]) for i in range(0, len(inputs), size)]
+        specs = [JobSpec(model, inputs[i : i + size], truncate, tags) for i in range(0, len(inputs), size)]
         self._metrics.request_inputs.observe(len(inputs))
         try:
             done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
@@ -59,7 +59,27 @@ class EmbeddingService:
         self._metrics.inputs.labels(model).inc(len(inputs))
         self._metrics.tokens.labels(model).inc(tokens)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
+        if dimensions is not None and dimensions < vectors.shape[1]:
+            vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding
         return Embeddings(model, vectors, tokens)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _check_dimensions(route: Route, dimensions: int | None) -> None:
+    card = route.card
+    if dimensions is None or dimensions == card.dimensions or dimensions in card.matryoshka_dimensions:
+        return
+    if card.matryoshka_dimensions:
+        allowed = ", ".join(map(str, sorted([*card.matryoshka_dimensions, card.dimensions])))
+        message = f"model {route.model!r} supports 'dimensions' of {allowed} (got {dimensions})"
+    else:
+        message = (f"model {route.model!r} returns {card.dimensions}-dimensional vectors and is not a Matryoshka "
+                   f"model: 'dimensions' must be omitted or {card.dimensions} (got {dimensions})")
+    raise InvalidRequest(message, param="dimensions", code="unsupported_dimensions")
 
 
 def _client_error(failure: JobFailure, job_size: int, single: bool) -> ApiError:

@@ -82,26 +82,43 @@ class InMemoryQueue(JobQueue):
             self._withdraw(entries)
         return [entry.future.result() for entry in entries]
 
-    async def lease(self, key: str, max_items: int, wait_s: float) -> list[Job]:
+    async def lease(self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset()) -> list[Job]:
         waiting = self._waiting.setdefault(key, deque())
-        if not waiting and wait_s > 0:
+        eligible = lambda: any(entry.spec.tags <= tags for entry in waiting)  # noqa: E731
+        if not eligible() and wait_s > 0:
             arrivals = self._arrivals.setdefault(key, asyncio.Condition())
             try:
                 async with asyncio.timeout(wait_s), arrivals:
-                    await arrivals.wait_for(lambda: bool(waiting))
+                    await arrivals.wait_for(eligible)
             except TimeoutError:
                 return []
-        jobs: list[Job] = []
+        taken = self._take(waiting, max_items, tags)
+        return [
+            Job(job_id=e.job_id, lease_id=e.lease_id, model=e.spec.model, inputs=e.spec.inputs, truncate=e.spec.truncate)
+            for e in taken
+        ]
+
+    def _take(self, waiting: deque[_Entry], max_items: int, tags: frozenset[str]) -> list[_Entry]:
+        """Lease the oldest eligible jobs, at most max_items inputs but at least one job."""
+        taken: list[_Entry] = []
+        skipped: list[_Entry] = []  # jobs for workers with other tags keep their place
         items = 0
-        while waiting and (not jobs or items + len(waiting[0].spec.inputs) <= max_items):
-            entry = waiting.popleft()
+        while waiting:
+            entry = waiting[0]
+            if not entry.spec.tags <= tags:
+                skipped.append(waiting.popleft())
+                continue
+            if taken and items + len(entry.spec.inputs) > max_items:
+                break
+            waiting.popleft()
             entry.attempts += 1
             entry.lease_id = uuid.uuid4().hex
             entry.deadline = self._clock() + self._lease_ttl_s
             self._leased[entry.job_id] = entry
             items += len(entry.spec.inputs)
-            jobs.append(Job(job_id=entry.job_id, lease_id=entry.lease_id, model=entry.spec.model, inputs=entry.spec.inputs))
-        return jobs
+            taken.append(entry)
+        waiting.extendleft(reversed(skipped))
+        return taken
 
     def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
         return self._answer(job_id, lease_id, done)

@@ -24,7 +24,8 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         p = PREFIX
         self.requests = Counter(
-            p + "requests_total", "Client requests answered, by endpoint and HTTP status", ["endpoint", "status"], registry=registry
+            p + "requests_total", "Client requests answered, by endpoint and HTTP status", ["endpoint", "status"],
+            registry=registry,
         )
         self.latency = Histogram(
             p + "request_seconds", "Client request latency, by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry

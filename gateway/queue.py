@@ -19,6 +19,8 @@ from worker.protocol import ErrorCode, Job, JobInput
 class JobSpec:
     model: str
     inputs: list[JobInput]
+    truncate: bool = False
+    tags: frozenset[str] = frozenset()  # only a worker carrying all of these may take the job
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,10 @@ class JobQueue(ABC):
         """
 
     @abstractmethod
-    async def lease(self, key: str, max_items: int, wait_s: float) -> list[Job]:
+    async def lease(self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset()) -> list[Job]:
         """Hand out waiting jobs totalling at most max_items inputs (at least one job), waiting
-        up to wait_s for the first; each comes with a fresh lease id."""
+        up to wait_s for the first; each comes with a fresh lease id. Only jobs whose tags are
+        all among ``tags`` (the worker's) are handed out."""
 
     @abstractmethod
     def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:

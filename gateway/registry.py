@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import ModelNotFound, NoLiveWorker
+from gateway.errors import InvalidRequest, ModelNotFound, NoLiveWorker
 from worker.protocol import ModelCard, WorkerHello
 
 
@@ -33,6 +33,7 @@ class Route:
     checkpoint: str
     card: ModelCard
     workers: int
+    registered_at: float  # wall-clock time the gateway first saw the model
 
 
 class WorkerRegistry:
@@ -40,11 +41,14 @@ class WorkerRegistry:
         self._ttl_s = worker_ttl_s
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
-        self._ever_served: set[str] = set()
+        self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
+        self._first_seen: dict[str, float] = {}
 
     def heartbeat(self, hello: WorkerHello) -> None:
         self._workers[hello.worker_id] = _Worker(hello, self._clock())
-        self._ever_served.update(hello.models)
+        for model in hello.models:
+            self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
+            self._first_seen.setdefault(model, time.time())
 
     def touch(self, worker_id: str) -> WorkerHello:
         """Mark a worker alive and return what it registered; UnknownWorker if it is not."""
@@ -63,16 +67,33 @@ class WorkerRegistry:
         for worker in sorted(self._live().values(), key=lambda w: w.last_seen):
             for name, card in worker.hello.models.items():
                 count = routes[name].workers + 1 if name in routes else 1
-                routes[name] = Route(name, worker.hello.checkpoint_name, card, count)
+                routes[name] = Route(name, worker.hello.checkpoint_name, card, count, self._first_seen[name])
         return routes
 
-    def resolve(self, model: str) -> Route:
-        route = self.routes().get(model)
-        if route is not None:
-            return route
-        if model in self._ever_served:
+    def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
+        """Where a request for ``model`` goes: a live worker serving it that carries all ``tags``."""
+        matching = [
+            w for w in sorted(self._live().values(), key=lambda w: w.last_seen)
+            if model in w.hello.models and tags <= set(w.hello.tags)
+        ]
+        if matching:
+            newest = matching[-1].hello
+            return Route(model, newest.checkpoint_name, newest.models[model], len(matching), self._first_seen[model])
+        served_with = self._ever_served.get(model)
+        if served_with is None:
+            served = ", ".join(sorted(self.routes())) or "none right now"
+            raise ModelNotFound(f"model {model!r} not found; served models: {served}", param="model")
+        if any(tags <= seen for seen in served_with):
             raise NoLiveWorker(f"model {model!r} has no live worker right now; try again later", param="model")
-        raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        raise InvalidRequest(
+            f"no worker of model {model!r} carries the tags {sorted(tags)}; "
+            f"its workers carry {sorted(sorted(s) for s in served_with)}",
+            param="tags", code="unknown_tags",
+        )
+
+    def knows(self, model: str) -> bool:
+        """Whether any worker ever served ``model`` (alive or not)."""
+        return model in self._ever_served
 
     def live_count(self) -> int:
         return len(self._live())

@@ -129,6 +129,7 @@ def _answers(url: str) -> bool:
 def fake_worker_config(
     gateway_url: str, model: str = "fake-model", *, dimensions: int = 16, delay_s: float = 0.0,
     metrics_port: int = 0, token: str = "", max_model_len: int = 64, max_num_seqs: int = 64,
+    tags: tuple[str, ...] = (), model_extra: str = "",
 ) -> str:
     return f"""
 edition = 1
@@ -142,11 +143,13 @@ max_num_seqs = {max_num_seqs}
 url = "{gateway_url}"
 token = "{token}"
 checkpoint_name = "{model}"
+tags = [{", ".join(f'"{t}"' for t in tags)}]
 http_request_retries = 2
 lease_wait_s = 2.0
 heartbeat_interval_s = 0.5
 [queue.models."{model}"]
 description = "deterministic fake vectors"
+{model_extra}
 [monitoring]
 metrics_port = {metrics_port}
 """

@@ -92,7 +92,8 @@ def _error_for(text: str) -> str:
         ("max_num_seqs = 16", "max_num_seqs = 0", "generator.max_num_seqs: Input should be greater than 0"),
         ('task = "embed"', 'task = "generate"', "generator.task: Input should be 'embed'"),
         ('type = "vllm"', 'type = "tgi"', "generator.type: must be one of 'vllm', 'fake', got 'tgi'"),
-        ('url = "https://inference-api.pharia.example.com"', 'url = "inference-api"', "queue.url: must be an http:// or https:// URL"),
+        ('url = "https://inference-api.pharia.example.com"', 'url = "inference-api"',
+         "queue.url: must be an http:// or https:// URL"),
         ("tcp_probes = []", 'tcp_probes = ["db"]', "monitoring.tcp_probes: each probe must be 'host:port'"),
         ("edition = 1", "edition = 2", "edition: Input should be 1"),
         ("supported = true", "supported = false", "no model has embedding_task.supported = true"),
@@ -128,7 +129,8 @@ def test_fake_generator_has_defaults():
 
 def test_vllm_is_the_default_nowhere():
     """There is no default generator: a file without [generator] is rejected."""
-    assert "generator: missing required key" in _error_for(DESIGN_CONFIG.split("[generator]")[0] + "[queue]" + DESIGN_CONFIG.split("[queue]")[1])
+    without_generator = DESIGN_CONFIG.split("[generator]")[0] + "[queue]" + DESIGN_CONFIG.split("[queue]")[1]
+    assert "generator: missing required key" in _error_for(without_generator)
 
 
 def _check(path) -> subprocess.CompletedProcess:

@@ -7,8 +7,8 @@ import math
 import re
 import signal
 import subprocess
-import time
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -186,7 +186,7 @@ def test_worker_tokens_keep_strangers_out(cluster: Cluster):
     response = httpx.post(gateway.url + "/internal/v1/lease", json={"worker_id": "x", "max_items": 1, "wait_s": 0})
     assert response.status_code == 401
     assert httpx.get(gateway.url + "/health").json()["workers"] == 1
-    wait_until(lambda: "HTTP 401" in stranger.log() or "401 Unauthorized" in stranger.log(), 10, "the stranger to log its refusal")
+    wait_until(lambda: "HTTP 401" in stranger.log(), 10, "the stranger to log its refusal")
     assert "missing or wrong worker token" in cluster.procs[0].log()
     assert "wrong-token" not in cluster.procs[0].log()
 
@@ -227,7 +227,8 @@ def test_a_client_that_leaves_has_its_queued_job_withdrawn(cluster: Cluster):
     gateway.wait_for_model("slow")
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, gateway.url + "/v1/embeddings", json={"model": "slow", "input": "first"}, timeout=10)
-        wait_until(lambda: "embedq_gateway_jobs_leased{queue=\"slow\"} 1.0" in httpx.get(gateway.url + "/metrics").text, 5, "the first job to be leased")
+        leased = 'embedq_gateway_jobs_leased{queue="slow"} 1.0'
+        wait_until(lambda: leased in httpx.get(gateway.url + "/metrics").text, 5, "the first job to be leased")
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(gateway.url + "/v1/embeddings", json={"model": "slow", "input": "abandoned"}, timeout=0.3)
         assert first.result().status_code == 200

@@ -100,7 +100,8 @@ def test_over_long_input_is_a_400_naming_the_limit(gateway):
     error = response.json()["error"]
     assert error["param"] == "input[1]" and "256" in error["message"]
     # The worker carries on.
-    assert _vectors(httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still here"}, timeout=60)).shape == (1, 384)
+    after = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still here"}, timeout=60)
+    assert _vectors(after).shape == (1, 384)
 
 
 def test_many_concurrent_requests_are_batched_together(gateway):
@@ -108,7 +109,8 @@ def test_many_concurrent_requests_are_batched_together(gateway):
 
     texts = [f"concurrent sentence {i} about the weather" for i in range(64)]
     with ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda t: httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": t}, timeout=120), texts))
+        post = lambda text: httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": text}, timeout=120)  # noqa: E731
+        responses = list(pool.map(post, texts))
     assert all(r.status_code == 200 for r in responses)
     metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
     batches = float(re.search(r"(?m)^embedq_worker_batch_inputs_count (\S+)", metrics).group(1))

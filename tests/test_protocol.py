@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from gateway.errors import InvalidRequest, WrongType
-from gateway.protocol import parse_inputs, render_embeddings
+from gateway.openai_api import parse_inputs, render_embeddings
 from gateway.settings import SettingsError, load_settings
 from worker.protocol import FrameError, JobResult, ResultsHeader, decode_results, encode_results
 
@@ -17,7 +17,9 @@ from worker.protocol import FrameError, JobResult, ResultsHeader, decode_results
 def _header(*shapes: tuple[int, int]) -> ResultsHeader:
     return ResultsHeader(
         worker_id="w",
-        results=[JobResult(job_id=f"j{i}", lease_id="l", rows=r, dims=d, prompt_tokens=[1] * r) for i, (r, d) in enumerate(shapes)],
+        results=[
+            JobResult(job_id=f"j{i}", lease_id="l", rows=r, dims=d, prompt_tokens=[1] * r) for i, (r, d) in enumerate(shapes)
+        ],
     )
 
 

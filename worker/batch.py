@@ -49,9 +49,17 @@ def run_batch(engine: Engine, jobs: list[Job]) -> BatchOutcome:
 
 
 def _tokenize(engine: Engine, jobs: list[Job]) -> list[list[list[int]]]:
-    texts = [item for job in jobs for item in job.inputs if isinstance(item, str)]
-    text_ids = iter(engine.tokenize(texts) if texts else [])
-    return [[next(text_ids) if isinstance(item, str) else item for item in job.inputs] for job in jobs]
+    """Token ids per job and input: one tokenizer call for all texts (two if some truncate)."""
+    limit = engine.info.max_input_tokens
+    text_ids = {}
+    for truncate in (False, True):
+        texts = [item for job in jobs if job.truncate is truncate for item in job.inputs if isinstance(item, str)]
+        text_ids[truncate] = iter(engine.tokenize(texts, truncate=truncate) if texts else [])
+    return [
+        [next(text_ids[job.truncate]) if isinstance(item, str) else item[:limit] if job.truncate else item
+         for item in job.inputs]
+        for job in jobs
+    ]
 
 
 def _check(engine: Engine, job: Job, ids: list[list[int]]) -> JobError | None:

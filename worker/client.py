@@ -100,10 +100,15 @@ class GatewayClient:
     def _before_retry(self, state) -> None:
         self._metrics.http_retries.inc()
         exc = state.outcome.exception()
-        log.warning("gateway call failed (%s); retry %d of %d", _brief(exc), state.attempt_number, self._retries)
+        log.warning("gateway call failed (%s); retry %d of %d", describe(exc), state.attempt_number, self._retries)
 
 
-def _brief(exc: BaseException | None) -> str:
+def describe(exc: BaseException | None) -> str:
+    """A failed gateway call in one line: the status and the gateway's own message, if any."""
     if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    return type(exc).__name__
+        try:
+            message = exc.response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.response.reason_phrase
+        return f"HTTP {exc.response.status_code}: {message}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

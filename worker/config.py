@@ -8,16 +8,11 @@ names its full path, e.g. ``generator.max_model_ln: unknown key``.
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 is not supported, tomli kept for completeness
-    import tomli as tomllib
 
 
 class ConfigError(Exception):
@@ -58,7 +53,7 @@ class FakeGenerator(_Table):
     max_num_seqs: int = Field(default=64, gt=0)
 
 
-Generator = Annotated[Union[VllmGenerator, FakeGenerator], Field(discriminator="type")]
+Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]
 
 
 class EmbeddingTask(_Table):
@@ -71,6 +66,9 @@ class ModelEntry(_Table):
     maximum_completion_tokens: int = Field(default=0, ge=0)
     description: str = ""
     embedding_task: EmbeddingTask = EmbeddingTask()
+    # Additions.
+    matryoshka_dimensions: list[Annotated[int, Field(gt=0)]] = []  # sizes a request may ask for
+    truncate: bool = False  # OpenAI requests truncate over-long inputs by default
 
 
 class QueueConfig(_Table):

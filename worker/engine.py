@@ -28,14 +28,15 @@ class Engine(ABC):
     info: EngineInfo
 
     @abstractmethod
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids for each text, special tokens included, never truncated."""
+    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
+        """Token ids for each text, special tokens included; cut to max_input_tokens (special
+        tokens kept) only if truncate."""
 
     @abstractmethod
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         """A (len(token_ids), dimensions) float32 matrix of L2-normalised rows."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - engines without resources need not override it
         """Release the engine's processes and memory."""
 
 
@@ -53,10 +54,11 @@ class FakeEngine(Engine):
         self._delay_s = generator.delay_s
         self.batches = 0  # how many engine calls were made, for tests that count work
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
         vocab = self.info.vocab_size - 1000
+        room = self.info.max_input_tokens - 2 if truncate else None
         return [
-            [self.CLS, *(1000 + zlib.crc32(w.encode()) % vocab for w in text.split()), self.SEP]
+            [self.CLS, *[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room], self.SEP]
             for text in texts
         ]
 

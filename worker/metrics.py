@@ -22,7 +22,9 @@ class WorkerMetrics:
             p + "engine_seconds", "Time per engine call (tokenize + embed)", buckets=SECONDS_BUCKETS, registry=registry
         )
         self.leases = Counter(p + "leases_total", "Lease calls, by whether they returned jobs", ["result"], registry=registry)
-        self.http_retries = Counter(p + "http_retries_total", "Gateway calls retried after a transport error, 5xx or 429", registry=registry)
+        self.http_retries = Counter(
+            p + "http_retries_total", "Gateway calls retried after a transport error, 5xx or 429", registry=registry
+        )
         self.gateway_errors = Counter(
             p + "gateway_unreachable_total", "Gateway calls that failed after every retry", registry=registry
         )

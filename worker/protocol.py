@@ -42,6 +42,8 @@ class ModelCard(_Strict):
     description: str = ""
     max_input_tokens: int = Field(gt=0)
     dimensions: int = Field(gt=0)
+    matryoshka_dimensions: list[int] = []  # smaller sizes the vectors may be cut to
+    truncate: bool = False  # truncate over-long inputs unless a request says otherwise
 
 
 class WorkerHello(_Strict):
@@ -73,6 +75,7 @@ class Job(_Strict):
     lease_id: str
     model: str
     inputs: list[JobInput] = Field(min_length=1)
+    truncate: bool = False  # cut over-long inputs to the model's limit instead of failing
 
 
 class LeaseReply(_Strict):

@@ -18,7 +18,7 @@ import httpx
 from pydantic import ValidationError
 
 from worker.batch import run_batch
-from worker.client import GatewayClient, UnknownWorker
+from worker.client import GatewayClient, UnknownWorker, describe
 from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
@@ -42,11 +42,20 @@ class Worker:
         self._client = client
         self._metrics = metrics
         self.worker_id = new_worker_id(config.queue.service_name)
+        for name, model in config.queue.models.items():
+            too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
+            if too_big:
+                log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
+                            name, too_big, engine.info.dimensions)
 
     def hello(self) -> WorkerHello:
         queue, info = self._config.queue, self._engine.info
         models = {
-            name: ModelCard(description=m.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions)
+            name: ModelCard(
+                description=m.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions,
+                matryoshka_dimensions=[d for d in m.matryoshka_dimensions if d < info.dimensions],
+                truncate=m.truncate,
+            )
             for name, m in queue.models.items()
             if m.embedding_task.supported
         }
@@ -149,18 +158,18 @@ class Worker:
     async def _leave(self) -> None:
         try:
             await asyncio.wait_for(self._client.leave(self.worker_id), timeout=2.0)
-        except (asyncio.TimeoutError, *GATEWAY_FAILURES):
+        except (TimeoutError, *GATEWAY_FAILURES):
             pass  # the gateway drops us when our heartbeats stop anyway
 
     def _gateway_failed(self, call: str, exc: BaseException) -> None:
         self._metrics.gateway_errors.inc()
-        log.warning("gateway %s failed after all retries: %s", call, exc)
+        log.warning("gateway %s failed: %s", call, describe(exc))
 
 
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
     """Sleep, waking early on stop; True if stopping."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     return True

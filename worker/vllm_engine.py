@@ -53,7 +53,9 @@ class VllmEngine(Engine):
         )
         log.info("vLLM engine ready: %s, %d dims, %d tokens max", generator.model_path, *probe.shape[1:], max_len)
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
+        if truncate:
+            return self._tokenizer(texts, truncation=True, max_length=self.info.max_input_tokens)["input_ids"]
         return self._tokenizer(texts)["input_ids"]
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
