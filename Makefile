@@ -44,6 +44,7 @@ run: $(RUN)/all-minilm.toml
 	$(PY) -m worker --config $(RUN)/all-minilm.toml
 
 test: $(STAMP)
+	$(PY) -m ruff check gateway worker tests
 	$(PY) -m pytest
 
 clean:
