@@ -17,9 +17,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import ollama_api, openai_api, worker_api
+from gateway.auth import Auth
 from gateway.embeddings import EmbeddingService
 from gateway.errors import ApiError
 from gateway.http import ClientGone, json_response, render_error
+from gateway.keys import FileKeyStore, SqliteKeyStore
 from gateway.memory_queue import InMemoryQueue
 from gateway.metrics import GatewayMetrics, LiveStateCollector
 from gateway.openapi import openapi_document
@@ -82,6 +84,14 @@ class RequestMetrics:
             self._metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
+def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | None:
+    if settings.keys_db:
+        return SqliteKeyStore(settings.keys_db)
+    if settings.keys_file:
+        return FileKeyStore(settings.keys_file)
+    return None
+
+
 def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Starlette:
     registry = CollectorRegistry()
     gateway_metrics = GatewayMetrics(registry)
@@ -89,15 +99,23 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
     workers = WorkerRegistry(settings.worker_ttl_s)
     registry.register(LiveStateCollector(queue, workers))
 
+    keys = _key_store(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if settings.workers_open:
             log.warning("no worker token configured: any worker that can reach %s:%d is accepted", settings.host, settings.port)
+        if keys is None:
+            log.warning("no API keys configured: any client that can reach %s:%d is served", settings.host, settings.port)
+        else:
+            log.info("client API keys from %s", settings.keys_db or settings.keys_file)
         await queue.start()
         try:
             yield
         finally:
             await queue.stop()
+            if isinstance(keys, SqliteKeyStore):
+                keys.close()
 
     routes = [
         *openai_api.routes,
@@ -120,6 +138,7 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
     app.state.metrics = gateway_metrics
     app.state.queue = queue
     app.state.workers = workers
+    app.state.auth = Auth(settings, keys)
     app.state.embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
     app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)
     return app

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.auth import Auth
 from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker
+from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
 from gateway.queue import JobFailure, JobQueue, JobSpec, QueueTimeout
 from gateway.registry import Route, WorkerRegistry
@@ -35,9 +37,11 @@ class EmbeddingService:
 
     async def embed(
         self, model: str, inputs: list[JobInput], *, single: bool, dimensions: int | None = None,
-        truncate: bool | None = None, tags: frozenset[str] = frozenset(),
+        truncate: bool | None = None, tags: frozenset[str] = frozenset(), key: ApiKey | None = None,
     ) -> Embeddings:
-        """Embed ``inputs`` with ``model``; ``truncate=None`` means the model's own default."""
+        """Embed ``inputs`` with ``model`` for ``key`` (None: anonymous); ``truncate=None`` means
+        the model's own default."""
+        Auth.check_model(key, model)  # before resolving: a key out of scope learns nothing of the model
         route = self._workers.resolve(model, tags)
         _check_dimensions(route, dimensions)
         truncate = route.card.truncate if truncate is None else truncate
@@ -58,6 +62,9 @@ class EmbeddingService:
         tokens = sum(sum(d.prompt_tokens) for d in done)
         self._metrics.inputs.labels(model).inc(len(inputs))
         self._metrics.tokens.labels(model).inc(tokens)
+        if key is not None:
+            self._metrics.key_requests.labels(key.name).inc()
+            self._metrics.key_tokens.labels(key.name).inc(tokens)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding

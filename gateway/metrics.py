@@ -35,6 +35,10 @@ class GatewayMetrics:
         )
         self.inputs = Counter(p + "inputs_total", "Inputs embedded, by model", ["model"], registry=registry)
         self.tokens = Counter(p + "tokens_total", "Prompt tokens embedded, by model", ["model"], registry=registry)
+        self.key_requests = Counter(
+            p + "key_requests_total", "Embeddings requests answered, by API key name", ["key"], registry=registry
+        )
+        self.key_tokens = Counter(p + "key_tokens_total", "Prompt tokens embedded, by API key name", ["key"], registry=registry)
         self.jobs = Counter(
             p + "jobs_total", "Jobs finished, by outcome (ok, or the failure code)", ["outcome"], registry=registry
         )

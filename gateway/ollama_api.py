@@ -27,14 +27,18 @@ from gateway.protocol import OllamaEmbeddingsRequest, OllamaEmbedRequest, json_t
 async def embed(request: Request) -> Response:
     started = time.perf_counter_ns()
     state = request.app.state
+    key = state.auth.client(request)
     req: OllamaEmbedRequest = validate(OllamaEmbedRequest, await _json(request))
     model = _model_name(request, req.model)
     inputs = _parse_inputs(req.input, state.settings.max_inputs)
     if not inputs:  # Ollama answers an empty input with no vectors (it "loads the model")
+        state.auth.check_model(key, model)
         state.workers.resolve(model)
         return json_response({"model": req.model, "embeddings": []})
     truncate = req.truncate is not False
-    work = state.embeddings.embed(model, inputs, single=isinstance(req.input, str), dimensions=req.dimensions, truncate=truncate)
+    work = state.embeddings.embed(
+        model, inputs, single=isinstance(req.input, str), dimensions=req.dimensions, truncate=truncate, key=key
+    )
     result = await unless_disconnected(request, work)
     body = {
         "model": req.model,
@@ -49,21 +53,27 @@ async def embed(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """The legacy endpoint: one ``prompt`` in, one ``embedding`` out."""
     state = request.app.state
+    key = state.auth.client(request)
     req: OllamaEmbeddingsRequest = validate(OllamaEmbeddingsRequest, await _json(request))
     if not req.model:
         raise InvalidRequest("model is required", param="model")
     model = _model_name(request, req.model)
     if not req.prompt:
+        state.auth.check_model(key, model)
         state.workers.resolve(model)
         return json_response({"embedding": []})
-    result = await unless_disconnected(request, state.embeddings.embed(model, [req.prompt], single=True, truncate=True))
+    work = state.embeddings.embed(model, [req.prompt], single=True, truncate=True, key=key)
+    result = await unless_disconnected(request, work)
     return json_response(orjson.dumps({"embedding": l2_normalize(result.vectors)[0]}, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 async def tags(request: Request) -> Response:
     """The served models, in the shape of Ollama's local model list."""
+    key = request.app.state.auth.client(request)
     models = []
     for name, route in sorted(request.app.state.workers.routes().items()):
+        if key is not None and not key.allows(name):
+            continue
         tagged = name if ":" in name else f"{name}:latest"
         models.append({
             "name": tagged,

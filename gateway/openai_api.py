@@ -27,20 +27,23 @@ INPUT_SHAPES = "a string, an array of strings, an array of token ids, or an arra
 
 async def create_embeddings(request: Request) -> Response:
     state = request.app.state
+    key = state.auth.client(request)  # before reading the body: strangers cost us nothing
     body = await read_body(request, state.settings.max_body_bytes)
     req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body, request.headers.get("content-type", "")))
     inputs, single = parse_inputs(req.input, state.settings.max_inputs)
     work = state.embeddings.embed(
-        req.model, inputs, single=single, dimensions=req.dimensions, truncate=req.truncate, tags=frozenset(req.tags or ())
+        req.model, inputs, single=single, dimensions=req.dimensions, truncate=req.truncate, tags=frozenset(req.tags or ()),
+        key=key,
     )
     result = await unless_disconnected(request, work)
     return json_response(render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format))
 
 
 async def list_models(request: Request) -> Response:
+    key = request.app.state.auth.client(request)
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "embedq"}
-            for name in sorted(request.app.state.workers.routes())]
+            for name in sorted(request.app.state.workers.routes()) if key is None or key.allows(name)]
     return json_response({"object": "list", "data": data})
 
 

@@ -29,6 +29,10 @@ class GatewaySettings(BaseModel):
     worker_tokens: tuple[str, ...] = ()
     # Accept workers without a token on a non-loopback address. Only for trusted networks.
     allow_open_workers: bool = False
+    keys_db: str | None = None  # SQLite file of client API keys (python -m gateway keys ...)
+    keys_file: str | None = None  # read-only JSON of keys (keys export), e.g. a mounted Secret
+    # Serve clients without API keys on a non-loopback address. Only for trusted networks.
+    allow_anonymous_clients: bool = False
     request_timeout_s: float = Field(default=60.0, gt=0)
     lease_ttl_s: float = Field(default=60.0, gt=0)  # a leased job not answered by then is requeued
     max_attempts: int = Field(default=3, ge=1)  # leases per job before its request fails
@@ -54,6 +58,11 @@ class GatewaySettings(BaseModel):
             return False
 
     @property
+    def clients_open(self) -> bool:
+        """Whether client endpoints accept anyone (no key store configured)."""
+        return not (self.keys_db or self.keys_file)
+
+    @property
     def workers_open(self) -> bool:
         """Whether worker endpoints accept any caller (no worker token configured)."""
         return not self.worker_tokens
@@ -73,9 +82,16 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySet
             f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']} (got {err['input']!r})" for err in exc.errors()
         )
         raise SettingsError(problems) from None
+    if settings.keys_db and settings.keys_file:
+        raise SettingsError("set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE, not both")
     if settings.workers_open and not settings.loopback and not settings.allow_open_workers:
         raise SettingsError(
             f"bound to {settings.host} with no worker token: set EMBEDQ_WORKER_TOKENS "
             "(or EMBEDQ_ALLOW_OPEN_WORKERS=true on a trusted network)"
+        )
+    if settings.clients_open and not settings.loopback and not settings.allow_anonymous_clients:
+        raise SettingsError(
+            f"bound to {settings.host} with no API keys: set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE "
+            "(or EMBEDQ_ALLOW_ANONYMOUS_CLIENTS=true to serve anyone, on a trusted network)"
         )
     return settings

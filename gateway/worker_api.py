@@ -1,12 +1,12 @@
 """The worker endpoints (``/internal/v1/...``, contract in ``worker/protocol.py``).
 
-Guarded by the worker tokens of the gateway's settings; with none configured, any caller is
-accepted, which the settings allow only on loopback unless explicitly told otherwise.
+Guarded by the worker tokens of the gateway's settings (see auth.py); with none configured, any
+caller but a client key holder is accepted, which the settings allow only on loopback unless
+explicitly told otherwise.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from pydantic import BaseModel, ValidationError
@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import Conflict, InvalidRequest, Unauthorized, UnsupportedMediaType
+from gateway.errors import Conflict, InvalidRequest, UnsupportedMediaType
 from gateway.http import json_response, read_body, unless_disconnected
 from gateway.queue import JobDone, JobFailed
 from gateway.registry import UnknownWorker
@@ -36,21 +36,8 @@ log = logging.getLogger(__name__)
 M = type[BaseModel]
 
 
-def _authorize(request: Request) -> None:
-    tokens = request.app.state.settings.worker_tokens
-    if not tokens:
-        return
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    # Compare against every token, always, so timing says nothing about which one nearly matched.
-    matches = [hmac.compare_digest(presented.encode(), t.encode()) for t in tokens]
-    if scheme.lower() != "bearer" or not any(matches):
-        log.warning("refused a worker call to %s from %s: missing or wrong worker token",
-                    request.url.path, request.client.host if request.client else "?")
-        raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")
-
-
 async def _read(request: Request, model: M):
-    _authorize(request)
+    request.app.state.auth.worker(request)
     body = await read_body(request, request.app.state.settings.max_body_bytes)
     try:
         return model.model_validate_json(body)
@@ -91,7 +78,7 @@ async def lease(request: Request) -> Response:
 
 
 async def results(request: Request) -> Response:
-    _authorize(request)
+    request.app.state.auth.worker(request)
     if request.headers.get("content-type") != RESULTS_CONTENT_TYPE:
         raise UnsupportedMediaType(f"results must be posted as {RESULTS_CONTENT_TYPE}")
     frame = await read_body(request, request.app.state.settings.max_body_bytes)

@@ -238,3 +238,14 @@ def test_a_client_that_leaves_has_its_queued_job_withdrawn(cluster: Cluster):
     gateway_metrics = httpx.get(gateway.url + "/metrics").text
     assert _metric(gateway_metrics, 'embedq_gateway_requests_total{endpoint="/v1/embeddings",status="499"}') == 1
     assert _metric(gateway_metrics, 'embedq_gateway_queue_depth{queue="slow"}') == 0
+
+
+def test_a_request_past_its_deadline_gets_504_in_each_dialect(cluster: Cluster):
+    gateway = cluster.gateway(env={"EMBEDQ_REQUEST_TIMEOUT_S": "0.5"})
+    cluster.worker(fake_worker_config(gateway.url, "sluggish", delay_s=2.0, max_num_seqs=1))
+    gateway.wait_for_model("sluggish")
+    openai_style = httpx.post(gateway.url + "/v1/embeddings", json={"model": "sluggish", "input": "x"}, timeout=10)
+    assert openai_style.status_code == 504
+    assert openai_style.json()["error"]["code"] == "timeout" and "0.5s" in openai_style.json()["error"]["message"]
+    ollama_style = httpx.post(gateway.url + "/api/embed", json={"model": "sluggish", "input": "x"}, timeout=10)
+    assert ollama_style.status_code == 504 and "0.5s" in ollama_style.json()["error"]

@@ -114,5 +114,15 @@ def test_open_workers_only_on_loopback():
     assert load_settings({}, host="::1").workers_open
     with pytest.raises(SettingsError, match="EMBEDQ_WORKER_TOKENS"):
         load_settings({}, host="0.0.0.0")
-    assert load_settings({"EMBEDQ_WORKER_TOKENS": "t"}, host="0.0.0.0").worker_tokens == ("t",)
-    assert load_settings({"EMBEDQ_ALLOW_OPEN_WORKERS": "true"}, host="0.0.0.0").workers_open
+    keys = {"EMBEDQ_KEYS_FILE": "/keys.json"}
+    assert load_settings({"EMBEDQ_WORKER_TOKENS": "t", **keys}, host="0.0.0.0").worker_tokens == ("t",)
+    assert load_settings({"EMBEDQ_ALLOW_OPEN_WORKERS": "true", **keys}, host="0.0.0.0").workers_open
+
+
+def test_anonymous_clients_only_on_loopback():
+    assert load_settings({}, host="127.0.0.1").clients_open
+    with pytest.raises(SettingsError, match="EMBEDQ_KEYS_DB"):
+        load_settings({"EMBEDQ_WORKER_TOKENS": "t"}, host="0.0.0.0")
+    assert load_settings({"EMBEDQ_WORKER_TOKENS": "t", "EMBEDQ_ALLOW_ANONYMOUS_CLIENTS": "1"}, host="0.0.0.0").clients_open
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings({"EMBEDQ_KEYS_DB": "a", "EMBEDQ_KEYS_FILE": "b"})

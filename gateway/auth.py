@@ -1,0 +1,68 @@
+"""Who may call what: client API keys on the client endpoints, worker tokens on the worker ones.
+
+The two credentials never cross: a worker token is no client key (401 on the client API), and
+a client key is no worker token (401 on the worker API, or 403 where workers need no token).
+Secrets are compared in constant time and never logged, labelled or echoed in an error.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from starlette.requests import Request
+
+from gateway.errors import Forbidden, Unauthorized
+from gateway.keys import ApiKey, FileKeyStore, SqliteKeyStore
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def bearer(request: Request) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+class Auth:
+    def __init__(self, settings: GatewaySettings, keys: SqliteKeyStore | FileKeyStore | None):
+        self._worker_tokens = [t.encode() for t in settings.worker_tokens]
+        self._keys = keys
+
+    @property
+    def anonymous_clients(self) -> bool:
+        return self._keys is None
+
+    def client(self, request: Request) -> ApiKey | None:
+        """The caller's API key (None when the gateway serves anonymously); 401 if it has none."""
+        if self._keys is None:
+            return None
+        presented = bearer(request)
+        if not presented:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+        now = time.time()
+        key = self._keys.lookup(presented)
+        if key is None or not key.usable(now):
+            raise Unauthorized("the API key is not valid (unknown, revoked or expired)")
+        self._keys.touch(key, now)
+        return key
+
+    @staticmethod
+    def check_model(key: ApiKey | None, model: str) -> None:
+        if key is not None and not key.allows(model):
+            raise Forbidden(f"API key {key.name!r} may not use model {model!r}", param="model")
+
+    def worker(self, request: Request) -> None:
+        """401 unless the caller presents a worker token (or, with none configured, is no client)."""
+        presented = bearer(request).encode()
+        if not self._worker_tokens:
+            if presented and self._keys is not None and self._keys.lookup(presented.decode()) is not None:
+                raise Forbidden("client API keys cannot call worker endpoints")
+            return
+        # Compare against every token, always, so timing says nothing about which one nearly matched.
+        matches = [hmac.compare_digest(presented, token) for token in self._worker_tokens]
+        if not any(matches):
+            log.warning("refused a worker call to %s from %s: missing or wrong worker token",
+                        request.url.path, request.client.host if request.client else "?")
+            raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")
