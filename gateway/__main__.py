@@ -14,6 +14,7 @@ import uvicorn
 
 from gateway import keys_cli
 from gateway.app import create_app
+from gateway.server import DrainingServer
 from gateway.settings import SettingsError, load_settings
 
 
@@ -31,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=settings.request_timeout_s,
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=5,  # by then every client request was answered (see server.py)
     )
+    DrainingServer(config, app, drain_timeout_s=settings.request_timeout_s).run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import ollama_api, openai_api, worker_api
 from gateway.auth import Auth
 from gateway.embeddings import EmbeddingService
-from gateway.errors import ApiError
+from gateway.errors import ApiError, ShuttingDown
 from gateway.http import ClientGone, json_response, render_error
 from gateway.keys import FileKeyStore, SqliteKeyStore
 from gateway.memory_queue import InMemoryQueue
@@ -28,6 +29,7 @@ from gateway.openapi import openapi_document
 from gateway.queue import JobQueue
 from gateway.registry import WorkerRegistry
 from gateway.settings import GatewaySettings
+from worker.protocol import PREFIX
 
 log = logging.getLogger("gateway")
 
@@ -37,7 +39,9 @@ CLIENT_CLOSED = 499
 
 async def health(request: Request) -> Response:
     state = request.app.state
-    return json_response({"status": "ok", "workers": state.workers.live_count(), "models": sorted(state.workers.routes())})
+    status = "draining" if state.draining else "ok"  # 503 while draining: readiness probes take us out
+    body = {"status": status, "workers": state.workers.live_count(), "models": sorted(state.workers.routes())}
+    return json_response(body, status=503 if state.draining else 200)
 
 
 async def openapi(request: Request) -> Response:
@@ -60,12 +64,28 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 class RequestMetrics:
-    """Counts and times every request by endpoint (the route path, or "other") and status."""
+    """Counts and times every request by endpoint (the route path, or "other") and status;
+    tracks client requests in flight, and refuses new ones while the gateway drains."""
 
     def __init__(self, app: ASGIApp, endpoints: set[str], metrics: GatewayMetrics):
         self._app, self._endpoints, self._metrics = app, endpoints, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(PREFIX) or scope["path"] in ("/metrics", "/health"):
+            return await self._observed(scope, receive, send)
+        state = scope["app"].state
+        if state.draining:
+            refusal = ShuttingDown("the gateway is shutting down; retry on another replica", headers={"Retry-After": "1"})
+            return await render_error(Request(scope), refusal)(scope, receive, send)
+        state.in_flight += 1
+        self._metrics.in_flight.inc()
+        try:
+            await self._observed(scope, receive, send)
+        finally:
+            state.in_flight -= 1
+            self._metrics.in_flight.dec()
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in self._endpoints else "other"
@@ -100,6 +120,7 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
     registry.register(LiveStateCollector(queue, workers))
 
     keys = _key_store(settings)
+    embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -110,9 +131,11 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
         else:
             log.info("client API keys from %s", settings.keys_db or settings.keys_file)
         await queue.start()
+        watchdog = asyncio.create_task(embeddings.fail_orphans_forever())
         try:
             yield
         finally:
+            watchdog.cancel()
             await queue.stop()
             if isinstance(keys, SqliteKeyStore):
                 keys.close()
@@ -139,6 +162,8 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
     app.state.queue = queue
     app.state.workers = workers
     app.state.auth = Auth(settings, keys)
-    app.state.embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
+    app.state.embeddings = embeddings
+    app.state.draining = False  # set by the server on SIGTERM (server.py)
+    app.state.in_flight = 0
     app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)
     return app

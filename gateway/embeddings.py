@@ -1,24 +1,42 @@
-"""An embeddings request, dialect-free: route it, split it into jobs, wait, put it together.
+"""An embeddings request, dialect-free: admit it, route it, split it into jobs, wait, put it together.
 
 Requests are split into jobs of ``job_max_inputs`` so that several workers share a large
 request; workers batch jobs from many requests together. A failed job fails its request
 with the error translated back to the request's own input index.
+
+Each model's queue is bounded by requests and by (estimated) tokens: beyond, a 429 with
+Retry-After, so memory stays bounded under any load. A model whose workers all went away gets
+``worker_wait_s`` for one to come back, for new requests and queued jobs alike, then a 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from gateway.auth import Auth
-from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker
+from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
-from gateway.queue import JobFailure, JobQueue, JobSpec, QueueTimeout
+from gateway.queue import JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout
 from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
 from worker.protocol import JobInput
+
+log = logging.getLogger(__name__)
+WORKER_POLL_S = 0.25
+
+
+@dataclass
+class _Load:
+    requests: int = 0
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,7 @@ class EmbeddingService:
         self._queue = queue
         self._workers = workers
         self._metrics = metrics
+        self._load: dict[str, _Load] = {}  # per queue key: admitted, not yet answered
 
     async def embed(
         self, model: str, inputs: list[JobInput], *, single: bool, dimensions: int | None = None,
@@ -42,14 +61,18 @@ class EmbeddingService:
         """Embed ``inputs`` with ``model`` for ``key`` (None: anonymous); ``truncate=None`` means
         the model's own default."""
         Auth.check_model(key, model)  # before resolving: a key out of scope learns nothing of the model
-        route = self._workers.resolve(model, tags)
+        route = await self._route(model, tags)
         _check_dimensions(route, dimensions)
         truncate = route.card.truncate if truncate is None else truncate
         size = self._settings.job_max_inputs
         specs = [JobSpec(model, inputs[i : i + size], truncate, tags) for i in range(0, len(inputs), size)]
         self._metrics.request_inputs.observe(len(inputs))
         try:
-            done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
+            with self._admitted(route, sum(_estimate_tokens(i) for i in inputs)):
+                done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
+        except asyncio.CancelledError:
+            self._metrics.jobs.labels("client_gone").inc(len(specs))
+            raise
         except QueueTimeout:
             self._metrics.jobs.labels("timeout").inc(len(specs))
             raise GatewayTimeout(
@@ -69,6 +92,60 @@ class EmbeddingService:
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding
         return Embeddings(model, vectors, tokens)
+
+
+    async def _route(self, model: str, tags: frozenset[str]) -> Route:
+        """Where the model's jobs go, waiting up to worker_wait_s for a worker that went away."""
+        deadline = time.monotonic() + self._settings.worker_wait_s
+        while True:
+            try:
+                return self._workers.resolve(model, tags)
+            except NoLiveWorker as exc:
+                if time.monotonic() >= deadline:
+                    exc.headers["Retry-After"] = str(self._settings.retry_after_s)
+                    raise
+            await asyncio.sleep(WORKER_POLL_S)
+
+    @contextmanager
+    def _admitted(self, route: Route, tokens: int) -> Iterator[None]:
+        load = self._load.setdefault(route.checkpoint, _Load())
+        settings = self._settings
+        # A single request larger than the token bound is let in alone, or it could never run.
+        if load.requests >= settings.max_queued_requests or (load.requests and load.tokens + tokens > settings.max_queued_tokens):
+            self._metrics.rejected.labels(route.model).inc()
+            raise Overloaded(
+                f"model {route.model!r} is at capacity ({load.requests} requests, ~{load.tokens} tokens queued); "
+                f"retry after {settings.retry_after_s}s",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        load.requests += 1
+        load.tokens += tokens
+        try:
+            yield
+        finally:
+            load.requests -= 1
+            load.tokens -= tokens
+
+    async def fail_orphans_forever(self, period_s: float = 1.0) -> None:
+        """Fail the queued jobs of a checkpoint that had no live worker for worker_wait_s."""
+        orphaned_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(period_s)
+            live, now = self._workers.live_checkpoints(), time.monotonic()
+            for key, stats in self._queue.stats().items():
+                if key in live or not stats.depth:
+                    orphaned_since.pop(key, None)
+                    continue
+                since = orphaned_since.setdefault(key, now)
+                if now - since >= self._settings.worker_wait_s:
+                    message = f"no live worker for {key!r} came back within {self._settings.worker_wait_s:g}s"
+                    count = self._queue.abandon(key, JobFailed("no_live_worker", message))
+                    log.warning("failed %d queued jobs: %s", count, message)
+                    orphaned_since.pop(key)
+
+
+def _estimate_tokens(item: JobInput) -> int:
+    return len(item) // 4 + 2 if isinstance(item, str) else len(item)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -98,6 +175,6 @@ def _client_error(failure: JobFailure, job_size: int, single: bool) -> ApiError:
         return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="context_length_exceeded")
     if failed.code == "invalid_input":
         return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="invalid_value")
-    if failed.code == "attempts_exhausted":
-        return NoLiveWorker(failed.message, code="attempts_exhausted")
+    if failed.code in ("attempts_exhausted", "no_live_worker"):
+        return NoLiveWorker(failed.message, code=failed.code, headers={"Retry-After": "1"})
     return EngineFailed(f"the engine failed on '{where}'", param=where)

@@ -12,10 +12,13 @@ class ApiError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -72,6 +75,10 @@ class EngineFailed(ApiError):
 
 class NoLiveWorker(ApiError):
     status, type, code = 503, "service_unavailable", "no_live_worker"
+
+
+class ShuttingDown(ApiError):
+    status, type, code = 503, "service_unavailable", "shutting_down"
 
 
 class GatewayTimeout(ApiError):

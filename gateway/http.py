@@ -75,7 +75,7 @@ def render_error(request: Request, exc: Exception) -> Response:
         body: dict = {"error": error.message}
     else:
         body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return json_response(body, status=error.status)
+    return json_response(body, status=error.status, headers=error.headers)
 
 
 def _as_api_error(request: Request, exc: Exception) -> ApiError:

@@ -51,6 +51,7 @@ class InMemoryQueue(JobQueue):
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
         self._reaper: asyncio.Task | None = None
+        self._closing = False
 
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._expire_forever())
@@ -58,6 +59,11 @@ class InMemoryQueue(JobQueue):
     async def stop(self) -> None:
         if self._reaper:
             self._reaper.cancel()
+
+    async def close_leases(self) -> None:
+        self._closing = True
+        for key in list(self._arrivals):
+            await self._notify(key)
 
     async def run(self, key: str, specs: list[JobSpec], timeout_s: float) -> list[JobDone]:
         loop = asyncio.get_running_loop()
@@ -84,7 +90,9 @@ class InMemoryQueue(JobQueue):
 
     async def lease(self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset()) -> list[Job]:
         waiting = self._waiting.setdefault(key, deque())
-        eligible = lambda: any(entry.spec.tags <= tags for entry in waiting)  # noqa: E731
+        eligible = lambda: self._closing or any(entry.spec.tags <= tags for entry in waiting)  # noqa: E731
+        if self._closing:
+            return []
         if not eligible() and wait_s > 0:
             arrivals = self._arrivals.setdefault(key, asyncio.Condition())
             try:
@@ -92,6 +100,8 @@ class InMemoryQueue(JobQueue):
                     await arrivals.wait_for(eligible)
             except TimeoutError:
                 return []
+        if self._closing:
+            return []
         taken = self._take(waiting, max_items, tags)
         return [
             Job(job_id=e.job_id, lease_id=e.lease_id, model=e.spec.model, inputs=e.spec.inputs, truncate=e.spec.truncate)
@@ -171,21 +181,43 @@ class InMemoryQueue(JobQueue):
             for key in self._expire_leases():
                 await self._notify(key)
 
+    def release(self, job_id: str, lease_id: str) -> bool:
+        entry = self._leased.get(job_id)
+        if entry is None or entry.lease_id != lease_id:
+            return False
+        del self._leased[job_id]
+        self._requeue_or_fail(entry, "was given back")
+        asyncio.get_running_loop().create_task(self._notify(entry.key))
+        return True
+
+    def abandon(self, key: str, failed: JobFailed) -> int:
+        waiting = self._waiting.get(key, deque())
+        count = len(waiting)
+        while waiting:
+            entry = waiting.popleft()
+            if not entry.future.done():
+                entry.future.set_result(failed)
+        return count
+
     def _expire_leases(self) -> set[str]:
         now = self._clock()
         requeued: set[str] = set()
         for entry in [e for e in self._leased.values() if e.deadline <= now]:
             del self._leased[entry.job_id]
-            entry.lease_id = None
-            if entry.attempts >= self._max_attempts:
-                log.warning("job %s failed: its lease expired %d times", entry.job_id, entry.attempts)
-                entry.future.set_result(JobFailed(
-                    "attempts_exhausted",
-                    f"no worker finished this job in {entry.attempts} attempts (lease timeout {self._lease_ttl_s:g}s)",
-                ))
-                self._on_expired(False)
-            else:
-                self._waiting.setdefault(entry.key, deque()).appendleft(entry)
+            requeued_now = self._requeue_or_fail(entry, f"lease expired (timeout {self._lease_ttl_s:g}s)")
+            if requeued_now:
                 requeued.add(entry.key)
-                self._on_expired(True)
+            self._on_expired(requeued_now)
         return requeued
+
+    def _requeue_or_fail(self, entry: _Entry, why: str) -> bool:
+        """Back to the front of its queue, unless it used its last attempt; True if requeued."""
+        entry.lease_id = None
+        if entry.attempts < self._max_attempts:
+            self._waiting.setdefault(entry.key, deque()).appendleft(entry)
+            return True
+        log.warning("job %s failed: its lease %s, attempt %d of %d", entry.job_id, why, entry.attempts, self._max_attempts)
+        entry.future.set_result(JobFailed(
+            "attempts_exhausted", f"no worker finished this job in {entry.attempts} attempts (its last lease {why})",
+        ))
+        return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +42,10 @@ class GatewayMetrics:
         self.jobs = Counter(
             p + "jobs_total", "Jobs finished, by outcome (ok, or the failure code)", ["outcome"], registry=registry
         )
+        self.rejected = Counter(
+            p + "rejected_total", "Requests refused with 429 because the model's queue was full", ["model"], registry=registry
+        )
+        self.in_flight = Gauge(p + "requests_in_flight", "Client requests being served", registry=registry)
         self.lease_expired = Counter(
             p + "lease_expired_total", "Leases that expired unanswered, by what happened to the job",
             ["action"], registry=registry,

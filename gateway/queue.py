@@ -66,6 +66,10 @@ class JobQueue(ABC):
     async def stop(self) -> None: ...
 
     @abstractmethod
+    async def close_leases(self) -> None:
+        """From now on lease calls return at once, empty (the gateway is about to exit)."""
+
+    @abstractmethod
     async def run(self, key: str, specs: list[JobSpec], timeout_s: float) -> list[JobDone]:
         """Queue the jobs and wait for all of them, in order.
 
@@ -86,6 +90,15 @@ class JobQueue(ABC):
     @abstractmethod
     def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
         """Record a failure; False (and nothing changes) if the lease is not the current one."""
+
+    @abstractmethod
+    def release(self, job_id: str, lease_id: str) -> bool:
+        """Give a leased job back: requeue it now (or fail it if it used its last attempt).
+        False if the lease is not the current one."""
+
+    @abstractmethod
+    def abandon(self, key: str, failed: JobFailed) -> int:
+        """Fail every job waiting under ``key`` (no worker will come for them); how many."""
 
     @abstractmethod
     def stats(self) -> dict[str, QueueStats]:

@@ -91,6 +91,9 @@ class WorkerRegistry:
             param="tags", code="unknown_tags",
         )
 
+    def live_checkpoints(self) -> set[str]:
+        return {w.hello.checkpoint_name for w in self._live().values()}
+
     def knows(self, model: str) -> bool:
         """Whether any worker ever served ``model`` (alive or not)."""
         return model in self._ever_served

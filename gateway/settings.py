@@ -38,6 +38,12 @@ class GatewaySettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)  # leases per job before its request fails
     worker_ttl_s: float = Field(default=15.0, gt=0)  # a worker silent this long is dropped
     job_max_inputs: int = Field(default=32, ge=1)  # requests are split into jobs of this size
+    # Backpressure, per model queue: beyond these a request gets 429 with Retry-After.
+    max_queued_requests: int = Field(default=1024, ge=1)
+    max_queued_tokens: int = Field(default=2_000_000, ge=1)  # estimated: text bytes / 4, or token ids
+    retry_after_s: int = Field(default=1, ge=1)
+    # How long a request (or a queued job) waits for a model's worker to come back before a 503.
+    worker_wait_s: float = Field(default=10.0, ge=0)
     max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 

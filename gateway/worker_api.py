@@ -27,6 +27,7 @@ from worker.protocol import (
     LeaseReply,
     LeaseRequest,
     PostReply,
+    Release,
     WorkerBye,
     WorkerHello,
     decode_results,
@@ -102,6 +103,14 @@ async def errors(request: Request) -> Response:
     return _posted(request, report.worker_id, accepted, len(report.errors))
 
 
+async def release(request: Request) -> Response:
+    report: Release = await _read(request, Release)
+    queue = request.app.state.queue
+    accepted = sum(queue.release(j.job_id, j.lease_id) for j in report.jobs)
+    log.info("worker %s gave back %d jobs", report.worker_id, accepted)
+    return _posted(request, report.worker_id, accepted, len(report.jobs))
+
+
 def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
     state = request.app.state
     try:
@@ -119,4 +128,5 @@ routes = [
     Route(PREFIX + "/lease", lease, methods=["POST"]),
     Route(PREFIX + "/results", results, methods=["POST"]),
     Route(PREFIX + "/errors", errors, methods=["POST"]),
+    Route(PREFIX + "/release", release, methods=["POST"]),
 ]

@@ -95,7 +95,7 @@ class Cluster:
 
     def gateway(self, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Gateway:
         port = free_port()
-        env = {"EMBEDQ_WORKER_TTL_S": "2", **(env or {})}
+        env = {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1", **(env or {})}
         proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
         gateway = Gateway(proc, port)
         wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")

@@ -1,12 +1,14 @@
 """``python -m worker --config FILE [--check]``
 
-Exit codes: 0 clean stop (or a passing --check), 2 bad config, 1 the engine failed to start.
+Exit codes: 0 clean stop (or a passing --check), 1 the engine failed to start, 2 bad config,
+3 the engine died while serving (a supervisor should restart the worker).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -14,6 +16,7 @@ import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from worker.batch import EngineDead
 from worker.client import GatewayClient
 from worker.config import ConfigError, WorkerConfig, config_warnings, load_config
 from worker.engine import build_engine
@@ -60,11 +63,34 @@ async def serve(config: WorkerConfig, metrics_host: str) -> int:
     queue = config.queue
     client = GatewayClient(queue.url, queue.token, queue.http_request_retries, queue.http_timeout_s, metrics)
     try:
-        await Worker(config, engine, client, metrics).run(stop)
+        return await _run_until_drained(Worker(config, engine, client, metrics), stop, queue.drain_timeout_s)
     finally:
         await client.aclose()
-        engine.close()
+        with contextlib.suppress(Exception):  # a dead engine may not close cleanly
+            engine.close()
         server.shutdown()
+
+
+async def _run_until_drained(worker: Worker, stop: asyncio.Event, drain_timeout_s: float) -> int:
+    """Serve; once stopped, give the jobs in hand drain_timeout_s to be answered."""
+    running = asyncio.create_task(worker.run(stop))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not running.done():
+        log.info("stopping: no new leases; finishing the jobs in hand (at most %gs)", drain_timeout_s)
+        done, _ = await asyncio.wait({running}, timeout=drain_timeout_s)
+        if not done:
+            log.warning("drain took longer than %gs; giving the jobs in hand back", drain_timeout_s)
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            return 0
+    try:
+        running.result()
+    except EngineDead as exc:
+        log.error("the engine died (%s); exiting so that a supervisor restarts this worker", exc)
+        return 3
     log.info("worker stopped")
     return 0
 

@@ -2,8 +2,9 @@
 
 All texts are tokenized in one call and all valid inputs go to the engine in one call, so
 several clients' small requests fill one batch. A job with a bad input fails alone, before
-the engine sees it; if the engine itself fails, each job is retried on its own so that one
-poisoned input cannot take its batch neighbours down with it.
+the engine sees it. If the engine call fails, a tiny probe tells a dead engine (EngineDead:
+the jobs belong to another worker) from a poisoned input (each job is retried on its own, so
+one bad input cannot take its batch neighbours down with it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from worker.engine import Engine
 from worker.protocol import Job, JobError, JobResult
 
 log = logging.getLogger(__name__)
+
+
+class EngineDead(Exception):
+    """The engine fails even a trivial input: this worker can do no more work."""
 
 
 @dataclass
@@ -43,9 +48,20 @@ def run_batch(engine: Engine, jobs: list[Job]) -> BatchOutcome:
     try:
         _embed(engine, ready, outcome)
     except Exception:
-        log.exception("engine failed on a batch of %d jobs; retrying each job alone", len(ready))
+        log.exception("engine failed on a batch of %d jobs", len(ready))
+        if not engine_alive(engine):
+            raise EngineDead("the engine fails a trivial input too") from None
         _embed_one_by_one(engine, ready, outcome)
     return outcome
+
+
+def engine_alive(engine: Engine) -> bool:
+    try:
+        engine.embed(engine.tokenize(["ping"]))
+    except Exception:
+        log.exception("the engine failed its health probe")
+        return False
+    return True
 
 
 def _tokenize(engine: Engine, jobs: list[Job]) -> list[list[list[int]]]:

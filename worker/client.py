@@ -21,6 +21,7 @@ from worker.protocol import (
     LeaseReply,
     LeaseRequest,
     PostReply,
+    Release,
     WorkerBye,
     WorkerHello,
 )
@@ -79,6 +80,10 @@ class GatewayClient:
 
     async def post_errors(self, report: ErrorReport) -> PostReply:
         response = await self._post("/errors", json=report.model_dump())
+        return PostReply.model_validate_json(response.content)
+
+    async def release(self, release: Release) -> PostReply:
+        response = await self._post("/release", json=release.model_dump())
         return PostReply.model_validate_json(response.content)
 
     async def _post(self, path: str, timeout: float | None = None, **kwargs) -> httpx.Response:

@@ -51,6 +51,10 @@ class FakeGenerator(_Table):
     delay_s: float = Field(default=0.0, ge=0)  # per batch, to imitate a busy engine
     max_model_len: int = Field(default=512, gt=0)
     max_num_seqs: int = Field(default=64, gt=0)
+    # Fault injection: a batch holding an input that contains ``poison`` fails; after
+    # ``dead_after_batches`` engine calls (0: never) every call fails, as a crashed engine's would.
+    poison: str = ""
+    dead_after_batches: int = Field(default=0, ge=0)
 
 
 Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]
@@ -85,6 +89,9 @@ class QueueConfig(_Table):
     lease_wait_s: float = Field(default=20.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     http_timeout_s: float = Field(default=30.0, gt=0)
+    # On SIGTERM: stop leasing, finish and post what is held, for at most this long (match
+    # Kubernetes' terminationGracePeriodSeconds, minus a margin).
+    drain_timeout_s: float = Field(default=25.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -52,7 +52,9 @@ class FakeEngine(Engine):
     def __init__(self, generator: FakeGenerator):
         self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522)
         self._delay_s = generator.delay_s
-        self.batches = 0  # how many engine calls were made, for tests that count work
+        self._dead_after = generator.dead_after_batches
+        self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
+        self.batches = 0  # how many engine calls were made
 
     def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
         vocab = self.info.vocab_size - 1000
@@ -66,12 +68,20 @@ class FakeEngine(Engine):
         if self._delay_s:
             time.sleep(self._delay_s)
         self.batches += 1
+        if self._dead_after and self.batches > self._dead_after:
+            raise RuntimeError("fake engine is dead")
+        if self._vocab_poison and any(_contains(ids, self._vocab_poison) for ids in token_ids):
+            raise RuntimeError("fake engine choked on a poisoned input")
         out = np.empty((len(token_ids), self.info.dimensions), dtype=np.float32)
         for row, ids in enumerate(token_ids):
             seed = zlib.crc32(np.asarray(ids, dtype="<i8").tobytes())
             out[row] = np.random.default_rng(seed).standard_normal(self.info.dimensions)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
+
+
+def _contains(haystack: list[int], needle: list[int]) -> bool:
+    return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
 
 
 def build_engine(generator: FakeGenerator | VllmGenerator) -> Engine:

@@ -5,6 +5,7 @@
     POST /internal/v1/lease               LeaseRequest       -> LeaseReply       (long-poll)
     POST /internal/v1/results             results frame      -> PostReply
     POST /internal/v1/errors              ErrorReport        -> PostReply
+    POST /internal/v1/release             Release            -> PostReply        (give jobs back)
 
 A results frame carries vectors as raw little-endian float32, never JSON floats:
 
@@ -116,6 +117,19 @@ class JobError(_Strict):
 class ErrorReport(_Strict):
     worker_id: str
     errors: list[JobError] = Field(min_length=1)
+
+
+class JobRef(_Strict):
+    job_id: str
+    lease_id: str
+
+
+class Release(_Strict):
+    """Jobs a worker holds but will not finish (it is stopping, or its engine died): they go
+    back to the queue now instead of when their lease expires."""
+
+    worker_id: str
+    jobs: list[JobRef] = Field(min_length=1)
 
 
 class PostReply(_Strict):

@@ -1,8 +1,9 @@
 """The worker's loop: register, then lease -> embed -> post until told to stop.
 
 The worker never crashes on the gateway's account: a call that fails after every retry is
-logged and counted, and the loop carries on. The jobs it held are not lost either: their
-leases expire at the gateway and go to another worker.
+logged and counted, and the loop carries on. The jobs it holds are never lost: stopped, it
+finishes and posts them; cut short or with a dead engine, it gives them back; and had it
+vanished, their leases would expire at the gateway and they would go to another worker.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.probes import probe_all
-from worker.protocol import ErrorReport, Job, LeaseRequest, ModelCard, ResultsHeader, WorkerHello, encode_results
+from worker.protocol import (
+    ErrorReport,
+    Job,
+    JobRef,
+    LeaseRequest,
+    ModelCard,
+    Release,
+    ResultsHeader,
+    WorkerHello,
+    encode_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,7 @@ class Worker:
         self._client = client
         self._metrics = metrics
         self.worker_id = new_worker_id(config.queue.service_name)
+        self._held: list[Job] = []  # leased, not yet answered
         for name, model in config.queue.models.items():
             too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
             if too_big:
@@ -65,6 +77,8 @@ class Worker:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set and the jobs in hand are answered. Raises EngineDead if
+        the engine dies; cancelled (a drain that took too long), it gives its jobs back."""
         if not await self._register(stop):
             return
         background = [asyncio.create_task(self._heartbeat_forever(stop))]
@@ -81,6 +95,7 @@ class Worker:
             self._metrics.ready.set(0)
             for task in background:
                 task.cancel()
+            await self._give_back()
             await self._leave()
 
     async def _register(self, stop: asyncio.Event) -> bool:
@@ -134,8 +149,9 @@ class Worker:
         return jobs
 
     async def _process(self, jobs: list[Job]) -> None:
+        self._held = jobs
         started = time.perf_counter()
-        outcome = await asyncio.to_thread(run_batch, self._engine, jobs)
+        outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
         self._metrics.engine_seconds.observe(time.perf_counter() - started)
         if outcome.engine_inputs:
             self._metrics.batch_size.observe(outcome.engine_inputs)
@@ -153,7 +169,19 @@ class Worker:
                 reply = await self._client.post_errors(ErrorReport(worker_id=self.worker_id, errors=outcome.errors))
                 self._metrics.stale_posts.inc(reply.ignored)
         except GATEWAY_FAILURES as exc:
-            self._gateway_failed("post", exc)
+            self._gateway_failed("post", exc)  # the leases expire and the jobs go to another worker
+        self._held = []
+
+    async def _give_back(self) -> None:
+        if not self._held:
+            return
+        jobs, self._held = self._held, []
+        log.warning("giving back %d unfinished jobs", len(jobs))
+        release = Release(worker_id=self.worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
+        try:
+            await asyncio.wait_for(self._client.release(release), timeout=5.0)
+        except (TimeoutError, *GATEWAY_FAILURES):
+            pass  # their leases expire instead
 
     async def _leave(self) -> None:
         try:
