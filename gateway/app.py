@@ -75,7 +75,10 @@ class RequestMetrics:
             return await self._observed(scope, receive, send)
         state = scope["app"].state
         if state.draining:
-            refusal = ShuttingDown("the gateway is shutting down; retry on another replica", headers={"Retry-After": "1"})
+            refusal = ShuttingDown(
+                "the gateway is shutting down; retry on another replica",
+                headers={"Retry-After": "1", "Connection": "close"},  # move this client off the replica
+            )
             return await render_error(Request(scope), refusal)(scope, receive, send)
         state.in_flight += 1
         self._metrics.in_flight.inc()

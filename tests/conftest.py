@@ -93,8 +93,8 @@ class Cluster:
         self.tmp = tmp
         self.procs: list[Proc] = []
 
-    def gateway(self, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> Gateway:
-        port = free_port()
+    def gateway(self, env: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None) -> Gateway:
+        port = port or free_port()
         env = {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1", **(env or {})}
         proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
         gateway = Gateway(proc, port)
