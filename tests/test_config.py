@@ -162,3 +162,14 @@ def test_check_fails_with_the_key_path(tmp_path):
 def test_check_of_a_missing_file_fails(tmp_path):
     result = _check(tmp_path / "absent.toml")
     assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_the_token_may_come_from_a_file(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("from-a-secret\n")
+    config = parse_config(DESIGN_CONFIG.replace('token = "worker-token"', f'token_file = "{secret}"'))
+    assert config.queue.resolved_token() == "from-a-secret"
+    assert "not both" in _error_for(DESIGN_CONFIG.replace('token = "worker-token"', 'token = "a"\ntoken_file = "b"'))
+    missing = parse_config(DESIGN_CONFIG.replace('token = "worker-token"', f'token_file = "{tmp_path / "absent"}"'))
+    with pytest.raises(ConfigError, match="queue.token_file"):
+        missing.queue.resolved_token()

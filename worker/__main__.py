@@ -42,7 +42,7 @@ def check(config: WorkerConfig) -> int:
     return 0
 
 
-async def serve(config: WorkerConfig, metrics_host: str) -> int:
+async def serve(config: WorkerConfig, token: str, metrics_host: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,7 +61,7 @@ async def serve(config: WorkerConfig, metrics_host: str) -> int:
         log.exception("the engine failed to start")
         return 1
     queue = config.queue
-    client = GatewayClient(queue.url, queue.token, queue.http_request_retries, queue.http_timeout_s, metrics)
+    client = GatewayClient(queue.url, token, queue.http_request_retries, queue.http_timeout_s, metrics)
     try:
         return await _run_until_drained(Worker(config, engine, client, metrics), stop, queue.drain_timeout_s)
     finally:
@@ -101,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per lease is noise
     try:
         config = load_config(args.config)
+        if args.check:
+            return check(config)
+        token = config.queue.resolved_token()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.check:
-        return check(config)
     for warning in config_warnings(config):
         log.warning(warning)
-    return asyncio.run(serve(config, args.metrics_host))
+    return asyncio.run(serve(config, token, args.metrics_host))
 
 
 # vLLM starts engine processes with spawn: the entry point must sit behind this guard.

@@ -78,6 +78,7 @@ class ModelEntry(_Table):
 class QueueConfig(_Table):
     url: str
     token: str = ""
+    token_file: str = ""  # addition: read the token from this file (a mounted Secret) at start-up
     checkpoint_name: str = Field(min_length=1)
     version: int = Field(default=1, ge=0)
     tags: list[str] = []
@@ -92,6 +93,21 @@ class QueueConfig(_Table):
     # On SIGTERM: stop leasing, finish and post what is held, for at most this long (match
     # Kubernetes' terminationGracePeriodSeconds, minus a margin).
     drain_timeout_s: float = Field(default=25.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> QueueConfig:
+        if self.token and self.token_file:
+            raise ValueError("queue: set token or token_file, not both")
+        return self
+
+    def resolved_token(self) -> str:
+        """The worker token, read from token_file if that is how it is given."""
+        if not self.token_file:
+            return self.token
+        try:
+            return Path(self.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"queue.token_file: cannot read {self.token_file!r}: {exc.strerror}") from None
 
     @field_validator("url")
     @classmethod
@@ -158,10 +174,13 @@ def parse_config(text: str, source: str = "<config>") -> WorkerConfig:
 
 def config_warnings(config: WorkerConfig) -> list[str]:
     """Problems that do not stop a check: the file is often checked away from its node."""
+    warnings = []
     generator = config.generator
     if isinstance(generator, VllmGenerator) and not Path(generator.model_path).exists():
-        return [f"generator.model_path: {generator.model_path!r} does not exist on this machine"]
-    return []
+        warnings.append(f"generator.model_path: {generator.model_path!r} does not exist on this machine")
+    if config.queue.token_file and not Path(config.queue.token_file).exists():
+        warnings.append(f"queue.token_file: {config.queue.token_file!r} does not exist on this machine")
+    return warnings
 
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
