@@ -103,8 +103,8 @@ class RequestMetrics:
         try:
             await self._app(scope, receive, send_and_see)
         finally:
-            self._metrics.requests.labels(endpoint, str(status)).inc()
-            self._metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self._metrics.child(self._metrics.requests, endpoint, str(status)).inc()
+            self._metrics.child(self._metrics.latency, endpoint).observe(time.perf_counter() - started)
 
 
 def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | None:

@@ -81,13 +81,14 @@ class EmbeddingService:
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single) from None
-        self._metrics.jobs.labels("ok").inc(len(specs))
+        metrics = self._metrics
+        metrics.child(metrics.jobs, "ok").inc(len(specs))
         tokens = sum(sum(d.prompt_tokens) for d in done)
-        self._metrics.inputs.labels(model).inc(len(inputs))
-        self._metrics.tokens.labels(model).inc(tokens)
+        metrics.child(metrics.inputs, model).inc(len(inputs))
+        metrics.child(metrics.tokens, model).inc(tokens)
         if key is not None:
-            self._metrics.key_requests.labels(key.name).inc()
-            self._metrics.key_tokens.labels(key.name).inc(tokens)
+            metrics.child(metrics.key_requests, key.name).inc()
+            metrics.child(metrics.key_tokens, key.name).inc(tokens)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding

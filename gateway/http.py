@@ -50,18 +50,29 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it (and so withdrawing its queued jobs) if the client leaves.
 
     Call only after the body has been read: from then on, the next ASGI message is the
-    disconnect, if any.
+    disconnect, if any. One watcher task per request, which cancels this one on a disconnect.
     """
-    task = asyncio.ensure_future(work)
+    handler = asyncio.current_task()
+    gone = False
+
+    def on_disconnect(watcher: asyncio.Task) -> None:
+        nonlocal gone
+        if not watcher.cancelled() and watcher.exception() is None:
+            gone = True
+            handler.cancel()
+
     watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            handler.uncancel()  # the cancellation was ours, turned into ClientGone
+            raise ClientGone() from None
+        raise
     finally:
+        watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientGone()
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -22,6 +22,7 @@ PREFIX = "embedq_gateway_"
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self._children: dict = {}
         p = PREFIX
         self.requests = Counter(
             p + "requests_total", "Client requests answered, by endpoint and HTTP status", ["endpoint", "status"],
@@ -54,6 +55,14 @@ class GatewayMetrics:
             p + "worker_posts_total", "Job answers posted by workers, by whether the lease was current",
             ["result"], registry=registry,
         )
+
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), cached: labels() locks and validates on every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def on_lease_expired(self, requeued: bool) -> None:
         self.lease_expired.labels("requeued" if requeued else "failed").inc()

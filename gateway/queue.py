@@ -92,6 +92,10 @@ class JobQueue(ABC):
         """Record a failure; False (and nothing changes) if the lease is not the current one."""
 
     @abstractmethod
+    def is_leased(self, job_id: str, lease_id: str) -> bool:
+        """Whether the job is still out under this lease (not answered, expired or withdrawn)."""
+
+    @abstractmethod
     def release(self, job_id: str, lease_id: str) -> bool:
         """Give a leased job back: requeue it now (or fail it if it used its last attempt).
         False if the lease is not the current one."""

@@ -26,6 +26,7 @@ from worker.protocol import (
     HeartbeatReply,
     LeaseReply,
     LeaseRequest,
+    LiveJobs,
     PostReply,
     Release,
     WorkerBye,
@@ -111,6 +112,13 @@ async def release(request: Request) -> Response:
     return _posted(request, report.worker_id, accepted, len(report.jobs))
 
 
+async def check_leases(request: Request) -> Response:
+    asked: Release = await _read(request, Release)
+    queue = request.app.state.queue
+    live = [j.job_id for j in asked.jobs if queue.is_leased(j.job_id, j.lease_id)]
+    return json_response(LiveJobs(job_ids=live).model_dump())
+
+
 def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
     state = request.app.state
     try:
@@ -129,4 +137,5 @@ routes = [
     Route(PREFIX + "/results", results, methods=["POST"]),
     Route(PREFIX + "/errors", errors, methods=["POST"]),
     Route(PREFIX + "/release", release, methods=["POST"]),
+    Route(PREFIX + "/leases/check", check_leases, methods=["POST"]),
 ]

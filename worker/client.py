@@ -20,6 +20,7 @@ from worker.protocol import (
     Job,
     LeaseReply,
     LeaseRequest,
+    LiveJobs,
     PostReply,
     Release,
     WorkerBye,
@@ -85,6 +86,10 @@ class GatewayClient:
     async def release(self, release: Release) -> PostReply:
         response = await self._post("/release", json=release.model_dump())
         return PostReply.model_validate_json(response.content)
+
+    async def live(self, asked: Release) -> set[str]:
+        response = await self._post("/leases/check", json=asked.model_dump())
+        return set(LiveJobs.model_validate_json(response.content).job_ids)
 
     async def _post(self, path: str, timeout: float | None = None, **kwargs) -> httpx.Response:
         retrying = AsyncRetrying(

