@@ -1,4 +1,5 @@
 # The two commands:  make run  (gateway + a real vLLM worker on CPU)   make test  (the whole suite)
+# Also: make bench (the benchmark, a few minutes).
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 HELM   := .tools/node_modules/.bin/helm
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 install: $(STAMP)
 
@@ -51,6 +52,10 @@ $(HELM):
 test: $(STAMP) $(HELM)
 	$(PY) -m ruff check gateway worker tests
 	$(PY) -m pytest
+
+# Throughput and latency against vLLM's offline engine and its own server (a few minutes; not a test).
+bench: $(STAMP)
+	$(PY) -m bench --out bench-results.json
 
 clean:
 	rm -rf $(VENV) $(RUN) .tools .pytest_cache

@@ -106,18 +106,20 @@ class InMemoryQueue(JobQueue):
             entry.future.add_done_callback(functools.partial(answered, index))
         return all_done
 
-    async def lease(self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset()) -> list[Job]:
+    async def lease(
+        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0
+    ) -> list[Job]:
         waiting = self._waiting.setdefault(key, deque())
-        eligible = lambda: self._closing or any(entry.spec.tags <= tags for entry in waiting)  # noqa: E731
+
+        def eligible_inputs() -> int:
+            return sum(len(entry.spec.inputs) for entry in waiting if entry.spec.tags <= tags)
+
         if self._closing:
             return []
-        if not eligible() and wait_s > 0:
-            arrivals = self._arrivals.setdefault(key, asyncio.Condition())
-            try:
-                async with asyncio.timeout(wait_s), arrivals:
-                    await arrivals.wait_for(eligible)
-            except TimeoutError:
-                return []
+        if not await self._wait_until(key, lambda: eligible_inputs() > 0, wait_s):
+            return []
+        if fill_s > 0:
+            await self._wait_until(key, lambda: eligible_inputs() >= max_items, fill_s)
         if self._closing:
             return []
         taken = self._take(waiting, max_items, tags)
@@ -125,6 +127,20 @@ class InMemoryQueue(JobQueue):
             Job(job_id=e.job_id, lease_id=e.lease_id, model=e.spec.model, inputs=e.spec.inputs, truncate=e.spec.truncate)
             for e in taken
         ]
+
+    async def _wait_until(self, key: str, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait for jobs under key until ready() (or the queue closes); False on timeout."""
+        if self._closing or ready():
+            return True
+        if timeout_s <= 0:
+            return False
+        arrivals = self._arrivals.setdefault(key, asyncio.Condition())
+        try:
+            async with asyncio.timeout(timeout_s), arrivals:
+                await arrivals.wait_for(lambda: self._closing or ready())
+        except TimeoutError:
+            return False
+        return True
 
     def _take(self, waiting: deque[_Entry], max_items: int, tags: frozenset[str]) -> list[_Entry]:
         """Lease the oldest eligible jobs, at most max_items inputs but at least one job."""

@@ -78,10 +78,12 @@ class JobQueue(ABC):
         """
 
     @abstractmethod
-    async def lease(self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset()) -> list[Job]:
+    async def lease(
+        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0
+    ) -> list[Job]:
         """Hand out waiting jobs totalling at most max_items inputs (at least one job), waiting
-        up to wait_s for the first; each comes with a fresh lease id. Only jobs whose tags are
-        all among ``tags`` (the worker's) are handed out."""
+        up to wait_s for the first, then up to fill_s more for max_items; each comes with a fresh
+        lease id. Only jobs whose tags are all among ``tags`` (the worker's) are handed out."""
 
     @abstractmethod
     def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:

@@ -73,9 +73,9 @@ async def lease(request: Request) -> Response:
     req: LeaseRequest = await _read(request, LeaseRequest)
     hello = _touch(request, req.worker_id)
     # A worker that hangs up mid-poll (it is stopping) must not be handed jobs it will never see.
-    jobs = await unless_disconnected(
-        request, request.app.state.queue.lease(hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags))
-    )
+    queue = request.app.state.queue
+    leasing = queue.lease(hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s)
+    jobs = await unless_disconnected(request, leasing)
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
 
 

@@ -158,3 +158,21 @@ async def test_stats_report_depth_and_age():
     assert stats.depth == 2 and stats.oldest_age_s >= 0.04
     run.cancel()
     await queue.stop()
+
+
+async def test_a_lease_with_fill_waits_for_a_full_batch_but_no_longer_than_fill():
+    queue = await _queue()
+    first = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
+    lease = asyncio.create_task(queue.lease("k", max_items=3, wait_s=1, fill_s=1.0))
+    await asyncio.sleep(0.05)
+    assert not lease.done()  # one input is there, but the lease waits to fill
+    second = asyncio.create_task(queue.run("k", _specs(2), timeout_s=5))
+    jobs = await asyncio.wait_for(lease, 0.5)
+    assert sum(len(j.inputs) for j in jobs) == 3
+    started = asyncio.get_running_loop().time()
+    third = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
+    assert len(await queue.lease("k", max_items=10, wait_s=1, fill_s=0.2)) == 1  # gave up filling
+    assert asyncio.get_running_loop().time() - started >= 0.19
+    for task in (first, second, third):
+        task.cancel()
+    await queue.stop()

@@ -69,7 +69,10 @@ class WorkerBye(_Strict):
 class LeaseRequest(_Strict):
     worker_id: str
     max_items: int = Field(gt=0, le=100_000)
-    wait_s: float = Field(ge=0, le=60)
+    wait_s: float = Field(ge=0, le=60)  # long-poll: how long to wait for the first job
+    # Once there are jobs, how much longer to wait for max_items of them: a worker whose engine
+    # is busy anyway asks for a full batch rather than the first few stragglers.
+    fill_s: float = Field(default=0.0, ge=0, le=10)
 
 
 class Job(_Strict):

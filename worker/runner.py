@@ -62,6 +62,8 @@ class Worker:
         self._metrics = metrics
         self.worker_id = new_worker_id(config.queue.service_name)
         self._held: dict[str, Job] = {}  # leased, not yet answered
+        self._batch_s = 0.0  # moving average of an engine call
+        self._computing_since: float | None = None
         for name, model in config.queue.models.items():
             too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
             if too_big:
@@ -174,6 +176,7 @@ class Worker:
             worker_id=self.worker_id,
             max_items=self._config.generator.max_num_seqs,
             wait_s=self._config.queue.lease_wait_s,
+            fill_s=self._engine_busy_for_s(),
         )
         lease = asyncio.create_task(self._client.lease(request))
         stopping = asyncio.create_task(stop.wait())
@@ -195,10 +198,21 @@ class Worker:
         self._metrics.leases.labels("jobs" if jobs else "empty").inc()
         return jobs
 
+    def _engine_busy_for_s(self) -> float:
+        """About how long until the engine is free: the time a prefetched batch may take to fill."""
+        if self._computing_since is None:
+            return 0.0  # idle: the next job should start at once
+        return max(0.0, min(self._batch_s - (time.monotonic() - self._computing_since), 1.0))
+
     async def _compute(self, jobs: list[Job]) -> BatchOutcome:
-        started = time.perf_counter()
-        outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
-        self._metrics.engine_seconds.observe(time.perf_counter() - started)
+        started = self._computing_since = time.monotonic()
+        try:
+            outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
+        finally:
+            self._computing_since = None
+        took = time.monotonic() - started
+        self._batch_s = took if not self._batch_s else 0.7 * self._batch_s + 0.3 * took
+        self._metrics.engine_seconds.observe(took)
         if outcome.engine_inputs:
             self._metrics.batch_size.observe(outcome.engine_inputs)
             self._metrics.inputs.inc(outcome.engine_inputs)
