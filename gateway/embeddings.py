@@ -81,19 +81,21 @@ class EmbeddingService:
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single) from None
-        metrics = self._metrics
-        metrics.child(metrics.jobs, "ok").inc(len(specs))
         tokens = sum(sum(d.prompt_tokens) for d in done)
-        metrics.child(metrics.inputs, model).inc(len(inputs))
-        metrics.child(metrics.tokens, model).inc(tokens)
-        if key is not None:
-            metrics.child(metrics.key_requests, key.name).inc()
-            metrics.child(metrics.key_tokens, key.name).inc(tokens)
+        self._count_served(model, key, jobs=len(specs), inputs=len(inputs), tokens=tokens)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding
         return Embeddings(model, vectors, tokens)
 
+    def _count_served(self, model: str, key: ApiKey | None, *, jobs: int, inputs: int, tokens: int) -> None:
+        metrics = self._metrics
+        metrics.child(metrics.jobs, "ok").inc(jobs)
+        metrics.child(metrics.inputs, model).inc(inputs)
+        metrics.child(metrics.tokens, model).inc(tokens)
+        if key is not None:
+            metrics.child(metrics.key_requests, key.name).inc()
+            metrics.child(metrics.key_tokens, key.name).inc(tokens)
 
     async def _route(self, model: str, tags: frozenset[str]) -> Route:
         """Where the model's jobs go, waiting up to worker_wait_s for a worker that went away."""

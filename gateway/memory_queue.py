@@ -111,15 +111,21 @@ class InMemoryQueue(JobQueue):
     ) -> list[Job]:
         waiting = self._waiting.setdefault(key, deque())
 
-        def eligible_inputs() -> int:
-            return sum(len(entry.spec.inputs) for entry in waiting if entry.spec.tags <= tags)
+        def has_inputs(wanted: int) -> bool:  # stops counting as soon as it knows
+            count = 0
+            for entry in waiting:
+                if entry.spec.tags <= tags:
+                    count += len(entry.spec.inputs)
+                    if count >= wanted:
+                        return True
+            return False
 
         if self._closing:
             return []
-        if not await self._wait_until(key, lambda: eligible_inputs() > 0, wait_s):
+        if not await self._wait_until(key, lambda: has_inputs(1), wait_s):
             return []
         if fill_s > 0:
-            await self._wait_until(key, lambda: eligible_inputs() >= max_items, fill_s)
+            await self._wait_until(key, lambda: has_inputs(max_items), fill_s)
         if self._closing:
             return []
         taken = self._take(waiting, max_items, tags)

@@ -7,6 +7,7 @@ but has no live worker left answers 503, not 404: it may come back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class WorkerRegistry:
         self._workers: dict[str, _Worker] = {}
         self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
         self._first_seen: dict[str, float] = {}
+        self._leaving: dict[str, asyncio.Event] = {}  # set when a worker leaves: ends its long-polls
 
     def heartbeat(self, hello: WorkerHello) -> None:
         self._workers[hello.worker_id] = _Worker(hello, self._clock())
@@ -60,6 +62,11 @@ class WorkerRegistry:
 
     def leave(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
+        self.leaving(worker_id).set()
+
+    def leaving(self, worker_id: str) -> asyncio.Event:
+        """Set once the worker has left; a lease call waiting for it returns at once."""
+        return self._leaving.setdefault(worker_id, asyncio.Event())
 
     def routes(self) -> dict[str, Route]:
         """Every model with a live worker; the newest registration describes the model."""
@@ -105,4 +112,5 @@ class WorkerRegistry:
         cutoff = self._clock() - self._ttl_s
         for worker_id in [w for w, state in self._workers.items() if state.last_seen < cutoff]:
             del self._workers[worker_id]
+            self._leaving.pop(worker_id, None)
         return self._workers

@@ -7,7 +7,9 @@ explicitly told otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -24,6 +26,7 @@ from worker.protocol import (
     ErrorReport,
     FrameError,
     HeartbeatReply,
+    Job,
     LeaseReply,
     LeaseRequest,
     LiveJobs,
@@ -73,10 +76,25 @@ async def lease(request: Request) -> Response:
     req: LeaseRequest = await _read(request, LeaseRequest)
     hello = _touch(request, req.worker_id)
     # A worker that hangs up mid-poll (it is stopping) must not be handed jobs it will never see.
-    queue = request.app.state.queue
-    leasing = queue.lease(hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s)
-    jobs = await unless_disconnected(request, leasing)
+    state = request.app.state
+    leasing = state.queue.lease(hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s)
+    jobs = await unless_disconnected(request, _unless_leaving(leasing, state.workers.leaving(req.worker_id)))
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
+
+
+async def _unless_leaving(leasing: Awaitable[list[Job]], leaving: asyncio.Event) -> list[Job]:
+    """The lease, or no jobs as soon as the worker says it is leaving: a stopping worker waits
+    for this answer rather than hang up on it, so no job is ever handed to a closed connection."""
+    lease = asyncio.ensure_future(leasing)
+    left = asyncio.ensure_future(leaving.wait())
+    try:
+        await asyncio.wait({lease, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if lease.done():
+        return lease.result()
+    lease.cancel()  # still waiting for jobs: nothing was taken
+    return []
 
 
 async def results(request: Request) -> Response:

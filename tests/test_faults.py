@@ -101,11 +101,17 @@ class Load:
             f"; wrong vectors: {len(self.wrong)}"
 
 
-def test_kill_9_of_a_worker_mid_batch_loses_nothing(cluster: Cluster):
-    gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": "2"})
-    victim = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.2, max_num_seqs=8))
-    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.2, max_num_seqs=8))
+def two_workers(cluster: Cluster, lease_ttl_s: float, delay_s: float):
+    """A gateway and two fake workers on MODEL; returns the gateway and the first worker."""
+    gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": str(lease_ttl_s)})
+    first = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=delay_s, max_num_seqs=8))
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=delay_s, max_num_seqs=8))
     wait_until(lambda: httpx.get(gateway.url + "/health").json()["workers"] == 2, 20, "two workers")
+    return gateway, first
+
+
+def test_kill_9_of_a_worker_mid_batch_loses_nothing(cluster: Cluster):
+    gateway, victim = two_workers(cluster, lease_ttl_s=2, delay_s=0.2)
     load = Load(gateway.url, clients=12).start(requests_each=10)
     time.sleep(1.0)
     victim.stop(signal.SIGKILL)
@@ -213,10 +219,7 @@ def test_a_dead_engine_gives_its_jobs_back_and_its_worker_exits_non_zero(cluster
 
 
 def test_sigterm_on_a_worker_under_load_loses_nothing(cluster: Cluster):
-    gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": "30"})
-    leaving = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.3, max_num_seqs=8))
-    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.3, max_num_seqs=8))
-    wait_until(lambda: httpx.get(gateway.url + "/health").json()["workers"] == 2, 20, "two workers")
+    gateway, leaving = two_workers(cluster, lease_ttl_s=30, delay_s=0.3)
     load = Load(gateway.url, clients=8).start(requests_each=8)
     time.sleep(1.0)
     started = time.monotonic()

@@ -48,6 +48,7 @@ GATEWAY_FAILURES = (httpx.HTTPError, ValidationError)
 # worth the call: the most it could waste is one batch's compute.
 STALE_AFTER_S = 0.1
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
+LEASE_ANSWER_TIMEOUT_S = 5.0  # how long a stopping worker waits for its in-flight lease's answer
 
 
 def new_worker_id(service_name: str) -> str:
@@ -64,6 +65,7 @@ class Worker:
         self._held: dict[str, Job] = {}  # leased, not yet answered
         self._batch_s = 0.0  # moving average of an engine call
         self._computing_since: float | None = None
+        self._leasing = False  # a lease call is in flight
         for name, model in config.queue.models.items():
             too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
             if too_big:
@@ -98,26 +100,54 @@ class Worker:
         log.info("worker %s serving %s", self.worker_id, ", ".join(self.hello().models))
         leased: asyncio.Queue[tuple[list[Job], float] | None] = asyncio.Queue(maxsize=1)
         computed: asyncio.Queue[BatchOutcome | None] = asyncio.Queue(maxsize=1)
+        no_more_leases = asyncio.Event()
         stages = [
-            asyncio.create_task(self._lease_until_stopped(stop, leased)),
+            asyncio.create_task(self._lease_until(no_more_leases, leased)),
             asyncio.create_task(self._compute_until_done(leased, computed)),
             asyncio.create_task(self._post_until_done(computed)),
         ]
+        stopping = asyncio.create_task(self._leave_when(stop, no_more_leases, background))
         try:
             await asyncio.gather(*stages)  # each stage ends when the one before it has
         finally:
-            for task in stages + background:
-                task.cancel()
             self._metrics.ready.set(0)
+            stopping.cancel()
+            await self._stop_leasing(no_more_leases, background)
+            await self._await_lease_answer()
+            for task in stages:
+                task.cancel()
             await self._give_back()
-            await self._leave()
 
-    async def _lease_until_stopped(self, stop: asyncio.Event, leased: asyncio.Queue) -> None:
-        while not stop.is_set():
-            jobs = await self._lease(stop)
-            if jobs:
-                self._held.update((job.job_id, job) for job in jobs)
-                await leased.put((jobs, time.monotonic()))  # waits while one computes and one is prefetched
+    async def _await_lease_answer(self) -> None:
+        """Let an in-flight lease bring its answer (its jobs join those given back) rather than
+        abandon it: jobs the gateway had just handed to it would wait for their lease to expire."""
+        deadline = time.monotonic() + LEASE_ANSWER_TIMEOUT_S
+        while self._leasing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _leave_when(self, stop: asyncio.Event, no_more_leases: asyncio.Event, background: list) -> None:
+        await stop.wait()
+        await self._stop_leasing(no_more_leases, background)
+
+    async def _stop_leasing(self, no_more_leases: asyncio.Event, background: list) -> None:
+        """Lease no more: leaving ends our pending long-poll at the gateway, which answers it (with
+        no jobs, or with jobs it had just taken: those are given back) instead of losing it."""
+        if no_more_leases.is_set():
+            return
+        no_more_leases.set()
+        for task in background:
+            task.cancel()  # a heartbeat now would register us again
+        await self._leave()
+
+    async def _lease_until(self, no_more_leases: asyncio.Event, leased: asyncio.Queue) -> None:
+        while not no_more_leases.is_set():
+            jobs = await self._lease(no_more_leases)
+            if not jobs:
+                continue
+            self._held.update((job.job_id, job) for job in jobs)
+            if no_more_leases.is_set():
+                break  # taken while we were leaving: given back, not computed
+            await leased.put((jobs, time.monotonic()))  # waits while one computes and one is prefetched
         await leased.put(None)
 
     async def _compute_until_done(self, leased: asyncio.Queue, computed: asyncio.Queue) -> None:
@@ -178,15 +208,9 @@ class Worker:
             wait_s=self._config.queue.lease_wait_s,
             fill_s=self._engine_busy_for_s(),
         )
-        lease = asyncio.create_task(self._client.lease(request))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({lease, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not lease.done():
-            lease.cancel()  # anything leased meanwhile expires at the gateway and is requeued
-            return []
+        self._leasing = True
         try:
-            jobs = lease.result()
+            jobs = await self._client.lease(request)
         except UnknownWorker:
             log.warning("the gateway does not know this worker (did it restart?); registering again")
             await self._register(stop)
@@ -195,6 +219,8 @@ class Worker:
             self._gateway_failed("lease", exc)
             await _sleep_or_stop(RETRY_PAUSE_S, stop)
             return []
+        finally:
+            self._leasing = False
         self._metrics.leases.labels("jobs" if jobs else "empty").inc()
         return jobs
 
