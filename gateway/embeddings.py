@@ -65,10 +65,11 @@ class EmbeddingService:
         _check_dimensions(route, dimensions)
         truncate = route.card.truncate if truncate is None else truncate
         size = self._settings.job_max_inputs
-        specs = [JobSpec(model, inputs[i : i + size], truncate, tags) for i in range(0, len(inputs), size)]
+        specs = [JobSpec(model, chunk, truncate, tags, sum(map(_estimate_tokens, chunk)))
+                 for chunk in (inputs[i : i + size] for i in range(0, len(inputs), size))]
         self._metrics.request_inputs.observe(len(inputs))
         try:
-            with self._admitted(route, sum(_estimate_tokens(i) for i in inputs)):
+            with self._admitted(route, sum(spec.tokens for spec in specs)):
                 done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
         except asyncio.CancelledError:
             self._metrics.jobs.labels("client_gone").inc(len(specs))

@@ -107,7 +107,8 @@ class InMemoryQueue(JobQueue):
         return all_done
 
     async def lease(
-        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0
+        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0,
+        max_tokens: int | None = None,
     ) -> list[Job]:
         waiting = self._waiting.setdefault(key, deque())
 
@@ -128,7 +129,7 @@ class InMemoryQueue(JobQueue):
             await self._wait_until(key, lambda: has_inputs(max_items), fill_s)
         if self._closing:
             return []
-        taken = self._take(waiting, max_items, tags)
+        taken = self._take(waiting, max_items, tags, max_tokens)
         return [
             Job(job_id=e.job_id, lease_id=e.lease_id, model=e.spec.model, inputs=e.spec.inputs, truncate=e.spec.truncate)
             for e in taken
@@ -148,17 +149,18 @@ class InMemoryQueue(JobQueue):
             return False
         return True
 
-    def _take(self, waiting: deque[_Entry], max_items: int, tags: frozenset[str]) -> list[_Entry]:
-        """Lease the oldest eligible jobs, at most max_items inputs but at least one job."""
+    def _take(self, waiting: deque[_Entry], max_items: int, tags: frozenset[str], max_tokens: int | None) -> list[_Entry]:
+        """Lease the oldest eligible jobs, within max_items inputs and max_tokens, but at least one job."""
         taken: list[_Entry] = []
         skipped: list[_Entry] = []  # jobs for workers with other tags keep their place
-        items = 0
+        items = tokens = 0
         while waiting:
             entry = waiting[0]
             if not entry.spec.tags <= tags:
                 skipped.append(waiting.popleft())
                 continue
-            if taken and items + len(entry.spec.inputs) > max_items:
+            if taken and (items + len(entry.spec.inputs) > max_items
+                          or (max_tokens is not None and tokens + entry.spec.tokens > max_tokens)):
                 break
             waiting.popleft()
             entry.attempts += 1
@@ -166,6 +168,7 @@ class InMemoryQueue(JobQueue):
             entry.deadline = self._clock() + self._lease_ttl_s
             self._leased[entry.job_id] = entry
             items += len(entry.spec.inputs)
+            tokens += entry.spec.tokens
             taken.append(entry)
         waiting.extendleft(reversed(skipped))
         return taken

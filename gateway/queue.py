@@ -21,6 +21,7 @@ class JobSpec:
     inputs: list[JobInput]
     truncate: bool = False
     tags: frozenset[str] = frozenset()  # only a worker carrying all of these may take the job
+    tokens: int = 0  # estimated, for lease token budgets
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,11 @@ class JobQueue(ABC):
 
     @abstractmethod
     async def lease(
-        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0
+        self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0,
+        max_tokens: int | None = None,
     ) -> list[Job]:
-        """Hand out waiting jobs totalling at most max_items inputs (at least one job), waiting
+        """Hand out waiting jobs totalling at most max_items inputs and max_tokens estimated
+        tokens (but at least one job), waiting
         up to wait_s for the first, then up to fill_s more for max_items; each comes with a fresh
         lease id. Only jobs whose tags are all among ``tags`` (the worker's) are handed out."""
 

@@ -77,7 +77,9 @@ async def lease(request: Request) -> Response:
     hello = _touch(request, req.worker_id)
     # A worker that hangs up mid-poll (it is stopping) must not be handed jobs it will never see.
     state = request.app.state
-    leasing = state.queue.lease(hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s)
+    leasing = state.queue.lease(
+        hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s, req.max_tokens
+    )
     jobs = await unless_disconnected(request, _unless_leaving(leasing, state.workers.leaving(req.worker_id)))
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
 

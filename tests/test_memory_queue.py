@@ -176,3 +176,14 @@ async def test_a_lease_with_fill_waits_for_a_full_batch_but_no_longer_than_fill(
     for task in (first, second, third):
         task.cancel()
     await queue.stop()
+
+
+async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job():
+    queue = await _queue()
+    big = [JobSpec("m", ["x"], tokens=300), JobSpec("m", ["y"], tokens=300), JobSpec("m", ["z"], tokens=300)]
+    run = asyncio.create_task(queue.run("k", big, timeout_s=5))
+    await asyncio.sleep(0)
+    assert len(await queue.lease("k", max_items=10, wait_s=0, max_tokens=100)) == 1  # over budget, but one
+    assert len(await queue.lease("k", max_items=10, wait_s=0, max_tokens=700)) == 2
+    run.cancel()
+    await queue.stop()

@@ -73,6 +73,8 @@ class LeaseRequest(_Strict):
     # Once there are jobs, how much longer to wait for max_items of them: a worker whose engine
     # is busy anyway asks for a full batch rather than the first few stragglers.
     fill_s: float = Field(default=0.0, ge=0, le=10)
+    # At most this many (estimated) tokens per lease, but always at least one job.
+    max_tokens: int | None = Field(default=None, gt=0)
 
 
 class Job(_Strict):

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from worker.batch import BatchOutcome, run_batch
 from worker.client import GatewayClient, UnknownWorker, describe
-from worker.config import WorkerConfig
+from worker.config import VllmGenerator, WorkerConfig
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.probes import probe_all
@@ -66,6 +66,9 @@ class Worker:
         self._batch_s = 0.0  # moving average of an engine call
         self._computing_since: float | None = None
         self._leasing = False  # a lease call is in flight
+        generator = config.generator
+        # vLLM's own per-step token budget bounds a lease too; None: max_num_seqs alone.
+        self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
         for name, model in config.queue.models.items():
             too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
             if too_big:
@@ -207,6 +210,7 @@ class Worker:
             max_items=self._config.generator.max_num_seqs,
             wait_s=self._config.queue.lease_wait_s,
             fill_s=self._engine_busy_for_s(),
+            max_tokens=self._lease_max_tokens,
         )
         self._leasing = True
         try:
