@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import InvalidRequest, ModelNotFound, NoLiveWorker
 from worker.protocol import ModelCard, WorkerHello
@@ -24,6 +24,7 @@ class UnknownWorker(Exception):
 class _Worker:
     hello: WorkerHello
     last_seen: float
+    leaving: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,13 @@ class WorkerRegistry:
         self._workers: dict[str, _Worker] = {}
         self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
         self._first_seen: dict[str, float] = {}
-        self._leaving: dict[str, asyncio.Event] = {}  # set when a worker leaves: ends its long-polls
 
     def heartbeat(self, hello: WorkerHello) -> None:
-        self._workers[hello.worker_id] = _Worker(hello, self._clock())
+        known = self._workers.get(hello.worker_id)
+        if known is None:
+            self._workers[hello.worker_id] = _Worker(hello, self._clock())
+        else:
+            known.hello, known.last_seen = hello, self._clock()
         for model in hello.models:
             self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
             self._first_seen.setdefault(model, time.time())
@@ -61,12 +65,16 @@ class WorkerRegistry:
         return worker.hello
 
     def leave(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
-        self.leaving(worker_id).set()
+        worker = self._workers.pop(worker_id, None)
+        if worker is not None:
+            worker.leaving.set()  # its pending lease calls return at once
 
     def leaving(self, worker_id: str) -> asyncio.Event:
-        """Set once the worker has left; a lease call waiting for it returns at once."""
-        return self._leaving.setdefault(worker_id, asyncio.Event())
+        """Set once the registered worker leaves; UnknownWorker if it is not registered."""
+        worker = self._live().get(worker_id)
+        if worker is None:
+            raise UnknownWorker(worker_id)
+        return worker.leaving
 
     def routes(self) -> dict[str, Route]:
         """Every model with a live worker; the newest registration describes the model."""
@@ -112,5 +120,4 @@ class WorkerRegistry:
         cutoff = self._clock() - self._ttl_s
         for worker_id in [w for w, state in self._workers.items() if state.last_seen < cutoff]:
             del self._workers[worker_id]
-            self._leaving.pop(worker_id, None)
         return self._workers

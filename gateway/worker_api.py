@@ -75,12 +75,14 @@ async def leave(request: Request) -> Response:
 async def lease(request: Request) -> Response:
     req: LeaseRequest = await _read(request, LeaseRequest)
     hello = _touch(request, req.worker_id)
-    # A worker that hangs up mid-poll (it is stopping) must not be handed jobs it will never see.
     state = request.app.state
+    leaving = state.workers.leaving(req.worker_id)
     leasing = state.queue.lease(
         hello.checkpoint_name, req.max_items, req.wait_s, frozenset(hello.tags), req.fill_s, req.max_tokens
     )
-    jobs = await unless_disconnected(request, _unless_leaving(leasing, state.workers.leaving(req.worker_id)))
+    # A worker that hangs up mid-poll must not be handed jobs it will never see; one that leaves
+    # gets its answer at once.
+    jobs = await unless_disconnected(request, _unless_leaving(leasing, leaving))
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
 
 

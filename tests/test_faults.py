@@ -201,7 +201,8 @@ def test_a_poisoned_input_fails_alone(cluster: Cluster):
 
 
 def test_a_dead_engine_gives_its_jobs_back_and_its_worker_exits_non_zero(cluster: Cluster):
-    gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": "30"})
+    # A supervisor restarts the worker: its model may be without a worker for a few seconds.
+    gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": "30", "EMBEDQ_WORKER_WAIT_S": "15"})
     doomed = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.05)
                             .replace('type = "fake"', 'type = "fake"\ndead_after_batches = 3'))
     gateway.wait_for_model(MODEL)
