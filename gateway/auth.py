@@ -30,10 +30,6 @@ class Auth:
         self._worker_tokens = [t.encode() for t in settings.worker_tokens]
         self._keys = keys
 
-    @property
-    def anonymous_clients(self) -> bool:
-        return self._keys is None
-
     def client(self, request: Request) -> ApiKey | None:
         """The caller's API key (None when the gateway serves anonymously); 401 if it has none."""
         if self._keys is None:

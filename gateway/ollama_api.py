@@ -21,6 +21,7 @@ from starlette.routing import Route
 from gateway.embeddings import l2_normalize
 from gateway.errors import InvalidRequest, WrongType
 from gateway.http import json_response, read_body, unless_disconnected
+from gateway.keys import ApiKey
 from gateway.protocol import OllamaEmbeddingsRequest, OllamaEmbedRequest, json_type, parse_body, validate
 
 
@@ -32,8 +33,7 @@ async def embed(request: Request) -> Response:
     model = _model_name(request, req.model)
     inputs = _parse_inputs(req.input, state.settings.max_inputs)
     if not inputs:  # Ollama answers an empty input with no vectors (it "loads the model")
-        state.auth.check_model(key, model)
-        state.workers.resolve(model)
+        _check_servable(state, key, model)
         return json_response({"model": req.model, "embeddings": []})
     truncate = req.truncate is not False
     work = state.embeddings.embed(
@@ -59,8 +59,7 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest("model is required", param="model")
     model = _model_name(request, req.model)
     if not req.prompt:
-        state.auth.check_model(key, model)
-        state.workers.resolve(model)
+        _check_servable(state, key, model)
         return json_response({"embedding": []})
     work = state.embeddings.embed(model, [req.prompt], single=True, truncate=True, key=key)
     result = await unless_disconnected(request, work)
@@ -85,6 +84,12 @@ async def tags(request: Request) -> Response:
                         "parameter_size": "", "quantization_level": ""},
         })
     return json_response({"models": models})
+
+
+def _check_servable(state, key: ApiKey | None, model: str) -> None:
+    """What embedding would check, for an empty input that needs no worker: scope, then model."""
+    state.auth.check_model(key, model)
+    state.workers.resolve(model)
 
 
 async def _json(request: Request) -> dict[str, Any]:

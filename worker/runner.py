@@ -69,26 +69,13 @@ class Worker:
         generator = config.generator
         # vLLM's own per-step token budget bounds a lease too; None: max_num_seqs alone.
         self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
-        for name, model in config.queue.models.items():
-            too_big = [d for d in model.matryoshka_dimensions if d >= engine.info.dimensions]
-            if too_big:
-                log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
-                            name, too_big, engine.info.dimensions)
+        self._models = _model_cards(config, engine)  # what we serve never changes: built once
 
     def hello(self) -> WorkerHello:
-        queue, info = self._config.queue, self._engine.info
-        models = {
-            name: ModelCard(
-                description=m.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions,
-                matryoshka_dimensions=[d for d in m.matryoshka_dimensions if d < info.dimensions],
-                truncate=m.truncate,
-            )
-            for name, m in queue.models.items()
-            if m.embedding_task.supported
-        }
+        queue = self._config.queue
         return WorkerHello(
             worker_id=self.worker_id, checkpoint_name=queue.checkpoint_name, version=queue.version,
-            tags=queue.tags, models=models, max_batch_items=self._config.generator.max_num_seqs,
+            tags=queue.tags, models=self._models, max_batch_items=self._config.generator.max_num_seqs,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -165,9 +152,8 @@ class Worker:
     async def _still_wanted(self, jobs: list[Job]) -> list[Job]:
         """Drop prefetched jobs whose client left (or whose lease expired) while they waited,
         so that the engine never spends time on them."""
-        asked = Release(worker_id=self.worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
         try:
-            live = await self._client.live(asked)
+            live = await self._client.live(_refs(self.worker_id, jobs))
         except GATEWAY_FAILURES:
             return jobs  # cannot tell: do the work, the gateway ignores what it no longer wants
         for job in jobs:
@@ -271,9 +257,8 @@ class Worker:
             return
         jobs, self._held = list(self._held.values()), {}
         log.warning("giving back %d unfinished jobs", len(jobs))
-        release = Release(worker_id=self.worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
         try:
-            await asyncio.wait_for(self._client.release(release), timeout=5.0)
+            await asyncio.wait_for(self._client.release(_refs(self.worker_id, jobs)), timeout=5.0)
         except (TimeoutError, *GATEWAY_FAILURES):
             pass  # their leases expire instead
 
@@ -286,6 +271,28 @@ class Worker:
     def _gateway_failed(self, call: str, exc: BaseException) -> None:
         self._metrics.gateway_errors.inc()
         log.warning("gateway %s failed: %s", call, describe(exc))
+
+
+def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
+    """The embedding models of [queue.models], as the gateway is told of them."""
+    info, cards = engine.info, {}
+    for name, model in config.queue.models.items():
+        if not model.embedding_task.supported:
+            continue
+        too_big = [d for d in model.matryoshka_dimensions if d >= info.dimensions]
+        if too_big:
+            log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
+                        name, too_big, info.dimensions)
+        cards[name] = ModelCard(
+            description=model.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions,
+            matryoshka_dimensions=[d for d in model.matryoshka_dimensions if d not in too_big],
+            truncate=model.truncate,
+        )
+    return cards
+
+
+def _refs(worker_id: str, jobs: list[Job]) -> Release:
+    return Release(worker_id=worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
 
 
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
