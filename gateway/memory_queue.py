@@ -9,7 +9,6 @@ lease id, so an expired lease's late answer is ignored.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
@@ -18,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.queue import JobDone, JobFailed, JobFailure, JobQueue, JobSpec, QueueStats, QueueTimeout
+from gateway.queue import JobDone, JobFailed, JobQueue, JobSpec, QueueStats, QueueTimeout, all_answered
 from worker.protocol import Job
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class InMemoryQueue(JobQueue):
         ]
         self._waiting.setdefault(key, deque()).extend(entries)
         await self._notify(key)
-        all_done = self._all_done(entries, loop)
+        all_done = all_answered([entry.future for entry in entries], loop)
         try:
             async with asyncio.timeout(timeout_s):
                 await all_done
@@ -83,28 +82,6 @@ class InMemoryQueue(JobQueue):
         finally:
             self._withdraw(entries)
         return [entry.future.result() for entry in entries]
-
-    @staticmethod
-    def _all_done(entries: list[_Entry], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """One future for a request's jobs: done when all are answered, or failed with the first
-        JobFailure (cheaper than asyncio.wait over the set, on the hot path)."""
-        all_done = loop.create_future()
-        remaining = len(entries)
-
-        def answered(index: int, future: asyncio.Future) -> None:
-            nonlocal remaining
-            if all_done.done() or future.cancelled():
-                return
-            outcome = future.result()
-            remaining -= 1
-            if isinstance(outcome, JobFailed):
-                all_done.set_exception(JobFailure(index, outcome))
-            elif remaining == 0:
-                all_done.set_result(None)
-
-        for index, entry in enumerate(entries):
-            entry.future.add_done_callback(functools.partial(answered, index))
-        return all_done
 
     async def lease(
         self, key: str, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(), fill_s: float = 0.0,
@@ -173,10 +150,10 @@ class InMemoryQueue(JobQueue):
         waiting.extendleft(reversed(skipped))
         return taken
 
-    def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
+    async def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
         return self._answer(job_id, lease_id, done)
 
-    def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
+    async def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
         return self._answer(job_id, lease_id, failed)
 
     def stats(self) -> dict[str, QueueStats]:
@@ -224,11 +201,11 @@ class InMemoryQueue(JobQueue):
             for key in self._expire_leases():
                 await self._notify(key)
 
-    def is_leased(self, job_id: str, lease_id: str) -> bool:
+    async def is_leased(self, job_id: str, lease_id: str) -> bool:
         entry = self._leased.get(job_id)
         return entry is not None and entry.lease_id == lease_id
 
-    def release(self, job_id: str, lease_id: str) -> bool:
+    async def release(self, job_id: str, lease_id: str) -> bool:
         entry = self._leased.get(job_id)
         if entry is None or entry.lease_id != lease_id:
             return False
@@ -237,7 +214,7 @@ class InMemoryQueue(JobQueue):
         asyncio.get_running_loop().create_task(self._notify(entry.key))
         return True
 
-    def abandon(self, key: str, failed: JobFailed) -> int:
+    async def abandon(self, key: str, failed: JobFailed) -> int:
         waiting = self._waiting.get(key, deque())
         count = len(waiting)
         while waiting:
@@ -251,7 +228,7 @@ class InMemoryQueue(JobQueue):
         requeued: set[str] = set()
         for entry in [e for e in self._leased.values() if e.deadline <= now]:
             del self._leased[entry.job_id]
-            requeued_now = self._requeue_or_fail(entry, f"lease expired (timeout {self._lease_ttl_s:g}s)")
+            requeued_now = self._requeue_or_fail(entry, f"expired (timeout {self._lease_ttl_s:g}s)")
             if requeued_now:
                 requeued.add(entry.key)
             self._on_expired(requeued_now)

@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics, all prefixed ``embedq_gateway_``, on an injected registry.
 
 Queue depth, oldest-job age and workers per model are read from the queue and the worker
-registry at scrape time, so they are never stale.
+registry at scrape time. With several replicas each counts its own share (its clients' jobs, the
+workers whose last heartbeat came to it), so that summing over replicas gives the totals.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class LiveStateCollector(Collector):
             depth.add_metric([key], stats.depth)
             leased.add_metric([key], stats.leased)
             age.add_metric([key], stats.oldest_age_s)
-        workers = GaugeMetricFamily(PREFIX + "workers", "Live workers, by model", labels=["model"])
-        for name, route in self._workers.routes().items():
+        workers = GaugeMetricFamily(
+            PREFIX + "workers", "Live workers, by model (those whose last heartbeat came to this replica)", labels=["model"]
+        )
+        for name, route in self._workers.routes(own_only=True).items():
             workers.add_metric([name], route.workers)
         yield from (depth, leased, age, workers)

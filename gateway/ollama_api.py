@@ -33,7 +33,7 @@ async def embed(request: Request) -> Response:
     model = _model_name(request, req.model)
     inputs = _parse_inputs(req.input, state.settings.max_inputs)
     if not inputs:  # Ollama answers an empty input with no vectors (it "loads the model")
-        _check_servable(state, key, model)
+        await _check_servable(state, key, model)
         return json_response({"model": req.model, "embeddings": []})
     truncate = req.truncate is not False
     work = state.embeddings.embed(
@@ -59,7 +59,7 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest("model is required", param="model")
     model = _model_name(request, req.model)
     if not req.prompt:
-        _check_servable(state, key, model)
+        await _check_servable(state, key, model)
         return json_response({"embedding": []})
     work = state.embeddings.embed(model, [req.prompt], single=True, truncate=True, key=key)
     result = await unless_disconnected(request, work)
@@ -86,10 +86,10 @@ async def tags(request: Request) -> Response:
     return json_response({"models": models})
 
 
-def _check_servable(state, key: ApiKey | None, model: str) -> None:
+async def _check_servable(state, key: ApiKey | None, model: str) -> None:
     """What embedding would check, for an empty input that needs no worker: scope, then model."""
     state.auth.check_model(key, model)
-    state.workers.resolve(model)
+    await state.workers.resolve(model)
 
 
 async def _json(request: Request) -> dict[str, Any]:

@@ -1,12 +1,16 @@
 """The job queue interface, between the HTTP layer and whatever holds the jobs.
 
 One queue per checkpoint (the ``[queue] checkpoint_name`` a worker serves). The HTTP layer
-only ever calls ``run`` (client side) and ``lease`` / ``complete`` / ``fail`` (worker side),
-so a shared backend such as Redis can replace the in-memory one for several replicas.
+only ever calls ``run`` (client side) and ``lease`` / ``complete`` / ``fail`` (worker side).
+Two backends: ``memory_queue.InMemoryQueue`` (one gateway process) and
+``redis_queue.RedisQueue`` (several replicas sharing one Redis). Any call of a shared backend
+may raise QueueUnavailable while its server is down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -51,6 +55,10 @@ class QueueTimeout(Exception):
     """The jobs were not all answered in time; those still queued were withdrawn."""
 
 
+class QueueUnavailable(Exception):
+    """The queue's backend cannot be reached (a shared backend's server is down)."""
+
+
 @dataclass(frozen=True)
 class QueueStats:
     depth: int  # jobs waiting for a worker
@@ -89,26 +97,50 @@ class JobQueue(ABC):
         lease id. Only jobs whose tags are all among ``tags`` (the worker's) are handed out."""
 
     @abstractmethod
-    def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
+    async def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
         """Record a result; False (and nothing changes) if the lease is not the current one."""
 
     @abstractmethod
-    def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
+    async def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
         """Record a failure; False (and nothing changes) if the lease is not the current one."""
 
     @abstractmethod
-    def is_leased(self, job_id: str, lease_id: str) -> bool:
+    async def is_leased(self, job_id: str, lease_id: str) -> bool:
         """Whether the job is still out under this lease (not answered, expired or withdrawn)."""
 
     @abstractmethod
-    def release(self, job_id: str, lease_id: str) -> bool:
+    async def release(self, job_id: str, lease_id: str) -> bool:
         """Give a leased job back: requeue it now (or fail it if it used its last attempt).
         False if the lease is not the current one."""
 
     @abstractmethod
-    def abandon(self, key: str, failed: JobFailed) -> int:
+    async def abandon(self, key: str, failed: JobFailed) -> int:
         """Fail every job waiting under ``key`` (no worker will come for them); how many."""
 
     @abstractmethod
     def stats(self) -> dict[str, QueueStats]:
-        """Per queue key, for metrics and health."""
+        """Per queue key, for metrics and health: this process's own jobs (so that the figures
+        of several replicas add up), at most a second old."""
+
+
+def all_answered(futures: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """One future for a request's jobs (each future's result a JobDone or JobFailed): done when
+    all are answered, or failed with the first JobFailure. Cheaper than asyncio.wait over the
+    set, on the hot path."""
+    all_done = loop.create_future()
+    remaining = len(futures)
+
+    def answered(index: int, future: asyncio.Future) -> None:
+        nonlocal remaining
+        if all_done.done() or future.cancelled():
+            return
+        outcome = future.result()
+        remaining -= 1
+        if isinstance(outcome, JobFailed):
+            all_done.set_exception(JobFailure(index, outcome))
+        elif remaining == 0:
+            all_done.set_result(None)
+
+    for index, future in enumerate(futures):
+        future.add_done_callback(functools.partial(answered, index))
+    return all_done

@@ -25,6 +25,7 @@ class _Worker:
     hello: WorkerHello
     last_seen: float
     leaving: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
+    own: bool = True  # its last heartbeat came to this replica (it counts in this replica's metrics)
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,25 @@ class WorkerRegistry:
         self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
         self._first_seen: dict[str, float] = {}
 
-    def heartbeat(self, hello: WorkerHello) -> None:
+    async def start(self) -> None:
+        """Start background work (none here; see redis_registry.py)."""
+
+    async def stop(self) -> None: ...
+
+    async def heartbeat(self, hello: WorkerHello) -> None:
+        self._remember(hello)
+
+    def _remember(self, hello: WorkerHello, own: bool = True) -> None:
         known = self._workers.get(hello.worker_id)
         if known is None:
-            self._workers[hello.worker_id] = _Worker(hello, self._clock())
+            self._workers[hello.worker_id] = _Worker(hello, self._clock(), own=own)
         else:
-            known.hello, known.last_seen = hello, self._clock()
+            known.hello, known.last_seen, known.own = hello, self._clock(), own
         for model in hello.models:
             self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
             self._first_seen.setdefault(model, time.time())
 
-    def touch(self, worker_id: str) -> WorkerHello:
+    async def touch(self, worker_id: str) -> WorkerHello:
         """Mark a worker alive and return what it registered; UnknownWorker if it is not."""
         worker = self._live().get(worker_id)
         if worker is None:
@@ -64,7 +73,10 @@ class WorkerRegistry:
         worker.last_seen = self._clock()
         return worker.hello
 
-    def leave(self, worker_id: str) -> None:
+    async def leave(self, worker_id: str) -> None:
+        self._forget(worker_id)
+
+    def _forget(self, worker_id: str) -> None:
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
             worker.leaving.set()  # its pending lease calls return at once
@@ -76,16 +88,19 @@ class WorkerRegistry:
             raise UnknownWorker(worker_id)
         return worker.leaving
 
-    def routes(self) -> dict[str, Route]:
-        """Every model with a live worker; the newest registration describes the model."""
+    def routes(self, own_only: bool = False) -> dict[str, Route]:
+        """Every model with a live worker; the newest registration describes the model.
+        own_only: count only the workers whose last heartbeat came to this replica."""
         routes: dict[str, Route] = {}
         for worker in sorted(self._live().values(), key=lambda w: w.last_seen):
+            if own_only and not worker.own:
+                continue
             for name, card in worker.hello.models.items():
                 count = routes[name].workers + 1 if name in routes else 1
                 routes[name] = Route(name, worker.hello.checkpoint_name, card, count, self._first_seen[name])
         return routes
 
-    def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
+    async def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
         """Where a request for ``model`` goes: a live worker serving it that carries all ``tags``."""
         matching = [
             w for w in sorted(self._live().values(), key=lambda w: w.last_seen)

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "EMBEDQ_"
 
@@ -46,6 +46,12 @@ class GatewaySettings(BaseModel):
     worker_wait_s: float = Field(default=10.0, ge=0)
     max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Where jobs and worker registrations live: "memory" (this process only) or "redis" (shared
+    # by every replica that names the same Redis and prefix).
+    queue: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""  # redis://host:6379/0 (rediss:// for TLS); the password is better in REDIS_PASSWORD
+    redis_password: SecretStr | None = None
+    redis_prefix: str = Field(default="embedq", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
     @field_validator("worker_tokens", mode="before")
     @classmethod
@@ -90,6 +96,13 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySet
         raise SettingsError(problems) from None
     if settings.keys_db and settings.keys_file:
         raise SettingsError("set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE, not both")
+    if settings.queue == "redis" and not settings.redis_url:
+        raise SettingsError("EMBEDQ_QUEUE=redis needs EMBEDQ_REDIS_URL (e.g. redis://redis:6379/0)")
+    if settings.queue == "redis" and settings.keys_db:
+        raise SettingsError(
+            "EMBEDQ_KEYS_DB is one replica's SQLite file; with EMBEDQ_QUEUE=redis every replica must see the same "
+            "keys: export them (python -m gateway keys export) and set EMBEDQ_KEYS_FILE to the shared file"
+        )
     if settings.workers_open and not settings.loopback and not settings.allow_open_workers:
         raise SettingsError(
             f"bound to {settings.host} with no worker token: set EMBEDQ_WORKER_TOKENS "

@@ -50,9 +50,9 @@ async def _read(request: Request, model: M):
         raise InvalidRequest(f"not a valid {model.__name__}: {exc.errors()[0]['msg']}") from None
 
 
-def _touch(request: Request, worker_id: str) -> WorkerHello:
+async def _touch(request: Request, worker_id: str) -> WorkerHello:
     try:
-        return request.app.state.workers.touch(worker_id)
+        return await request.app.state.workers.touch(worker_id)
     except UnknownWorker:
         raise Conflict(f"worker {worker_id!r} is not registered; send a heartbeat first", code="worker_unknown") from None
 
@@ -60,21 +60,21 @@ def _touch(request: Request, worker_id: str) -> WorkerHello:
 async def heartbeat(request: Request) -> Response:
     hello: WorkerHello = await _read(request, WorkerHello)
     state = request.app.state
-    state.workers.heartbeat(hello)
+    await state.workers.heartbeat(hello)
     reply = HeartbeatReply(worker_ttl_s=state.settings.worker_ttl_s, lease_ttl_s=state.settings.lease_ttl_s)
     return json_response(reply.model_dump())
 
 
 async def leave(request: Request) -> Response:
     bye: WorkerBye = await _read(request, WorkerBye)
-    request.app.state.workers.leave(bye.worker_id)
+    await request.app.state.workers.leave(bye.worker_id)
     log.info("worker %s left", bye.worker_id)
     return json_response({})
 
 
 async def lease(request: Request) -> Response:
     req: LeaseRequest = await _read(request, LeaseRequest)
-    hello = _touch(request, req.worker_id)
+    hello = await _touch(request, req.worker_id)
     state = request.app.state
     leaving = state.workers.leaving(req.worker_id)
     leasing = state.queue.lease(
@@ -111,40 +111,40 @@ async def results(request: Request) -> Response:
     except (FrameError, ValidationError) as exc:
         raise InvalidRequest(f"bad results frame: {exc}") from None
     queue = request.app.state.queue
-    accepted = sum(
-        queue.complete(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)
-    )
-    return _posted(request, header.worker_id, accepted, len(header.results))
+    accepted = sum([
+        await queue.complete(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)
+    ])
+    return await _posted(request, header.worker_id, accepted, len(header.results))
 
 
 async def errors(request: Request) -> Response:
     report: ErrorReport = await _read(request, ErrorReport)
     queue = request.app.state.queue
-    accepted = sum(
-        queue.fail(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors
-    )
-    return _posted(request, report.worker_id, accepted, len(report.errors))
+    accepted = sum([
+        await queue.fail(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors
+    ])
+    return await _posted(request, report.worker_id, accepted, len(report.errors))
 
 
 async def release(request: Request) -> Response:
     report: Release = await _read(request, Release)
     queue = request.app.state.queue
-    accepted = sum(queue.release(j.job_id, j.lease_id) for j in report.jobs)
+    accepted = sum([await queue.release(j.job_id, j.lease_id) for j in report.jobs])
     log.info("worker %s gave back %d jobs", report.worker_id, accepted)
-    return _posted(request, report.worker_id, accepted, len(report.jobs))
+    return await _posted(request, report.worker_id, accepted, len(report.jobs))
 
 
 async def check_leases(request: Request) -> Response:
     asked: Release = await _read(request, Release)
     queue = request.app.state.queue
-    live = [j.job_id for j in asked.jobs if queue.is_leased(j.job_id, j.lease_id)]
+    live = [j.job_id for j in asked.jobs if await queue.is_leased(j.job_id, j.lease_id)]
     return json_response(LiveJobs(job_ids=live).model_dump())
 
 
-def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
+async def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
     state = request.app.state
     try:
-        state.workers.touch(worker_id)
+        await state.workers.touch(worker_id)
     except UnknownWorker:
         pass  # the lease ids decide what counts, not the registration
     state.metrics.worker_posts.labels("accepted").inc(accepted)

@@ -1,17 +1,21 @@
-"""Real processes on loopback: a gateway and workers started as ``python -m ...``.
+"""Real processes on loopback: a gateway and workers started as ``python -m ...``, and a real
+``redis-server`` (Debian's package) for the Redis queue backend.
 
 Ports are ephemeral (asked of the kernel), every process is stopped at teardown, and each
-process's output goes to a log file that a failing test prints.
+process's output goes to a log file that a failing test prints. Tests that run on both queue
+backends override the ``queue_backend`` fixture with a parametrised one.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,20 +90,78 @@ class Gateway:
         wait_until(lambda: model in self.models(), timeout_s, f"model {model!r} to be listed\n{self.proc.log()}")
 
 
-class Cluster:
-    """Starts gateways and workers for one test (or module) and stops them all at the end."""
+class RedisServer:
+    """A redis-server of its own on a loopback port, with AOF on (fsync every second)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, workdir: Path):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server not found: `make test` installs it (Debian: apt-get install redis-server)")
+        self.dir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = Proc("redis", [], workdir / "redis.log")
+
+    def start(self) -> RedisServer:
+        with open(self.proc.log_path, "ab") as log:
+            self.proc.popen = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(self._answers, 10, "redis-server to answer")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.stop(sig)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """One redis-server for the session; each Cluster keeps to its own key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def queue_backend() -> str:
+    """The gateway's queue backend in ``cluster``; modules that run on both override it."""
+    return "memory"
+
+
+class Cluster:
+    """Starts gateways and workers for one test (or module) and stops them all at the end.
+
+    With a RedisServer, every gateway of the cluster is a replica on the Redis queue (one
+    key prefix per cluster); without, each gateway has its own in-memory queue.
+    """
+
+    def __init__(self, tmp: Path, redis: RedisServer | None = None):
         self.tmp = tmp
+        self.redis = redis
+        self.prefix = "test-" + uuid.uuid4().hex[:8]
         self.procs: list[Proc] = []
 
     def gateway(self, env: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None) -> Gateway:
         port = port or free_port()
-        env = {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1", **(env or {})}
+        env = {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1", **self.queue_env(), **(env or {})}
         proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
         gateway = Gateway(proc, port)
         wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")
         return gateway
+
+    def queue_env(self) -> dict[str, str]:
+        if self.redis is None:
+            return {}
+        return {"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": self.redis.url, "EMBEDQ_REDIS_PREFIX": self.prefix}
 
     def worker(self, config_text: str, env: dict[str, str] | None = None) -> Proc:
         path = self.tmp / f"worker-{len(self.procs)}.toml"
@@ -156,8 +218,8 @@ metrics_port = {metrics_port}
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+def cluster(tmp_path: Path, request: pytest.FixtureRequest, queue_backend: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, request.getfixturevalue("redis_server") if queue_backend == "redis" else None)
     yield c
     c.stop_all()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:

@@ -18,7 +18,8 @@ import yaml
 from tests.conftest import REPO
 
 CHART = REPO / "charts" / "embedq"
-VALUES = [None, "ci/multi-model-gpu-values.yaml", "ci/autoscaling-monitoring-values.yaml"]
+VALUES = [None, "ci/multi-model-gpu-values.yaml", "ci/autoscaling-monitoring-values.yaml", "ci/redis-replicas-values.yaml"]
+VALUES_IDS = ["default", "multi-model-gpu", "autoscaling-monitoring", "redis-replicas"]
 CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in Kubernetes' own schemas: checked here instead
 
 
@@ -67,12 +68,12 @@ def worker_values(values: str | None) -> list[dict]:
     return merged
 
 
-@pytest.mark.parametrize("values", VALUES, ids=["default", "multi-model-gpu", "autoscaling-monitoring"])
+@pytest.mark.parametrize("values", VALUES, ids=VALUES_IDS)
 def test_lint_strict(helm, values):
     run(helm, "lint", "--strict", str(CHART), *(["-f", values] if values else []))
 
 
-@pytest.mark.parametrize("values", VALUES, ids=["default", "multi-model-gpu", "autoscaling-monitoring"])
+@pytest.mark.parametrize("values", VALUES, ids=VALUES_IDS)
 def test_rendered_manifests_validate_strictly(helm, values, tmp_path):
     docs = render(helm, values)
     core = tmp_path / "core.yaml"
@@ -82,7 +83,7 @@ def test_rendered_manifests_validate_strictly(helm, values, tmp_path):
     assert "did not validate" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("values", VALUES, ids=["default", "multi-model-gpu", "autoscaling-monitoring"])
+@pytest.mark.parametrize("values", VALUES, ids=VALUES_IDS)
 def test_every_rendered_worker_config_passes_check(helm, values, tmp_path):
     configs = [cm["data"]["config.toml"] for cm in of_kind(render(helm, values), "ConfigMap")]
     assert len(configs) == len(worker_values(values))
@@ -94,7 +95,7 @@ def test_every_rendered_worker_config_passes_check(helm, values, tmp_path):
         assert result.returncode == 0, text + result.stderr
 
 
-@pytest.mark.parametrize("values", VALUES, ids=["default", "multi-model-gpu", "autoscaling-monitoring"])
+@pytest.mark.parametrize("values", VALUES, ids=VALUES_IDS)
 def test_selectors_select_what_they_should(helm, values):
     docs = render(helm, values)
     pod_labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in of_kind(docs, "Deployment")}
@@ -167,6 +168,18 @@ def test_config_checksum_rolls_workers_when_config_changes(helm):
     assert checksum() != checksum(*changed)
 
 
+def test_replicas_share_the_redis_queue_with_the_password_from_a_secret(helm):
+    (gateway,) = of_kind(render(helm, "ci/redis-replicas-values.yaml"), "Deployment")[:1]
+    assert gateway["spec"]["replicas"] == 3
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EMBEDQ_QUEUE"]["value"] == "redis"
+    assert env["EMBEDQ_REDIS_URL"]["value"] == "redis://redis-master.data.svc:6379/0"
+    assert env["EMBEDQ_REDIS_PREFIX"]["value"] == "rel-embedq"  # one prefix per release
+    assert env["EMBEDQ_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "redis-password"}
+    default_env = of_kind(render(helm), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not [e for e in default_env if e["name"].startswith(("EMBEDQ_QUEUE", "EMBEDQ_REDIS"))]
+
+
 def test_entries_keep_their_false_and_zero_values_over_the_defaults(helm, tmp_path):
     values = tmp_path / "v.yaml"
     values.write_text("workers:\n  - name: cpu\n    gpu: false\n    generator: {modelPath: /m, maxModelLen: 0}\n")
@@ -179,14 +192,16 @@ def test_entries_keep_their_false_and_zero_values_over_the_defaults(helm, tmp_pa
     [
         ("gateway:\n  replicaCont: 2\n", "replicaCont"),
         ("gateway:\n  replicaCount: two\n", "gateway.replicaCount"),
-        ("gateway:\n  replicaCount: 2\n", "gateway.replicaCount"),
+        ("gateway:\n  replicaCount: 2\n", "gateway.replicaCount > 1 needs queue.backend: redis"),
+        ("queue:\n  backend: redis\n", "needs queue.redis.url"),
+        ("queue:\n  backend: valkey\n", "queue.backend"),
         ("workers:\n  - name: a\n    generator: {modelPath: /m, maxNumSeqs: '16'}\n", "workers.0.generator.maxNumSeqs"),
         ("workers:\n  - name: a\n    generator: {modelPath: /m, tensorParalelSize: 2}\n", "tensorParalelSize"),
         ("workers:\n  - name: Bad_Name\n    generator: {modelPath: /m}\n", "workers.0.name"),
         ("serviceMonitor:\n  enabeld: true\n", "enabeld"),
         ("workers:\n  - name: a\n    generator: {maxModelLen: 512}\n", "modelPath is required"),
     ],
-    ids=["typo", "string-for-number", "replicas-need-redis", "string-seqs", "nested-typo", "bad-name", "monitor-typo",
+    ids=["typo", "string-for-number", "replicas-need-redis", "redis-needs-url", "unknown-backend", "string-seqs", "nested-typo", "bad-name", "monitor-typo",
          "no-model-path"],
 )
 def test_bad_values_are_rejected_naming_the_key(helm, tmp_path, values, message):

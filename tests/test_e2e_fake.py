@@ -22,10 +22,17 @@ MODEL = "fake-model"
 DIMS = 16
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    """One gateway with two workers on MODEL, shared by the tests of this module."""
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+@pytest.fixture(params=["memory", "redis"])
+def queue_backend(request) -> str:
+    """Every test of this module runs on both queue backends."""
+    return request.param
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def running(tmp_path_factory, request):
+    """One gateway with two workers on MODEL, shared by the tests of this module, on each backend."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), redis)
     gateway = cluster.gateway()
     ports = [free_port(), free_port()]
     for port in ports:

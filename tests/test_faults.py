@@ -6,99 +6,23 @@ Each test states its numbers (sent, completed, failed by reason) in its assertio
 
 from __future__ import annotations
 
-import collections
-import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 
 from tests.conftest import Cluster, fake_worker_config, free_port, wait_until
-from worker.config import FakeGenerator
-from worker.engine import FakeEngine
+from tests.load import DIMS, MODEL, Load, metric
 
-MODEL, DIMS, MAX_LEN = "fake-model", 16, 64
 pytestmark = pytest.mark.timeout(180)
 
 
-def expected(texts: list[str]) -> np.ndarray:
-    """What any fake worker answers for these texts."""
-    engine = FakeEngine(FakeGenerator(type="fake", dimensions=DIMS, max_model_len=MAX_LEN))
-    return engine.embed(engine.tokenize(texts))
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"(?m)^{re.escape(name)} (\S+)$", text)
-    return float(match.group(1)) if match else 0.0
-
-
-class Load:
-    """Closed-loop clients sending distinct texts; tallies every outcome and checks vectors."""
-
-    def __init__(self, url: str, clients: int, inputs: int = 3, timeout_s: float = 60):
-        self.url, self.clients, self.inputs, self.timeout_s = url, clients, inputs, timeout_s
-        self.outcomes: collections.Counter[str] = collections.Counter()
-        self.wrong: list[str] = []
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(clients)
-        self._futures = []
-
-    def start(self, requests_each: int | None = None) -> Load:
-        """Each client sends requests_each requests, or keeps sending until join()."""
-        self._open_ended = requests_each is None
-        self._futures = [self._pool.submit(self._client, c, requests_each) for c in range(self.clients)]
-        return self
-
-    def join(self) -> Load:
-        if self._open_ended:
-            self.stop.set()
-        for future in self._futures:
-            future.result()
-        self._pool.shutdown()
-        return self
-
-    def _client(self, client: int, requests_each: int | None) -> None:
-        with httpx.Client(timeout=self.timeout_s) as http:
-            n = 0
-            while not self.stop.is_set() and (requests_each is None or n < requests_each):
-                texts = [f"client {client} request {n} input {i}" for i in range(self.inputs)]
-                self._record(self._send(http, texts), texts)
-                n += 1
-
-    def _send(self, http: httpx.Client, texts: list[str]) -> httpx.Response | str:
-        try:
-            return http.post(self.url + "/v1/embeddings", json={"model": MODEL, "input": texts})
-        except httpx.ConnectError:
-            return "connection refused"
-        except httpx.HTTPError as exc:
-            return type(exc).__name__
-
-    def _record(self, response: httpx.Response | str, texts: list[str]) -> None:
-        if isinstance(response, str):
-            outcome = response
-        elif response.status_code == 200:
-            got = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
-            outcome = "200"
-            if not np.array_equal(got, expected(texts)):
-                with self._lock:
-                    self.wrong.append(texts[0])
-        else:
-            outcome = f"{response.status_code} {response.json()['error'].get('code')}"
-        with self._lock:
-            self.outcomes[outcome] += 1
-
-    @property
-    def sent(self) -> int:
-        return sum(self.outcomes.values())
-
-    def summary(self) -> str:
-        return f"sent {self.sent}: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items())) + \
-            f"; wrong vectors: {len(self.wrong)}"
+@pytest.fixture(params=["memory", "redis"])
+def queue_backend(request) -> str:
+    """Every test of this module runs on both queue backends."""
+    return request.param
 
 
 def two_workers(cluster: Cluster, lease_ttl_s: float, delay_s: float):

@@ -1,0 +1,127 @@
+"""One gateway replica's link to the shared Redis (``EMBEDQ_QUEUE=redis``).
+
+Three connections' worth of clients: ``redis`` for commands, ``blocking`` for the replica's
+blocking result reads, and one subscription to the event channel ``P:events`` through which
+replicas tell each other "jobs arrived on queue Q" and "worker W left". The link also keeps the
+key ``P:alive:<replica>`` fresh; jobs whose owner's key lapsed are dropped by the queue scripts.
+
+Redis going away is survived: commands raise (the queue turns that into 503s), the event
+subscription and the liveness key come back by themselves once Redis does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+ALIVE_REFRESH_S = 1.0
+ALIVE_TTL_MS = 5000  # a replica silent this long counts as gone
+RECONNECT_S = 0.5
+DOWN = (RedisError, OSError)  # what a command raises while Redis cannot be reached
+
+
+class RedisTooOld(Exception):
+    pass
+
+
+def unless_cancelled() -> None:
+    """Call where a loop catches DOWN: redis-py can turn the cancellation of a blocking command
+    into a connection error, which must not keep a cancelled loop alive."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class RedisLink:
+    def __init__(self, url: str, password: str | None, prefix: str):
+        self.replica = uuid.uuid4().hex[:12]
+        self.prefix = prefix
+        options = {"password": password, "socket_connect_timeout": 2.0}
+        self.redis = Redis.from_url(url, socket_timeout=5.0, **options)
+        self.blocking = Redis.from_url(url, socket_timeout=10.0, **options)  # blocking pops wait ≤ 1 s
+        self._subscriber = Redis.from_url(url, socket_timeout=None, socket_keepalive=True, **options)
+        self._handlers: dict[str, list[Callable[[str], None]]] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def on_event(self, kind: str, handler: Callable[[str], None]) -> None:
+        """Call handler(argument) for every "kind argument" event any replica publishes;
+        kind "reconnected" (argument "") after the subscription was re-established."""
+        self._handlers.setdefault(kind, []).append(handler)
+
+    def event_command(self, pipe, kind: str, argument: str) -> None:
+        """Queue a PUBLISH of the event on a pipeline."""
+        pipe.publish(self.key("events"), f"{kind} {argument}")
+
+    async def publish(self, kind: str, argument: str) -> None:
+        await self.redis.publish(self.key("events"), f"{kind} {argument}")
+
+    async def start(self) -> None:
+        try:
+            version = (await self.redis.info("server"))["redis_version"]
+            await self._mark_alive()
+        except DOWN as exc:
+            log.error("Redis is unreachable at start-up (%s); retrying in the background", exc)
+        else:
+            if int(version.split(".")[0]) < 7:
+                raise RedisTooOld(f"Redis {version} is too old: the queue needs Redis 7 or later (it uses BLMPOP)")
+        self._tasks = [asyncio.create_task(self._alive_forever()), asyncio.create_task(self._listen_forever())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.redis.delete(self.key("alive", self.replica))
+        except DOWN:
+            pass
+        for client in (self.redis, self.blocking, self._subscriber):
+            await client.aclose()
+
+    async def _mark_alive(self) -> None:
+        await self.redis.set(self.key("alive", self.replica), b"1", px=ALIVE_TTL_MS)
+
+    async def _alive_forever(self) -> None:
+        down = False
+        while True:
+            await asyncio.sleep(ALIVE_REFRESH_S)
+            try:
+                await self._mark_alive()
+                if down:
+                    log.warning("Redis is reachable again")
+                down = False
+            except DOWN as exc:
+                unless_cancelled()
+                if not down:
+                    log.error("Redis is unreachable: %s", exc)
+                down = True
+
+    async def _listen_forever(self) -> None:
+        first = True
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.key("events"))
+                if not first:
+                    self._dispatch("reconnected", "")  # events may have been missed meanwhile
+                first = False
+                async for message in pubsub.listen():
+                    kind, _, argument = message["data"].decode().partition(" ")
+                    self._dispatch(kind, argument)
+            except DOWN:
+                unless_cancelled()
+                await asyncio.sleep(RECONNECT_S)
+            finally:
+                await pubsub.aclose()
+
+    def _dispatch(self, kind: str, argument: str) -> None:
+        for handler in self._handlers.get(kind, ()):
+            handler(argument)

@@ -1,0 +1,155 @@
+"""The worker registry shared by gateway replicas through Redis (``EMBEDQ_QUEUE=redis``).
+
+Each replica keeps the in-memory view of ``registry.py`` for the request path and syncs it:
+
+    P:w:<worker>     string  the worker's WorkerHello and the replica its last heartbeat came to,
+                             expiring worker_ttl_s after its last call (any replica refreshes it)
+    P:workers        set     worker ids, pruned of those whose record expired
+    P:first_seen     hash    model -> wall-clock time a worker first served it
+    P:tagsets:<m>    set     tag sets (JSON) model m was ever served with
+
+Every replica reloads the view every REFRESH_S, and at once when a request names a model or a
+worker it does not know, so a worker registered through replica A is served by replica B
+straight away. A worker's leaving is published, so that the replica holding its lease
+long-poll answers it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+from gateway.errors import ApiError, QueueDown
+from gateway.redis_link import DOWN, RedisLink, unless_cancelled
+from gateway.registry import Route, UnknownWorker, WorkerRegistry
+from worker.protocol import WorkerHello
+
+log = logging.getLogger(__name__)
+REFRESH_S = 0.5
+
+
+class RedisRegistry(WorkerRegistry):
+    def __init__(self, link: RedisLink, worker_ttl_s: float):
+        super().__init__(worker_ttl_s)
+        self._link = link
+        self._ttl_ms = int(worker_ttl_s * 1000)
+        self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
+        self._refreshed_at = 0.0  # when the newest finished refresh started (monotonic)
+        self._refreshing: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
+        link.on_event("leave", self._forget)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        for task in (self._task, self._refreshing):
+            if task is not None:
+                task.cancel()
+
+    async def heartbeat(self, hello: WorkerHello) -> None:
+        new_models = [m for m in hello.models if frozenset(hello.tags) not in self._ever_served.get(m, set())]
+        self._remember(hello)
+        link = self._link
+        async with link.redis.pipeline(transaction=False) as pipe:
+            record = orjson.dumps({"hello": hello.model_dump(), "via": link.replica})
+            pipe.set(link.key("w", hello.worker_id), record, px=self._ttl_ms)
+            pipe.sadd(link.key("workers"), hello.worker_id)
+            for model in new_models:
+                pipe.hsetnx(link.key("first_seen"), model, time.time())
+                pipe.sadd(link.key("tagsets", model), orjson.dumps(sorted(hello.tags)))
+            await _or_503(pipe.execute())
+        self._written[hello.worker_id] = time.monotonic()
+
+    async def touch(self, worker_id: str) -> WorkerHello:
+        try:
+            hello = await super().touch(worker_id)
+        except UnknownWorker:
+            await self._refresh_on_miss()  # it may have registered through another replica
+            hello = await super().touch(worker_id)
+        now = time.monotonic()
+        if now - self._written.get(worker_id, 0.0) > self._ttl_s / 4:
+            if not await _or_503(self._link.redis.pexpire(self._link.key("w", worker_id), self._ttl_ms)):
+                self._forget(worker_id)  # its record expired meanwhile: it must register again
+                raise UnknownWorker(worker_id)
+            self._written[worker_id] = now
+        return hello
+
+    async def leave(self, worker_id: str) -> None:
+        self._forget(worker_id)
+        self._written.pop(worker_id, None)
+        link = self._link
+        async with link.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(link.key("w", worker_id))
+            pipe.srem(link.key("workers"), worker_id)
+            link.event_command(pipe, "leave", worker_id)
+            await _or_503(pipe.execute())
+
+    async def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
+        try:
+            return await super().resolve(model, tags)
+        except ApiError:
+            await self._refresh_on_miss()
+            return await super().resolve(model, tags)
+
+    async def _refresh_on_miss(self) -> None:
+        """Reload the view from Redis, by a refresh that started after this call (concurrent
+        misses share one: a flood of unknown names costs one refresh at a time)."""
+        missed_at = time.monotonic()
+        while self._refreshed_at < missed_at:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self.refresh())
+            try:
+                await asyncio.shield(self._refreshing)
+            except DOWN as exc:
+                log.debug("registry refresh: %s", exc)
+                return
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+            except DOWN as exc:
+                unless_cancelled()
+                log.debug("registry refresh: %s", exc)
+
+    async def refresh(self) -> None:
+        """Replace the local view of workers and models with what Redis holds."""
+        link = self._link
+        started, started_at = self._clock(), time.monotonic()
+        ids = sorted(i.decode() for i in await link.redis.smembers(link.key("workers")))
+        records = await link.redis.mget([link.key("w", i) for i in ids]) if ids else []
+        first_seen = await link.redis.hgetall(link.key("first_seen"))
+        async with link.redis.pipeline(transaction=False) as pipe:
+            for model in first_seen:
+                pipe.smembers(link.key("tagsets", model.decode()))
+            tagsets = await pipe.execute()
+        gone = [worker_id for worker_id, record in zip(ids, records) if record is None]
+        if gone:
+            await link.redis.srem(link.key("workers"), *gone)
+        live: set[str] = set()
+        for record in filter(None, records):
+            found = orjson.loads(record)
+            hello = WorkerHello.model_validate(found["hello"])
+            self._remember(hello, own=found["via"] == link.replica)
+            live.add(hello.worker_id)
+        for worker_id, worker in list(self._workers.items()):
+            if worker_id not in live and worker.last_seen < started:
+                del self._workers[worker_id]  # expired or left: its record is gone
+        for model, sets in zip(first_seen, tagsets):
+            name = model.decode()
+            self._first_seen[name] = float(first_seen[model])
+            self._ever_served.setdefault(name, set()).update(frozenset(orjson.loads(s)) for s in sets)
+        self._refreshed_at = max(self._refreshed_at, started_at)
+
+
+async def _or_503(call):
+    """A Redis call of a worker endpoint: 503 while Redis is down, so the worker retries."""
+    try:
+        return await call
+    except DOWN as exc:
+        raise QueueDown(f"the shared registry (Redis) is unreachable: {exc}") from None
