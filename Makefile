@@ -55,7 +55,7 @@ test: $(STAMP) $(HELM)
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else echo "the tests need redis-server: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; fi; }
-	$(PY) -m ruff check gateway worker tests
+	$(PY) -m ruff check gateway worker tests bench
 	$(PY) -m pytest
 
 # Throughput and latency against vLLM's offline engine and its own server (a few minutes; not a test).

@@ -8,7 +8,9 @@ as a ratio, and everything is written as JSON:
   64 clients x 1 input, over the same 2,000 sentences;
 - gateway: the gateway path with a zero-delay fake worker against a bare ASGI endpoint that
   returns the same bytes, at 1 and 64 clients;
-- scaling: 1, 2, 4, 8 fake workers of fixed per-batch delay.
+- scaling: 1, 2, 4, 8 fake workers of fixed per-batch delay;
+- queue: the Redis queue backend against the in-memory one, one gateway and two zero-delay fake
+  workers each, at 64 clients x 1 input and 32 clients x 16 inputs (the queue is all there is).
 """
 
 from __future__ import annotations
@@ -101,6 +103,24 @@ def scaling(delay_s: float = 0.05, per_request: int = 8) -> dict:
     return results
 
 
+def queue_backends() -> dict:
+    texts = [f"queue {i}" for i in range(4000)]
+    results = {}
+    for backend in ("memory", "redis"):
+        with stack() as s:
+            env = {"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": s.redis_server()} if backend == "redis" else {}
+            url = s.gateway(env)
+            s.fake_worker(url)
+            s.fake_worker(url)
+            wait_for_model(url, workers=2)
+            run_load(url + "/v1/embeddings", MODEL, texts[:400], 16, 1)  # warm-up
+            results[backend] = {
+                "64x1": run_load(url + "/v1/embeddings", MODEL, texts[:2000], 64, 1).as_dict(),
+                "32x16": run_load(url + "/v1/embeddings", MODEL, texts, 32, 16).as_dict(),
+            }
+    return results
+
+
 def ratios(results: dict) -> dict[str, float]:
     out = {}
     if "engine" in results:
@@ -117,6 +137,10 @@ def ratios(results: dict) -> dict[str, float]:
         sc = results["scaling"]
         for workers in ("2", "4", "8"):
             out[f"{workers} fake workers / 1"] = sc[workers]["inputs_per_s"] / sc["1"]["inputs_per_s"]
+    if "queue" in results:
+        q = results["queue"]
+        for load in ("64x1", "32x16"):
+            out[f"Redis / memory queue inputs/s, {load}"] = q["redis"][load]["inputs_per_s"] / q["memory"][load]["inputs_per_s"]
     return out
 
 
@@ -127,13 +151,20 @@ def report(results: dict) -> None:
         print(f"{'system':14} {'load':6} {'sent/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for system in ("vllm_server", "embedq"):
             for load, r in e[system].items():
-                print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+                print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} "
+                      f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
     if "gateway" in results:
         for name, r in results["gateway"].items():
-            print(f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; 64 clients {r['64_clients']['requests_per_s']:.0f} req/s")
+            print(f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
+                  f"64 clients {r['64_clients']['requests_per_s']:.0f} req/s")
     if "scaling" in results:
         for workers, r in results["scaling"].items():
             print(f"{workers} fake workers: {r['inputs_per_s']:.0f} inputs/s")
+    if "queue" in results:
+        for backend, loads in results["queue"].items():
+            for load, r in loads.items():
+                print(f"{backend:6} queue {load:6} {r['inputs_per_s']:8.0f} inputs/s  "
+                      f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms")
     print()
     for name, value in results["ratios"].items():
         target = TARGETS.get(name)
@@ -145,7 +176,8 @@ def report(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="engine,gateway,scaling", help="comma-separated: engine, gateway, scaling")
+    parser.add_argument("--only", default="engine,gateway,scaling,queue",
+                        help="comma-separated: engine, gateway, scaling, queue")
     parser.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -157,6 +189,8 @@ def main() -> None:
         results["gateway"] = gateway_path()
     if "scaling" in parts:
         results["scaling"] = scaling()
+    if "queue" in parts:
+        results["queue"] = queue_backends()
     results["ratios"] = ratios(results)
     report(results)
     with open(args.out, "w") as out:

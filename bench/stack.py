@@ -1,5 +1,6 @@
 """The systems under test, as real processes on loopback: embedq's gateway and workers, vLLM's
-own OpenAI server, and a bare ASGI endpoint. Each is started, waited for, and always stopped."""
+own OpenAI server, a bare ASGI endpoint, and a redis-server. Each is started, waited for, and
+always stopped."""
 
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ class Stack:
         self.workdir = workdir
         self._procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, python: bool = True) -> subprocess.Popen:
         log = open(self.workdir / f"{name}-{len(self._procs)}.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, *args] if python else args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(self.workdir / "vllm-cache"),
                                      **(env or {})})
         log.close()
@@ -101,6 +102,20 @@ metrics_port = 0
         url = f"http://127.0.0.1:{port}"
         wait_for(url + "/v1/models", "vLLM's server", timeout_s=300)
         return url
+
+    def redis_server(self) -> str:
+        """A redis-server as the chart's users would run it (AOF, fsync every second); its URL."""
+        port = free_port()
+        self.start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.workdir)], python=False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.1)
+        raise RuntimeError("redis-server did not come up within 10s")
 
     def bare(self, body: bytes) -> str:
         path = self.workdir / "bare-body.json"

@@ -104,6 +104,15 @@ class JobQueue(ABC):
     async def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
         """Record a failure; False (and nothing changes) if the lease is not the current one."""
 
+    async def answer(self, answers: list[tuple[str, str, JobDone | JobFailed]]) -> int:
+        """Record many (job id, lease id, outcome) at once, as complete / fail would; how many
+        were under their current lease. A shared backend does it in one round trip."""
+        accepted = 0
+        for job_id, lease_id, outcome in answers:
+            record = self.complete if isinstance(outcome, JobDone) else self.fail
+            accepted += await record(job_id, lease_id, outcome)
+        return accepted
+
     @abstractmethod
     async def is_leased(self, job_id: str, lease_id: str) -> bool:
         """Whether the job is still out under this lease (not answered, expired or withdrawn)."""

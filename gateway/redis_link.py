@@ -2,7 +2,7 @@
 
 Three connections' worth of clients: ``redis`` for commands, ``blocking`` for the replica's
 blocking result reads, and one subscription to the event channel ``P:events`` through which
-replicas tell each other "jobs arrived on queue Q" and "worker W left". The link also keeps the
+replicas tell each other "N inputs arrived on queue Q" and "worker W left". The link also keeps the
 key ``P:alive:<replica>`` fresh; jobs whose owner's key lapsed are dropped by the queue scripts.
 
 Redis going away is survived: commands raise (the queue turns that into 503s), the event

@@ -70,7 +70,8 @@ class RedisQueue(JobQueue):
         self._clock = clock
         self._ids = itertools.count()
         self._pending: dict[str, _Pending] = {}
-        self._arrived: dict[str, asyncio.Event] = {}
+        self._arrived: dict[str, asyncio.Event] = {}  # per queue, set (and replaced) when jobs arrive
+        self._inputs_arrived: dict[str, int] = {}  # per queue, inputs that arrived so far (events)
         self._stats: dict[str, QueueStats] = {}
         self._keys: set[str] = set()  # every queue this replica's clients used
         self._tasks: list[asyncio.Task] = []
@@ -79,9 +80,9 @@ class RedisQueue(JobQueue):
         self._stopped = False
         self._scripts = {
             name: self._redis.register_script(getattr(redis_scripts, name))
-            for name in ("LEASE", "ANSWER", "RELEASE", "WITHDRAW", "EXPIRE")
+            for name in ("ENQUEUE", "LEASE", "ANSWER", "RELEASE", "WITHDRAW", "EXPIRE")
         }
-        link.on_event("jobs", self._wake)
+        link.on_event("jobs", self._on_jobs_event)
         link.on_event("reconnected", lambda _: self._wake_all())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -110,9 +111,14 @@ class RedisQueue(JobQueue):
         for entry in entries:
             self._pending[entry.job_id] = entry
         self._keys.add(key)
+        refused = False  # Redis was down: nothing to withdraw
         try:
-            with _unavailable():
-                await self._enqueue(entries)
+            try:
+                with _unavailable():
+                    await self._enqueue(entries)
+            except QueueUnavailable:
+                refused = True
+                raise
             async with asyncio.timeout(timeout_s):
                 await all_answered([entry.future for entry in entries], loop)
         except TimeoutError:
@@ -122,26 +128,20 @@ class RedisQueue(JobQueue):
             for entry in entries:
                 del self._pending[entry.job_id]
                 entry.future.cancel()
-            if unanswered:  # not awaited: this may be a cancelled request's last breath
+            if unanswered and not refused:  # not awaited: this may be a cancelled request's last breath
                 self._in_background(self._withdraw(unanswered, waiting_only=False))
         return [entry.future.result() for entry in entries]
 
     async def _enqueue(self, entries: list[_Pending], front: bool = False) -> None:
         key = entries[0].key
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for entry in entries:
-                spec = entry.spec
-                pipe.hset(self._link.key("j", entry.job_id), mapping={
-                    "queue": key, "owner": self._link.replica, "st": "w", "lease": "", "att": 0,
-                    "n": len(spec.inputs), "tok": spec.tokens, "tags": orjson.dumps(sorted(spec.tags)) if spec.tags else "",
-                    "job": orjson.dumps({"model": spec.model, "inputs": spec.inputs, "truncate": spec.truncate}),
-                })
-            ids = [entry.job_id for entry in entries]
-            (pipe.lpush if front else pipe.rpush)(self._link.key("q", key), *(reversed(ids) if front else ids))
-            pipe.sadd(self._link.key("queues"), key)
-            self._link.event_command(pipe, "jobs", key)
-            await pipe.execute()
-        self._wake(key)
+        args: list = [self._link.prefix, key, self._link.replica, "1" if front else "0"]
+        for entry in entries:
+            spec = entry.spec
+            args += [
+                entry.job_id, len(spec.inputs), spec.tokens, orjson.dumps(sorted(spec.tags)) if spec.tags else "",
+                orjson.dumps({"model": spec.model, "inputs": spec.inputs, "truncate": spec.truncate}),
+            ]
+        await self._scripts["ENQUEUE"](args=args)
 
     async def _withdraw(self, job_ids: list[str], waiting_only: bool) -> list[str]:
         taken = await self._scripts["WITHDRAW"](args=[self._link.prefix, "1" if waiting_only else "0", *job_ids])
@@ -157,7 +157,7 @@ class RedisQueue(JobQueue):
         deadline = loop.time() + wait_s
         fill_until: float | None = None
         while not self._closing:
-            arrived = self._arrival(key)  # taken before looking, so that no arrival is missed
+            seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
             want = max_items if fill_s > 0 else 1
             jobs, available = await self._take(key, max_items, max_tokens, tags, want)
             if jobs:
@@ -171,12 +171,22 @@ class RedisQueue(JobQueue):
             until = deadline if fill_until is None else fill_until
             if now >= until:
                 return []
-            try:
-                async with asyncio.timeout(min(until - now, WAKE_POLL_S)):
-                    await arrived.wait()
-            except TimeoutError:
-                pass
+            # Look again once enough inputs may have arrived: one, or what a full batch lacks.
+            needed = max_items - available if fill_until is not None else 1
+            await self._inputs_after(key, seen, needed, min(until - now, WAKE_POLL_S))
         return []
+
+    async def _inputs_after(self, key: str, seen: int, needed: int, timeout_s: float) -> None:
+        """Wait until ``needed`` inputs arrived on key since the count was ``seen`` (or timeout)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._inputs_arrived.get(key, 0) - seen < needed and not self._closing:
+                    event = self._arrived.get(key)
+                    if event is None:
+                        event = self._arrived[key] = asyncio.Event()
+                    await event.wait()
+        except TimeoutError:
+            pass
 
     async def _take(
         self, key: str, max_items: int, max_tokens: int | None, tags: frozenset[str], min_inputs: int,
@@ -212,21 +222,26 @@ class RedisQueue(JobQueue):
             self._in_background(self.release(flat[i].decode(), flat[i + 1].decode()))
 
     async def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
-        return await self._answer(job_id, lease_id, done)
+        return await self.answer([(job_id, lease_id, done)]) == 1
 
     async def fail(self, job_id: str, lease_id: str, failed: JobFailed) -> bool:
-        return await self._answer(job_id, lease_id, failed)
+        return await self.answer([(job_id, lease_id, failed)]) == 1
 
-    async def _answer(self, job_id: str, lease_id: str, outcome: JobDone | JobFailed) -> bool:
-        # Our own client's job needs no payload in Redis: the script says so, and we deliver it here.
-        payload = b"" if job_id in self._pending else _encode(outcome)
-        with _unavailable():
-            stored = await self._scripts["ANSWER"](
-                args=[self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica]
-            )
-        if stored == 2:
-            self._resolve(job_id, outcome)
-        return stored != 0
+    async def answer(self, answers: list[tuple[str, str, JobDone | JobFailed]]) -> int:
+        """One round trip for a worker's whole post: an ANSWER script call per job, pipelined."""
+        script = self._scripts["ANSWER"]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, lease_id, outcome in answers:
+                # Our own client's job needs no payload in Redis: the script says so, and we deliver it here.
+                payload = b"" if job_id in self._pending else _encode(outcome)
+                await script(args=[self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica],
+                             client=pipe)
+            with _unavailable():
+                stored = await pipe.execute()
+        for (job_id, _, outcome), result in zip(answers, stored):
+            if result == 2:
+                self._resolve(job_id, outcome)
+        return sum(result != 0 for result in stored)
 
     async def is_leased(self, job_id: str, lease_id: str) -> bool:
         with _unavailable():
@@ -241,7 +256,7 @@ class RedisQueue(JobQueue):
             if outcome == 1:
                 queue = await self._redis.hget(self._link.key("j", job_id), "queue")
                 if queue is not None:
-                    await self._link.publish("jobs", queue.decode())
+                    await self._link.publish("jobs", f"1 {queue.decode()}")
         return outcome != 0
 
     async def abandon(self, key: str, failed: JobFailed) -> int:
@@ -343,27 +358,26 @@ class RedisQueue(JobQueue):
         for _ in range(failed):
             self._on_expired(False)
         if requeued:
-            self._in_background(self._link.publish("jobs", key))
+            self._in_background(self._link.publish("jobs", f"{requeued} {key}"))
 
     def _expiry_reason(self) -> str:
         return f"expired (timeout {self._lease_ttl_s:g}s)"
 
     # -- small helpers -----------------------------------------------------------------------
 
-    def _arrival(self, key: str) -> asyncio.Event:
-        event = self._arrived.get(key)
-        if event is None:
-            event = self._arrived[key] = asyncio.Event()
-        return event
+    def _on_jobs_event(self, argument: str) -> None:
+        inputs, _, key = argument.partition(" ")
+        self._wake(key, int(inputs))
 
-    def _wake(self, key: str) -> None:
+    def _wake(self, key: str, inputs: int) -> None:
+        self._inputs_arrived[key] = self._inputs_arrived.get(key, 0) + inputs
         event = self._arrived.pop(key, None)
         if event is not None:
             event.set()
 
     def _wake_all(self) -> None:
         for key in list(self._arrived):
-            self._wake(key)
+            self._wake(key, 1_000_000)  # enough for any waiting lease to look again
 
     def _in_background(self, work) -> None:
         if self._stopped:

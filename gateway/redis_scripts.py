@@ -70,6 +70,25 @@ local function expire(queue, now, max_attempts, why, ttl)
 end
 """
 
+# ARGV: P, queue, owner, front ('1': requeue at the front), then per job: id, n, tok, tags, job.
+# Stores the jobs, queues them, and publishes "jobs <inputs> <queue>" for waiting leases.
+ENQUEUE = _PRELUDE + """
+local queue, owner, q = ARGV[2], ARGV[3], k('q', ARGV[2])
+local inputs = 0
+for i = 5, #ARGV, 5 do
+  redis.call('HSET', k('j', ARGV[i]), 'queue', queue, 'owner', owner, 'st', 'w', 'lease', '', 'att', 0,
+             'n', ARGV[i + 1], 'tok', ARGV[i + 2], 'tags', ARGV[i + 3], 'job', ARGV[i + 4])
+  inputs = inputs + tonumber(ARGV[i + 1])
+end
+if ARGV[4] == '1' then
+  for i = #ARGV - 4, 5, -5 do redis.call('LPUSH', q, ARGV[i]) end
+else
+  for i = 5, #ARGV, 5 do redis.call('RPUSH', q, ARGV[i]) end
+end
+redis.call('SADD', k('queues'), queue)
+redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue)
+"""
+
 # ARGV: P, queue, now_ms, lease_ttl_ms, max_items, max_tokens (0: none), min_inputs, worker tags
 # (JSON list), max_attempts, result_ttl_ms, lease id base, expiry reason, scan limit.
 # Takes nothing unless at least min_inputs eligible inputs wait. Returns

@@ -111,18 +111,18 @@ async def results(request: Request) -> Response:
     except (FrameError, ValidationError) as exc:
         raise InvalidRequest(f"bad results frame: {exc}") from None
     queue = request.app.state.queue
-    accepted = sum([
-        await queue.complete(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)
-    ])
+    accepted = await queue.answer(
+        [(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)]
+    )
     return await _posted(request, header.worker_id, accepted, len(header.results))
 
 
 async def errors(request: Request) -> Response:
     report: ErrorReport = await _read(request, ErrorReport)
     queue = request.app.state.queue
-    accepted = sum([
-        await queue.fail(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors
-    ])
+    accepted = await queue.answer(
+        [(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors]
+    )
     return await _posted(request, report.worker_id, accepted, len(report.errors))
 
 

@@ -201,8 +201,8 @@ def test_entries_keep_their_false_and_zero_values_over_the_defaults(helm, tmp_pa
         ("serviceMonitor:\n  enabeld: true\n", "enabeld"),
         ("workers:\n  - name: a\n    generator: {maxModelLen: 512}\n", "modelPath is required"),
     ],
-    ids=["typo", "string-for-number", "replicas-need-redis", "redis-needs-url", "unknown-backend", "string-seqs", "nested-typo", "bad-name", "monitor-typo",
-         "no-model-path"],
+    ids=["typo", "string-for-number", "replicas-need-redis", "redis-needs-url", "unknown-backend", "string-seqs",
+         "nested-typo", "bad-name", "monitor-typo", "no-model-path"],
 )
 def test_bad_values_are_rejected_naming_the_key(helm, tmp_path, values, message):
     path = tmp_path / "bad.yaml"
