@@ -92,12 +92,15 @@ class RedisRegistry(WorkerRegistry):
         try:
             return await super().resolve(model, tags)
         except ApiError:
-            await self._refresh_on_miss()
+            if not await self._refresh_on_miss():  # "not found" would be a guess: say what is wrong
+                raise QueueDown("the shared worker registry (Redis) is unreachable; retry shortly",
+                                headers={"Retry-After": "1"}) from None
             return await super().resolve(model, tags)
 
-    async def _refresh_on_miss(self) -> None:
+    async def _refresh_on_miss(self) -> bool:
         """Reload the view from Redis, by a refresh that started after this call (concurrent
-        misses share one: a flood of unknown names costs one refresh at a time)."""
+        misses share one: a flood of unknown names costs one refresh at a time); False if
+        Redis could not be reached."""
         missed_at = time.monotonic()
         while self._refreshed_at < missed_at:
             if self._refreshing is None or self._refreshing.done():
@@ -106,7 +109,8 @@ class RedisRegistry(WorkerRegistry):
                 await asyncio.shield(self._refreshing)
             except DOWN as exc:
                 log.debug("registry refresh: %s", exc)
-                return
+                return False
+        return True
 
     async def _refresh_forever(self) -> None:
         while True:

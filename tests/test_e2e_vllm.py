@@ -21,9 +21,11 @@ MODEL = "all-minilm"
 TEXTS = ["Why is the sky blue?", "Why is the grass green?"]  # the README's example
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("vllm"))
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def gateway(tmp_path_factory, request):
+    """A gateway and a real vLLM worker, on each queue backend."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    cluster = Cluster(tmp_path_factory.mktemp("vllm"), redis)
     gw = cluster.gateway()
     config = (REPO / "examples" / "all-minilm.toml").read_text()
     config = re.sub(r'(?m)^model_path = .*$', f'model_path = "{gt_model.get_model_path()}"', config)

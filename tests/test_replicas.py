@@ -6,14 +6,17 @@ registrations and answers all cross replicas. Then replicas, workers and Redis i
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Cluster, Gateway, RedisServer, fake_worker_config, wait_until
+from tests.conftest import REPO, Cluster, Gateway, RedisServer, fake_worker_config, wait_until
 from tests.load import DIMS, MODEL, Load, expected, metric
 
 pytestmark = pytest.mark.timeout(180)
@@ -110,3 +113,50 @@ def test_redis_killed_and_restarted_with_aof_the_system_recovers(cluster: Cluste
             assert load.outcomes == {"200": 20} and not load.wrong, "after the restart: " + load.summary()
     finally:
         redis.stop()
+
+
+def test_a_gateway_started_before_redis_answers_503_then_serves(cluster: Cluster, tmp_path):
+    redis = cluster.redis = RedisServer(tmp_path)  # its port is chosen; it is not started yet
+    gateway = cluster.gateway()
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "queue_unavailable", response.text
+    assert response.headers["retry-after"] == "1"
+    redis.start()
+    try:
+        cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS))
+        gateway.wait_for_model(MODEL)
+        response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+        assert response.status_code == 200, response.text
+    finally:
+        redis.stop()
+    assert "Traceback" not in cluster.logs()
+
+
+def test_redis_passwords_are_never_logged(cluster: Cluster, redis_server: RedisServer):
+    in_url, in_env = "url-secret-5b1d0c", "env-secret-9f3a77"
+    gateway = cluster.gateway(env={
+        "EMBEDQ_REDIS_URL": redis_server.url.replace("redis://", f"redis://:{in_url}@"), "EMBEDQ_REDIS_PASSWORD": in_env,
+    })
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+    assert response.status_code == 404, response.text  # no worker: the call went through Redis
+    logs = cluster.logs()
+    assert f"Redis at redis://127.0.0.1:{redis_server.port}/0" in logs  # the URL, less its password
+    seen = logs + response.text + httpx.get(gateway.url + "/metrics").text
+    assert in_url not in seen and in_env not in seen
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EMBEDQ_QUEUE": "redis"}, "EMBEDQ_REDIS_URL"),
+        ({"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": "redis://127.0.0.1:1/0", "EMBEDQ_KEYS_DB": "k.db"}, "EMBEDQ_KEYS_FILE"),
+        ({"EMBEDQ_QUEUE": "rabbitmq"}, "EMBEDQ_QUEUE"),
+        ({"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": "redis://h/0", "EMBEDQ_REDIS_PREFIX": "a b"}, "EMBEDQ_REDIS_PREFIX"),
+    ],
+    ids=["no-url", "sqlite-keys", "unknown-backend", "bad-prefix"],
+)
+def test_bad_queue_settings_stop_the_gateway_naming_the_variable(env, message):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    result = subprocess.run([sys.executable, "-m", "gateway"], env={**environ, **env}, cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
