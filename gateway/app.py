@@ -138,7 +138,9 @@ def _safe_url(url: str) -> str:
 
 
 async def _queue_down(request: Request, exc: Exception) -> Response:
-    return render_error(request, QueueDown(f"the job queue is unavailable ({exc}); retry shortly", headers={"Retry-After": "1"}))
+    """A shared queue's Redis is unreachable: 503 for clients and workers alike (workers retry)."""
+    retry_after = str(request.app.state.settings.retry_after_s)
+    return render_error(request, QueueDown(f"{exc}; retry shortly", headers={"Retry-After": retry_after}))
 
 
 def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Starlette:

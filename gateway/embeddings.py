@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.auth import Auth
-from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded, QueueDown
+from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
 from gateway.keys import ApiKey
 from gateway.metrics import GatewayMetrics
 from gateway.queue import JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout, QueueUnavailable
@@ -79,9 +79,6 @@ class EmbeddingService:
             raise GatewayTimeout(
                 f"model {model!r} did not answer within {self._settings.request_timeout_s:g}s"
             ) from None
-        except QueueUnavailable as exc:
-            raise QueueDown(f"the job queue is unavailable ({exc}); retry shortly",
-                            headers={"Retry-After": str(self._settings.retry_after_s)}) from None
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single) from None
@@ -150,7 +147,6 @@ class EmbeddingService:
                         count = await self._queue.abandon(key, JobFailed("no_live_worker", message))
                     except QueueUnavailable:
                         continue  # next round
-
                     log.warning("failed %d queued jobs: %s", count, message)
                     orphaned_since.pop(key)
 

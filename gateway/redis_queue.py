@@ -400,7 +400,7 @@ def _unavailable():
     try:
         yield
     except DOWN as exc:
-        raise QueueUnavailable(f"Redis: {exc}") from None
+        raise QueueUnavailable(f"the job queue (Redis) is unreachable: {exc}") from None
 
 
 _DONE = struct.Struct("<cII")  # b"D", rows, dims; then int32 prompt tokens per row, then float32 rows

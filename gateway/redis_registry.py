@@ -22,7 +22,8 @@ import time
 
 import orjson
 
-from gateway.errors import ApiError, QueueDown
+from gateway.errors import ApiError
+from gateway.queue import QueueUnavailable
 from gateway.redis_link import DOWN, RedisLink, unless_cancelled
 from gateway.registry import Route, UnknownWorker, WorkerRegistry
 from worker.protocol import WorkerHello
@@ -93,8 +94,7 @@ class RedisRegistry(WorkerRegistry):
             return await super().resolve(model, tags)
         except ApiError:
             if not await self._refresh_on_miss():  # "not found" would be a guess: say what is wrong
-                raise QueueDown("the shared worker registry (Redis) is unreachable; retry shortly",
-                                headers={"Retry-After": "1"}) from None
+                raise QueueUnavailable("the worker registry (Redis) is unreachable") from None
             return await super().resolve(model, tags)
 
     async def _refresh_on_miss(self) -> bool:
@@ -152,8 +152,8 @@ class RedisRegistry(WorkerRegistry):
 
 
 async def _or_503(call):
-    """A Redis call of a worker endpoint: 503 while Redis is down, so the worker retries."""
+    """A Redis call of a worker endpoint: 503 while Redis is down (app.py), so the worker retries."""
     try:
         return await call
     except DOWN as exc:
-        raise QueueDown(f"the shared registry (Redis) is unreachable: {exc}") from None
+        raise QueueUnavailable(f"the worker registry (Redis) is unreachable: {exc}") from None
