@@ -144,6 +144,8 @@ class RedisRegistry(WorkerRegistry):
         for worker_id, worker in list(self._workers.items()):
             if worker_id not in live and worker.last_seen < started:
                 del self._workers[worker_id]  # expired or left: its record is gone
+        for worker_id in [w for w in self._written if w not in self._workers]:
+            del self._written[worker_id]  # nothing kept per departed worker
         for model, sets in zip(first_seen, tagsets):
             name = model.decode()
             self._first_seen[name] = float(first_seen[model])
