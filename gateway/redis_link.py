@@ -61,9 +61,6 @@ class RedisLink:
         """Queue a PUBLISH of the event on a pipeline."""
         pipe.publish(self.key("events"), f"{kind} {argument}")
 
-    async def publish(self, kind: str, argument: str) -> None:
-        await self.redis.publish(self.key("events"), f"{kind} {argument}")
-
     async def start(self) -> None:
         try:
             version = (await self.redis.info("server"))["redis_version"]

@@ -206,7 +206,7 @@ class RedisQueue(JobQueue):
             call.add_done_callback(self._give_back)
             raise
         requeued, failed, available = reply[:3]
-        self._count_expired(key, requeued, failed)
+        self._count_expired(requeued, failed)
         flat = reply[3:]
         jobs = [
             Job(job_id=flat[i].decode(), lease_id=flat[i + 1].decode(), **orjson.loads(flat[i + 2]))
@@ -253,10 +253,6 @@ class RedisQueue(JobQueue):
             outcome = await self._scripts["RELEASE"](
                 args=[self._link.prefix, job_id, lease_id, self._max_attempts, RESULT_TTL_MS]
             )
-            if outcome == 1:
-                queue = await self._redis.hget(self._link.key("j", job_id), "queue")
-                if queue is not None:
-                    await self._link.publish("jobs", f"1 {queue.decode()}")
         return outcome != 0
 
     async def abandon(self, key: str, failed: JobFailed) -> int:
@@ -319,8 +315,7 @@ class RedisQueue(JobQueue):
         reply = await self._scripts["EXPIRE"](args=[
             self._link.prefix, int(self._clock() * 1000), self._max_attempts, RESULT_TTL_MS, self._expiry_reason(),
         ])
-        for i in range(0, len(reply), 3):
-            self._count_expired(reply[i].decode(), reply[i + 1], reply[i + 2])
+        self._count_expired(*reply)
 
     async def check_pending(self) -> None:
         """Count this replica's jobs by state, and repair what a Redis restart may have lost."""
@@ -352,13 +347,11 @@ class RedisQueue(JobQueue):
             log.warning("job %s was lost by Redis (a restart?); queued again", entry.job_id)
             await self._enqueue([entry], front=True)
 
-    def _count_expired(self, key: str, requeued: int, failed: int) -> None:
+    def _count_expired(self, requeued: int, failed: int) -> None:
         for _ in range(requeued):
             self._on_expired(True)
         for _ in range(failed):
             self._on_expired(False)
-        if requeued:
-            self._in_background(self._link.publish("jobs", f"{requeued} {key}"))
 
     def _expiry_reason(self) -> str:
         return f"expired (timeout {self._lease_ttl_s:g}s)"

@@ -38,11 +38,13 @@ local function deliver(id, owner, payload, ttl)
   redis.call('RPUSH', r, id)
   redis.call('PEXPIRE', r, ttl)
 end
--- Back to the front of its queue, or failed if that was its last attempt: 1 requeued, 2 failed.
+-- Back to the front of its queue (telling waiting leases), or failed if that was its last
+-- attempt: 1 requeued, 2 failed.
 local function requeue_or_fail(id, queue, attempts, owner, max_attempts, why, ttl)
   if attempts < max_attempts then
     redis.call('HSET', k('j', id), 'st', 'w', 'lease', '')
     redis.call('LPUSH', k('q', queue), id)
+    redis.call('PUBLISH', k('events'), 'jobs ' .. redis.call('HGET', k('j', id), 'n') .. ' ' .. queue)
     return 1
   end
   local message = 'no worker finished this job in ' .. attempts .. ' attempts (its last lease ' .. why .. ')'
@@ -191,16 +193,12 @@ return out
 """
 
 # ARGV: P, now_ms, max_attempts, result_ttl_ms, expiry reason. Reclaims expired leases of every
-# queue; returns {queue, requeued, failed, ...} for the queues where it did something.
+# queue; returns {requeued, failed}.
 EXPIRE = _PRELUDE + """
-local out = {}
+local requeued, failed = 0, 0
 for _, queue in ipairs(redis.call('SMEMBERS', k('queues'))) do
-  local requeued, failed = expire(queue, tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5], ARGV[4])
-  if requeued + failed > 0 then
-    table.insert(out, queue)
-    table.insert(out, requeued)
-    table.insert(out, failed)
-  end
+  local r, f = expire(queue, tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5], ARGV[4])
+  requeued, failed = requeued + r, failed + f
 end
-return out
+return {requeued, failed}
 """
