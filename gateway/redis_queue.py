@@ -207,19 +207,13 @@ class RedisQueue(JobQueue):
             raise
         requeued, failed, available = reply[:3]
         self._count_expired(requeued, failed)
-        flat = reply[3:]
-        jobs = [
-            Job(job_id=flat[i].decode(), lease_id=flat[i + 1].decode(), **orjson.loads(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        ]
-        return jobs, available
+        return _leased_jobs(reply), available
 
     def _give_back(self, call: asyncio.Future) -> None:
         if call.cancelled() or call.exception() is not None:
             return
-        flat = call.result()[3:]
-        for i in range(0, len(flat), 3):
-            self._in_background(self.release(flat[i].decode(), flat[i + 1].decode()))
+        for job in _leased_jobs(call.result()):
+            self._in_background(self.release(job.job_id, job.lease_id))
 
     async def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:
         return await self.answer([(job_id, lease_id, done)]) == 1
@@ -386,6 +380,15 @@ class RedisQueue(JobQueue):
             await work
         except (*DOWN, QueueUnavailable) as exc:
             log.warning("Redis call in the background failed: %s", exc)
+
+
+def _leased_jobs(reply: list) -> list[Job]:
+    """The jobs in a LEASE script's reply: id, lease id and job JSON per job, after three counts."""
+    flat = reply[3:]
+    return [
+        Job(job_id=flat[i].decode(), lease_id=flat[i + 1].decode(), **orjson.loads(flat[i + 2]))
+        for i in range(0, len(flat), 3)
+    ]
 
 
 @contextmanager
