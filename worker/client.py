@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from worker.metrics import WorkerMetrics
 from worker.protocol import (
@@ -26,8 +26,12 @@ from worker.protocol import (
     WorkerBye,
     WorkerHello,
 )
+from worker.transport import AiohttpTransport
 
 log = logging.getLogger(__name__)
+# 0.2 s, 0.4 s, 0.8 s ... up to 10 s, plus up to 1 s of jitter so that workers cut off together
+# do not come back together (tenacity's wait_exponential_jitter, spelt the same on every version).
+BACKOFF = wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 1)
 
 
 class UnknownWorker(Exception):
@@ -46,11 +50,10 @@ def _retryable(exc: BaseException) -> bool:
 class GatewayClient:
     def __init__(
         self, url: str, token: str, retries: int, timeout_s: float, metrics: WorkerMetrics,
-        transport: httpx.AsyncBaseTransport | None = None,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
-            base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=transport
+            base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=AiohttpTransport()
         )
         self._timeout_s = timeout_s
         self._retries = retries
@@ -94,7 +97,7 @@ class GatewayClient:
     async def _post(self, path: str, timeout: float | None = None, **kwargs) -> httpx.Response:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._retries + 1),
-            wait=wait_exponential_jitter(initial=0.2, max=10.0),
+            wait=BACKOFF,
             retry=retry_if_exception(_retryable),
             before_sleep=self._before_retry,
             reraise=True,
