@@ -12,7 +12,7 @@ COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps . \
  && pip install --no-cache-dir "httpx>=0.27" "tenacity>=8.2" "pydantic>=2.7" "prometheus-client>=0.20" \
       "starlette>=0.37" "uvicorn>=0.29" "numpy>=1.26" "orjson>=3.10" \
-      "aiohttp>=3.10" \
+      "uvloop>=0.19" "httptools>=0.6" "aiohttp>=3.10" \
  && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin embedq
 USER 10001
 ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_CACHE_ROOT=/tmp/vllm-cache

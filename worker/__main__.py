@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
 from worker.batch import EngineDead
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in config_warnings(config):
         log.warning(warning)
-    return asyncio.run(serve(config, token, args.metrics_host))
+    return uvloop.run(serve(config, token, args.metrics_host))  # aiohttp and the pipeline on libuv: less CPU per call
 
 
 # vLLM starts engine processes with spawn: the entry point must sit behind this guard.
