@@ -118,7 +118,7 @@ class InMemoryQueue(JobQueue):
             return True
         if timeout_s <= 0:
             return False
-        arrivals = self._arrivals.setdefault(key, asyncio.Condition())
+        arrivals = self._arrivals_of(key)
         try:
             async with asyncio.timeout(timeout_s), arrivals:
                 await arrivals.wait_for(lambda: self._closing or ready())
@@ -190,9 +190,15 @@ class InMemoryQueue(JobQueue):
                 entry.future.cancel()
 
     async def _notify(self, key: str) -> None:
-        arrivals = self._arrivals.setdefault(key, asyncio.Condition())
+        arrivals = self._arrivals_of(key)
         async with arrivals:
             arrivals.notify_all()
+
+    def _arrivals_of(self, key: str) -> asyncio.Condition:
+        arrivals = self._arrivals.get(key)  # not setdefault: that would build a Condition on every call
+        if arrivals is None:
+            arrivals = self._arrivals[key] = asyncio.Condition()
+        return arrivals
 
     async def _expire_forever(self) -> None:
         period = min(1.0, self._lease_ttl_s / 4)
