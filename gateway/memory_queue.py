@@ -100,10 +100,12 @@ class InMemoryQueue(JobQueue):
 
         if self._closing:
             return []
+        loop = asyncio.get_running_loop()
+        engine_free_at = loop.time() + fill_s  # until then, jobs wait for a full batch
         if not await self._wait_until(key, lambda: has_inputs(1), wait_s):
             return []
-        if fill_s > 0:
-            await self._wait_until(key, lambda: has_inputs(max_items), fill_s)
+        if engine_free_at > loop.time():
+            await self._wait_until(key, lambda: has_inputs(max_items), engine_free_at - loop.time())
         if self._closing:
             return []
         taken = self._take(waiting, max_items, tags, max_tokens)

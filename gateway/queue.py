@@ -92,9 +92,13 @@ class JobQueue(ABC):
         max_tokens: int | None = None,
     ) -> list[Job]:
         """Hand out waiting jobs totalling at most max_items inputs and max_tokens estimated
-        tokens (but at least one job), waiting
-        up to wait_s for the first, then up to fill_s more for max_items; each comes with a fresh
-        lease id. Only jobs whose tags are all among ``tags`` (the worker's) are handed out."""
+        tokens (but at least one job), waiting up to wait_s for the first; each comes with a fresh
+        lease id. Only jobs whose tags are all among ``tags`` (the worker's) are handed out.
+
+        ``fill_s`` is how long the worker's engine stays busy, counted from this call: until
+        then, a lease that has jobs waits for max_items (the engine could not start them sooner
+        anyway); from then on it takes what there is, so an engine that became free never
+        waits for a batch to fill."""
 
     @abstractmethod
     async def complete(self, job_id: str, lease_id: str, done: JobDone) -> bool:

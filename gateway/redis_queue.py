@@ -155,24 +155,21 @@ class RedisQueue(JobQueue):
     ) -> list[Job]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        fill_until: float | None = None
+        engine_free_at = loop.time() + fill_s  # until then, jobs wait for a full batch
         while not self._closing:
             seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
-            want = max_items if fill_s > 0 else 1
-            jobs, available = await self._take(key, max_items, max_tokens, tags, want)
+            filling = loop.time() < engine_free_at
+            jobs, available = await self._take(key, max_items, max_tokens, tags, max_items if filling else 1)
             if jobs:
                 return jobs
             now = loop.time()
-            if fill_until is not None and now >= fill_until:
-                fill_s, fill_until = 0.0, None  # the fill window is over: take what there is
-                continue
-            if available and fill_s > 0 and fill_until is None:
-                fill_until = now + fill_s  # there are jobs: wait at most fill_s for a full batch
-            until = deadline if fill_until is None else fill_until
+            if available and now >= engine_free_at:
+                continue  # the engine is free by now: take what there is
+            until = engine_free_at if available else deadline
             if now >= until:
                 return []
             # Look again once enough inputs may have arrived: one, or what a full batch lacks.
-            needed = max_items - available if fill_until is not None else 1
+            needed = max_items - available if available else 1
             await self._inputs_after(key, seen, needed, min(until - now, WAKE_POLL_S))
         return []
 

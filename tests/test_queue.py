@@ -220,6 +220,28 @@ async def test_a_lease_with_fill_waits_for_a_full_batch_but_no_longer_than_fill(
     await backend.close()
 
 
+async def test_fill_counts_from_the_lease_call_so_a_free_engine_never_waits(backend):
+    """fill_s is when the engine becomes free: a job arriving after that is taken at once, one
+    arriving before it waits only for the rest of it."""
+    queue = await backend.queue()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    late = asyncio.create_task(queue.lease("k", max_items=10, wait_s=2, fill_s=0.3))
+    await asyncio.sleep(0.4)  # the engine is free by now
+    run = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
+    assert len(await late) == 1
+    assert loop.time() - started < 0.6  # not 0.4 + another 0.3 of filling
+    run.cancel()
+    started = loop.time()
+    early = asyncio.create_task(queue.lease("k", max_items=10, wait_s=2, fill_s=0.4))
+    await asyncio.sleep(0.2)
+    run = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
+    assert len(await early) == 1
+    assert 0.35 <= loop.time() - started < 0.55  # filled until 0.4, not until 0.2 + 0.4
+    run.cancel()
+    await backend.close()
+
+
 async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job(backend):
     queue = await backend.queue()
     big = [JobSpec("m", ["x"], tokens=300), JobSpec("m", ["y"], tokens=300), JobSpec("m", ["z"], tokens=300)]

@@ -70,8 +70,9 @@ class LeaseRequest(_Strict):
     worker_id: str
     max_items: int = Field(gt=0, le=100_000)
     wait_s: float = Field(ge=0, le=60)  # long-poll: how long to wait for the first job
-    # Once there are jobs, how much longer to wait for max_items of them: a worker whose engine
-    # is busy anyway asks for a full batch rather than the first few stragglers.
+    # How long, from this call, the worker's engine stays busy: until then, jobs wait for
+    # max_items of them (the engine could not start them sooner: a full batch beats the first
+    # few stragglers); after it, the lease takes what there is.
     fill_s: float = Field(default=0.0, ge=0, le=10)
     # At most this many (estimated) tokens per lease, but always at least one job.
     max_tokens: int | None = Field(default=None, gt=0)
