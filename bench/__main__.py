@@ -5,7 +5,9 @@ as a ratio, and everything is written as JSON:
 
 - engine: vLLM's offline ``LLM.embed`` limit; vLLM's own OpenAI server; embedq (gateway + one
   vLLM worker), each with the packaged all-MiniLM-L6-v2 on CPU, at 32 clients x 16 inputs and
-  64 clients x 1 input, over the same 2,000 sentences;
+  64 clients x 1 input, over the same 2,000 sentences. All three are started once and take turns,
+  round after round (an idle one costs under 2% of a core), so that a slow spell of a shared
+  machine hits each of them alike; ratios are taken within each round and the median is reported;
 - gateway: the gateway path with a zero-delay fake worker against a bare ASGI endpoint that
   returns the same bytes, at 1 and 64 clients;
 - scaling: 1, 2, 4, 8 fake workers of fixed per-batch delay;
@@ -20,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import time
 
 import httpx
@@ -37,39 +40,49 @@ TARGETS = {
 }
 
 
-def offline(texts: list[str]) -> dict:
-    """vLLM's offline limit, with the engine settings of examples/all-minilm.toml."""
+def offline_engine():
+    """vLLM's offline engine, with the engine settings of examples/all-minilm.toml."""
     os.environ.update(CPU_ENV)
     from vllm import LLM
 
     llm = LLM(model=model_path(), runner="pooling", dtype="bfloat16", max_model_len=256, max_num_seqs=64,
               enforce_eager=True)
-    llm.embed(texts[:128], use_tqdm=False)  # warm-up
+    llm.embed(sentences(128, seed=7), use_tqdm=False)  # warm-up
+    return llm
+
+
+def offline(llm, texts: list[str]) -> dict:
     started = time.perf_counter()
     outputs = llm.embed(texts, use_tqdm=False)
     seconds = time.perf_counter() - started
     tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    llm.llm_engine.engine_core.shutdown()  # free the cores for what follows
-    del llm
-    gc.collect()
     return {"inputs_per_s": len(texts) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
 
 def _loads(url: str, texts: list[str]) -> dict[str, dict]:
-    run_load(url + "/v1/embeddings", MODEL, texts[:256], 16, 16)  # warm-up
     return {f"{c}x{n}": run_load(url + "/v1/embeddings", MODEL, texts, c, n).as_dict() for c, n in ENGINE_LOADS}
 
 
-def engine(texts: list[str]) -> dict:
-    results = {"offline": offline(texts)}
-    with stack() as s:
-        results["vllm_server"] = _loads(s.vllm_server(), texts)
-    with stack() as s:
-        url = s.gateway()
-        s.vllm_worker(url)
-        wait_for_model(url)
-        results["embedq"] = _loads(url, texts)
-    return results
+def engine(texts: list[str], rounds: int) -> dict:
+    llm = offline_engine()
+    try:
+        with stack() as s:
+            systems = {"vllm_server": s.vllm_server(), "embedq": s.gateway()}
+            s.vllm_worker(systems["embedq"])
+            wait_for_model(systems["embedq"])
+            for url in systems.values():
+                run_load(url + "/v1/embeddings", MODEL, sentences(256, seed=7), 16, 16)  # warm-up
+            results = []
+            for round_ in range(rounds):
+                measured = {"offline": offline(llm, texts)}
+                for name in sorted(systems, reverse=round_ % 2 == 1):  # each goes first every other round
+                    measured[name] = _loads(systems[name], texts)
+                results.append(measured)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # free the cores for what follows
+        del llm
+        gc.collect()
+    return {"rounds": results}
 
 
 def gateway_path() -> dict:
@@ -124,10 +137,12 @@ def queue_backends() -> dict:
 def ratios(results: dict) -> dict[str, float]:
     out = {}
     if "engine" in results:
-        e = results["engine"]
-        out["embedq / offline, 32x16"] = e["embedq"]["32x16"]["inputs_per_s"] / e["offline"]["inputs_per_s"]
+        rounds = results["engine"]["rounds"]
+        out["embedq / offline, 32x16"] = statistics.median(
+            r["embedq"]["32x16"]["inputs_per_s"] / r["offline"]["inputs_per_s"] for r in rounds)
         for load in ("32x16", "64x1"):
-            out[f"embedq / vLLM server, {load}"] = e["embedq"][load]["inputs_per_s"] / e["vllm_server"][load]["inputs_per_s"]
+            out[f"embedq / vLLM server, {load}"] = statistics.median(
+                r["embedq"][load]["inputs_per_s"] / r["vllm_server"][load]["inputs_per_s"] for r in rounds)
     if "gateway" in results:
         g = results["gateway"]
         out["gateway / bare ASGI requests/s, 64 clients"] = (
@@ -146,13 +161,14 @@ def ratios(results: dict) -> dict[str, float]:
 
 def report(results: dict) -> None:
     if "engine" in results:
-        e = results["engine"]
-        print(f"\noffline LLM.embed: {e['offline']['inputs_per_s']:.1f} sentences/s, {e['offline']['tokens_per_s']:.0f} tokens/s")
-        print(f"{'system':14} {'load':6} {'sent/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-        for system in ("vllm_server", "embedq"):
-            for load, r in e[system].items():
-                print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} "
-                      f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+        for number, e in enumerate(results["engine"]["rounds"], 1):
+            print(f"\nround {number}: offline LLM.embed {e['offline']['inputs_per_s']:.1f} sentences/s, "
+                  f"{e['offline']['tokens_per_s']:.0f} tokens/s")
+            print(f"{'system':14} {'load':6} {'sent/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+            for system in ("vllm_server", "embedq"):
+                for load, r in e[system].items():
+                    print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} "
+                          f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
     if "gateway" in results:
         for name, r in results["gateway"].items():
             print(f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
@@ -179,12 +195,13 @@ def main() -> None:
     parser.add_argument("--only", default="engine,gateway,scaling,queue",
                         help="comma-separated: engine, gateway, scaling, queue")
     parser.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
+    parser.add_argument("--rounds", type=int, default=3, help="engine part: turns each system takes (default 3)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     results: dict = {"machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if "engine" in parts:
-        results["engine"] = engine(sentences())
+        results["engine"] = engine(sentences(), args.rounds)
     if "gateway" in parts:
         results["gateway"] = gateway_path()
     if "scaling" in parts:
