@@ -1,9 +1,11 @@
-"""httpx's API on aiohttp's HTTP/1.1: the worker's calls to the gateway at half the CPU.
+"""httpx's API on aiohttp's HTTP/1.1: the worker's calls to the gateway for less CPU.
 
-httpx's own asyncio transport (httpcore on anyio, h11) costs about 0.7 ms of CPU per call on a
-2-core VM, aiohttp's C parser about 0.2 ms; on the worker's hot path (a lease and a post per
-batch) that CPU comes out of the cores the engine and the gateway share. The client code, its
-timeouts and its tenacity retries stay plain httpx: only the bytes move through aiohttp.
+Measured on a 2-core VM against the same server: a call through httpx's own asyncio transport
+(httpcore on anyio, h11) costs about 0.70 ms of CPU, through this one 0.42 ms (aiohttp alone
+0.19 ms; the rest is httpx's request and response models). On the worker's hot path (a lease
+and a post per batch) that CPU comes out of the cores the engine and the gateway share. The
+client code, its timeouts and its tenacity retries stay plain httpx: only the bytes move
+through aiohttp.
 
 Every aiohttp failure becomes the httpx error a caller would get from httpx itself (all
 ``httpx.TransportError``s, so retries and the worker's error handling see no difference), and
