@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -48,6 +48,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+async def _requests(reader: asyncio.StreamReader) -> AsyncIterator[tuple[bytes, bytes]]:
+    """The requests on one kept-alive connection, until the client closes it."""
+    while True:
+        try:
+            yield await _read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+
+
 def _answer(status: str, body: bytes, *headers: str) -> bytes:
     lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -62,11 +71,8 @@ async def test_a_round_trip_carries_method_headers_and_both_bodies():
     seen: list[tuple[bytes, bytes]] = []
 
     async def handler(reader, writer):
-        while not reader.at_eof():  # one connection, several requests: kept alive
-            try:
-                seen.append(await _read_request(reader))
-            except asyncio.IncompleteReadError:
-                break
+        async for request in _requests(reader):  # one connection, several requests: kept alive
+            seen.append(request)
             writer.write(_answer("201 Created", b'{"ok": true}', "Content-Type: application/json", "X-Extra: 1"))
             await writer.drain()
 
@@ -142,11 +148,7 @@ async def test_the_gateway_client_retries_503_and_a_dropped_connection_then_succ
     replies = iter([_answer("503 Service Unavailable", b"{}"), b"", _answer("200 OK", b'{"accepted": 1, "ignored": 0}')])
 
     async def handler(reader, writer):
-        while not reader.at_eof():
-            try:
-                await _read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
+        async for _ in _requests(reader):
             reply = next(replies)
             writer.write(reply)
             await writer.drain()
