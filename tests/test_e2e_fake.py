@@ -177,6 +177,25 @@ def test_a_model_whose_workers_are_gone_is_unlisted_and_answers_503(running):
     assert MODEL in gateway.models()
 
 
+def test_an_idle_worker_configured_to_heartbeat_slower_than_the_gateways_ttl_stays_listed(running):
+    """Waiting idle in a long-poll touches nothing at the gateway: the heartbeats alone keep the
+    worker alive, so the worker must send them within the gateway's TTL (2 s here), not every 5 s."""
+    gateway, _, cluster = running
+    config = fake_worker_config(gateway.url, "idle", dimensions=4)
+    config = config.replace("heartbeat_interval_s = 0.5", "heartbeat_interval_s = 5").replace(
+        "lease_wait_s = 2.0", "lease_wait_s = 20"
+    )
+    worker = cluster.worker(config)
+    gateway.wait_for_model("idle")
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        assert "idle" in gateway.models(), worker.log()
+        time.sleep(0.1)
+    assert _embed(gateway.url, model="idle", input="still here").status_code == 200
+    assert "heartbeating every 0.667s, not the configured 5s" in worker.log()
+    worker.stop()
+
+
 def test_sigterm_makes_a_worker_leave_at_once(running):
     gateway, _, cluster = running
     worker = cluster.worker(fake_worker_config(gateway.url, "polite", dimensions=4))

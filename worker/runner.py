@@ -49,6 +49,9 @@ GATEWAY_FAILURES = (httpx.HTTPError, ValidationError)
 STALE_AFTER_S = 0.1
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
 LEASE_ANSWER_TIMEOUT_S = 5.0  # how long a stopping worker waits for its in-flight lease's answer
+# Heartbeats per gateway TTL at least: a worker idle in a long-poll is touched by nothing else,
+# and one late heartbeat must not get it dropped.
+HEARTBEATS_PER_TTL = 3
 
 
 def new_worker_id(service_name: str) -> str:
@@ -66,6 +69,7 @@ class Worker:
         self._batch_s = 0.0  # moving average of an engine call
         self._computing_since: float | None = None
         self._leasing = False  # a lease call is in flight
+        self._heartbeat_s = config.queue.heartbeat_interval_s  # capped by the gateway's TTL once it answers
         generator = config.generator
         # vLLM's own per-step token budget bounds a lease too; None: max_num_seqs alone.
         self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
@@ -170,7 +174,7 @@ class Worker:
         """Heartbeat until the gateway answers; False if told to stop first."""
         while not stop.is_set():
             try:
-                await self._client.heartbeat(self.hello())
+                await self._heartbeat()
                 return True
             except GATEWAY_FAILURES as exc:
                 self._gateway_failed("register", exc)
@@ -178,16 +182,29 @@ class Worker:
         return False
 
     async def _heartbeat_forever(self, stop: asyncio.Event) -> None:
-        while not await _sleep_or_stop(self._config.queue.heartbeat_interval_s, stop):
+        while not await _sleep_or_stop(self._heartbeat_s, stop):
             try:
-                await self._client.heartbeat(self.hello())
+                await self._heartbeat()
             except GATEWAY_FAILURES as exc:
                 self._gateway_failed("heartbeat", exc)
+
+    async def _heartbeat(self) -> None:
+        """Heartbeat (it registers too), at least HEARTBEATS_PER_TTL times per the gateway's TTL
+        from then on, whatever the config says: a worker whose interval outlasts that TTL would
+        drop out of the gateway's models between heartbeats while it waits idle for jobs."""
+        reply = await self._client.heartbeat(self.hello())
+        interval = min(self._config.queue.heartbeat_interval_s, reply.worker_ttl_s / HEARTBEATS_PER_TTL)
+        if interval != self._heartbeat_s and interval < self._config.queue.heartbeat_interval_s:
+            log.warning(
+                "heartbeating every %.3gs, not the configured %.3gs: the gateway drops a worker silent for %.3gs",
+                interval, self._config.queue.heartbeat_interval_s, reply.worker_ttl_s,
+            )
+        self._heartbeat_s = interval
 
     async def _probe_forever(self, stop: asyncio.Event) -> None:
         while True:
             await probe_all(self._config.monitoring.tcp_probes, self._metrics.tcp_probe_up)
-            if await _sleep_or_stop(self._config.queue.heartbeat_interval_s, stop):
+            if await _sleep_or_stop(self._heartbeat_s, stop):
                 return
 
     async def _lease(self, stop: asyncio.Event) -> list[Job]:
