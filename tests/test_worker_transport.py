@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from worker.client import GatewayClient
 from worker.metrics import WorkerMetrics
-from worker.protocol import JobRef, Release
+from worker.protocol import JobRef, LeaseRequest, Release
 from worker.transport import AiohttpTransport
 
 pytestmark = pytest.mark.anyio
@@ -166,3 +166,31 @@ async def test_the_gateway_client_retries_503_and_a_dropped_connection_then_succ
             await client.aclose()
     assert reply.ignored == 0
     assert registry.get_sample_value("embedq_worker_http_retries_total") == 2
+
+
+async def test_a_stopping_worker_retries_no_failed_lease():
+    """Gateway and workers stopped together: the worker must not spend its drain time retrying a
+    lease whose jobs it could only give back. Seven retries would take over 20 s of backoff."""
+    attempts = 0
+
+    async def handler(reader, writer):
+        nonlocal attempts
+        async for _ in _requests(reader):
+            attempts += 1
+            writer.write(_answer("503 Service Unavailable", b"{}"))
+            await writer.drain()
+
+    server, url = await _serve(handler)
+    client = GatewayClient(url, "", retries=7, timeout_s=2.0, metrics=WorkerMetrics(CollectorRegistry()))
+    stopping = asyncio.Event()
+    request = LeaseRequest(worker_id="w", max_items=1, wait_s=0)
+    asyncio.get_running_loop().call_later(0.1, stopping.set)  # during the first backoff (0.2 s or more)
+    started = asyncio.get_running_loop().time()
+    async with server:
+        try:
+            with pytest.raises(httpx.HTTPStatusError):
+                await client.lease(request, stopping)
+        finally:
+            await client.aclose()
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert attempts <= 2  # the first, and at most the one its backoff was cut short for

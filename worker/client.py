@@ -6,10 +6,20 @@ Transport errors, 5xx and 429 are retried with exponential backoff and jitter, u
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential,
+    wait_random,
+)
 
 from worker.metrics import WorkerMetrics
 from worker.protocol import (
@@ -69,10 +79,12 @@ class GatewayClient:
     async def leave(self, worker_id: str) -> None:
         await self._post("/workers/leave", json=WorkerBye(worker_id=worker_id).model_dump())
 
-    async def lease(self, request: LeaseRequest) -> list[Job]:
+    async def lease(self, request: LeaseRequest, stopping: asyncio.Event | None = None) -> list[Job]:
+        """Jobs for us; once ``stopping`` is set, a failed lease is not retried (it could only
+        take jobs to give back), so a worker whose gateway went away too stops at once."""
         # The gateway holds the request up to wait_s; the timeout must outlast that.
         response = await self._post(
-            "/lease", json=request.model_dump(), timeout=request.wait_s + self._timeout_s
+            "/lease", json=request.model_dump(), timeout=request.wait_s + self._timeout_s, stopping=stopping
         )
         return LeaseReply.model_validate_json(response.content).jobs
 
@@ -94,9 +106,15 @@ class GatewayClient:
         response = await self._post("/leases/check", json=asked.model_dump())
         return set(LiveJobs.model_validate_json(response.content).job_ids)
 
-    async def _post(self, path: str, timeout: float | None = None, **kwargs) -> httpx.Response:
+    async def _post(
+        self, path: str, timeout: float | None = None, stopping: asyncio.Event | None = None, **kwargs
+    ) -> httpx.Response:
+        stop, sleep = stop_after_attempt(self._retries + 1), asyncio.sleep
+        if stopping is not None:  # no retry once set, and a backoff in progress ends at once
+            stop, sleep = stop | stop_when_event_set(stopping), functools.partial(_sleep_unless, stopping)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retries + 1),
+            stop=stop,
+            sleep=sleep,
             wait=BACKOFF,
             retry=retry_if_exception(_retryable),
             before_sleep=self._before_retry,
@@ -114,6 +132,11 @@ class GatewayClient:
         self._metrics.http_retries.inc()
         exc = state.outcome.exception()
         log.warning("gateway call failed (%s); retry %d of %d", describe(exc), state.attempt_number, self._retries)
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
 
 
 def describe(exc: BaseException | None) -> str:

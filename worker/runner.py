@@ -217,7 +217,7 @@ class Worker:
         )
         self._leasing = True
         try:
-            jobs = await self._client.lease(request)
+            jobs = await self._client.lease(request, stop)
         except UnknownWorker:
             log.warning("the gateway does not know this worker (did it restart?); registering again")
             await self._register(stop)
