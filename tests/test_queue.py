@@ -226,18 +226,18 @@ async def test_fill_counts_from_the_lease_call_so_a_free_engine_never_waits(back
     queue = await backend.queue()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    late = asyncio.create_task(queue.lease("k", max_items=10, wait_s=2, fill_s=0.3))
-    await asyncio.sleep(0.4)  # the engine is free by now
+    late = asyncio.create_task(queue.lease("k", max_items=10, wait_s=3, fill_s=0.5))
+    await asyncio.sleep(0.8)  # the engine is free by now
     run = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
     assert len(await late) == 1
-    assert loop.time() - started < 0.6  # not 0.4 + another 0.3 of filling
+    assert loop.time() - started < 1.05  # not 0.8 + another 0.5 of filling
     run.cancel()
     started = loop.time()
-    early = asyncio.create_task(queue.lease("k", max_items=10, wait_s=2, fill_s=0.4))
-    await asyncio.sleep(0.2)
+    early = asyncio.create_task(queue.lease("k", max_items=10, wait_s=3, fill_s=0.8))
+    await asyncio.sleep(0.4)
     run = asyncio.create_task(queue.run("k", _specs(1), timeout_s=5))
     assert len(await early) == 1
-    assert 0.35 <= loop.time() - started < 0.55  # filled until 0.4, not until 0.2 + 0.4
+    assert 0.75 <= loop.time() - started < 1.0  # filled until 0.8, not until 0.4 + 0.8
     run.cancel()
     await backend.close()
 
