@@ -7,7 +7,6 @@ Transport errors, 5xx and 429 are retried with exponential backoff and jitter, u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 
@@ -111,7 +110,7 @@ class GatewayClient:
     ) -> httpx.Response:
         stop, sleep = stop_after_attempt(self._retries + 1), asyncio.sleep
         if stopping is not None:  # no retry once set, and a backoff in progress ends at once
-            stop, sleep = stop | stop_when_event_set(stopping), functools.partial(_sleep_unless, stopping)
+            stop, sleep = stop | stop_when_event_set(stopping), functools.partial(sleep_or_stop, stop=stopping)
         retrying = AsyncRetrying(
             stop=stop,
             sleep=sleep,
@@ -134,9 +133,13 @@ class GatewayClient:
         log.warning("gateway call failed (%s); retry %d of %d", describe(exc), state.attempt_number, self._retries)
 
 
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
+async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
+    """Sleep, waking early on stop; True if stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def describe(exc: BaseException | None) -> str:

@@ -23,7 +23,7 @@ import httpx
 from pydantic import ValidationError
 
 from worker.batch import BatchOutcome, run_batch
-from worker.client import GatewayClient, UnknownWorker, describe
+from worker.client import GatewayClient, UnknownWorker, describe, sleep_or_stop
 from worker.config import VllmGenerator, WorkerConfig
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
@@ -178,11 +178,11 @@ class Worker:
                 return True
             except GATEWAY_FAILURES as exc:
                 self._gateway_failed("register", exc)
-                await _sleep_or_stop(RETRY_PAUSE_S, stop)
+                await sleep_or_stop(RETRY_PAUSE_S, stop)
         return False
 
     async def _heartbeat_forever(self, stop: asyncio.Event) -> None:
-        while not await _sleep_or_stop(self._heartbeat_s, stop):
+        while not await sleep_or_stop(self._heartbeat_s, stop):
             try:
                 await self._heartbeat()
             except GATEWAY_FAILURES as exc:
@@ -204,7 +204,7 @@ class Worker:
     async def _probe_forever(self, stop: asyncio.Event) -> None:
         while True:
             await probe_all(self._config.monitoring.tcp_probes, self._metrics.tcp_probe_up)
-            if await _sleep_or_stop(self._heartbeat_s, stop):
+            if await sleep_or_stop(self._heartbeat_s, stop):
                 return
 
     async def _lease(self, stop: asyncio.Event) -> list[Job]:
@@ -224,7 +224,7 @@ class Worker:
             return []
         except GATEWAY_FAILURES as exc:
             self._gateway_failed("lease", exc)
-            await _sleep_or_stop(RETRY_PAUSE_S, stop)
+            await sleep_or_stop(RETRY_PAUSE_S, stop)
             return []
         finally:
             self._leasing = False
@@ -310,12 +310,3 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
 
 def _refs(worker_id: str, jobs: list[Job]) -> Release:
     return Release(worker_id=worker_id, jobs=[JobRef(job_id=j.job_id, lease_id=j.lease_id) for j in jobs])
-
-
-async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
-    """Sleep, waking early on stop; True if stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
