@@ -6,6 +6,7 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY gateway ./gateway
 COPY worker ./worker
 # The distribution holds both packages; without extras it pulls no engine (no vllm, no torch).

@@ -6,6 +6,7 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 WORKDIR /opt/embedq
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY gateway ./gateway
 COPY worker ./worker
 # --no-deps for vllm and torch: the base image's builds match its CUDA; the rest are small.

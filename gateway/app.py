@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
 import orjson
@@ -15,29 +15,24 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import ollama_api, openai_api, worker_api
+from gateway import worker_endpoints
 from gateway.auth import Auth
+from gateway.dialects import ollama, openai
 from gateway.embeddings import EmbeddingService
-from gateway.errors import ApiError, QueueDown, ShuttingDown
-from gateway.http import ClientGone, json_response, render_error
+from gateway.errors import ApiError, QueueDown
+from gateway.http import ClientGone, error_response, json_response, render_error
 from gateway.keys import FileKeyStore, SqliteKeyStore
-from gateway.memory_queue import InMemoryQueue
 from gateway.metrics import GatewayMetrics, LiveStateCollector
+from gateway.middleware import CLIENT_CLOSED, RequestMetrics
 from gateway.openapi import openapi_document
-from gateway.queue import JobQueue, QueueUnavailable
-from gateway.redis_link import RedisLink
-from gateway.redis_queue import RedisQueue
-from gateway.redis_registry import RedisRegistry
-from gateway.registry import WorkerRegistry
+from gateway.queue import JobQueue, MemoryStore, QueueUnavailable, Reason, Reclaimed, RedisStore
+from gateway.queue.store import Store
+from gateway.redis_link import RedisLink, safe_url
+from gateway.registry import RedisRegistry, WorkerRegistry
 from gateway.settings import GatewaySettings
-from worker.protocol import PREFIX
 
 log = logging.getLogger("gateway")
-
-# nginx's code for "client closed request": never sent (nobody is listening), only counted.
-CLIENT_CLOSED = 499
 
 
 async def health(request: Request) -> Response:
@@ -66,48 +61,10 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED)
 
 
-class RequestMetrics:
-    """Counts and times every request by endpoint (the route path, or "other") and status;
-    tracks client requests in flight, and refuses new ones while the gateway drains."""
-
-    def __init__(self, app: ASGIApp, endpoints: set[str], metrics: GatewayMetrics):
-        self._app, self._endpoints, self._metrics = app, endpoints, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(PREFIX) or scope["path"] in ("/metrics", "/health"):
-            return await self._observed(scope, receive, send)
-        state = scope["app"].state
-        if state.draining:
-            refusal = ShuttingDown(
-                "the gateway is shutting down; retry on another replica",
-                headers={"Retry-After": "1", "Connection": "close"},  # move this client off the replica
-            )
-            return await render_error(Request(scope), refusal)(scope, receive, send)
-        state.in_flight += 1
-        self._metrics.in_flight.inc()
-        try:
-            await self._observed(scope, receive, send)
-        finally:
-            state.in_flight -= 1
-            self._metrics.in_flight.dec()
-
-    async def _observed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self._app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in self._endpoints else "other"
-        started, status = time.perf_counter(), CLIENT_CLOSED
-
-        async def send_and_see(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._app(scope, receive, send_and_see)
-        finally:
-            self._metrics.child(self._metrics.requests, endpoint, str(status)).inc()
-            self._metrics.child(self._metrics.latency, endpoint).observe(time.perf_counter() - started)
+async def _queue_down(request: Request, exc: Exception) -> Response:
+    """A shared queue's Redis is unreachable: 503 for clients and workers alike (workers retry)."""
+    retry_after = str(request.app.state.settings.retry_after_s)
+    return error_response(request.url.path, QueueDown(f"{exc}; retry shortly", headers={"Retry-After": retry_after}))
 
 
 def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | None:
@@ -118,42 +75,34 @@ def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | Non
     return None
 
 
-def _backend(
-    settings: GatewaySettings, metrics: GatewayMetrics, queue: JobQueue | None,
-) -> tuple[RedisLink | None, JobQueue, WorkerRegistry]:
-    """The job queue and the worker registry: in this process, or shared through Redis."""
+def _backend(settings: GatewaySettings) -> tuple[RedisLink | None, Store, WorkerRegistry]:
+    """Where jobs and worker registrations live: in this process, or shared through Redis. A
+    stuck worker sits out as long as the longest lease."""
     if settings.queue == "memory":
-        queue = queue or InMemoryQueue(settings.lease_ttl_s, settings.max_attempts, on_expired=metrics.on_lease_expired)
-        return None, queue, WorkerRegistry(settings.worker_ttl_s)
+        return None, MemoryStore(), WorkerRegistry(settings.worker_ttl_s, stuck_s=settings.lease_ttl_s)
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     link = RedisLink(settings.redis_url, password, settings.redis_prefix)
-    queue = queue or RedisQueue(link, settings.lease_ttl_s, settings.max_attempts, on_expired=metrics.on_lease_expired)
-    return link, queue, RedisRegistry(link, settings.worker_ttl_s)
+    return link, RedisStore(link), RedisRegistry(link, settings.worker_ttl_s, stuck_s=settings.lease_ttl_s)
 
 
-def _safe_url(url: str) -> str:
-    """The URL without any password in it, for the log."""
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if sep else url
-
-
-async def _queue_down(request: Request, exc: Exception) -> Response:
-    """A shared queue's Redis is unreachable: 503 for clients and workers alike (workers retry)."""
-    retry_after = str(request.app.state.settings.retry_after_s)
-    return render_error(request, QueueDown(f"{exc}; retry shortly", headers={"Retry-After": retry_after}))
-
-
-def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Starlette:
+def create_app(settings: GatewaySettings) -> Starlette:
     registry = CollectorRegistry()
     gateway_metrics = GatewayMetrics(registry)
-    link, queue, workers = _backend(settings, gateway_metrics, queue)
-    registry.register(LiveStateCollector(queue, workers))
+    link, store, workers = _backend(settings)
 
+    async def reclaimed(reason: Reason, what: Reclaimed) -> None:
+        gateway_metrics.on_reclaimed(reason, what)
+        for worker_id in what.workers:  # whose leases expired unanswered: out of rotation a while
+            await workers.mark_stuck(worker_id)
+
+    queue = JobQueue(store, lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, on_reclaimed=reclaimed)
+    workers.on_departed = queue.release_worker  # leases follow their worker
+    registry.register(LiveStateCollector(queue, workers))
     keys = _key_store(settings)
     embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.workers_open:
             log.warning("no worker token configured: any worker that can reach %s:%d is accepted", settings.host, settings.port)
         if keys is None:
@@ -161,27 +110,30 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
         else:
             log.info("client API keys from %s", settings.keys_db or settings.keys_file)
         if link is not None:
-            log.info("queue: Redis at %s (prefix %r), this replica %s", _safe_url(settings.redis_url),
+            log.info("queue: Redis at %s (prefix %r), this replica %s", safe_url(settings.redis_url),
                      settings.redis_prefix, link.replica)
             await link.start()
         await queue.start()
         await workers.start()
-        watchdog = asyncio.create_task(embeddings.fail_orphans_forever())
+        background = [asyncio.create_task(embeddings.fail_orphans_forever())]
+        if keys is not None:
+            background.append(asyncio.create_task(keys.run()))
         try:
             yield
         finally:
-            watchdog.cancel()
+            for task in background:
+                task.cancel()
             await workers.stop()
             await queue.stop()
             if link is not None:
                 await link.stop()
-            if isinstance(keys, SqliteKeyStore):
-                keys.close()
+            if keys is not None:
+                await keys.stop()
 
     routes = [
-        *openai_api.routes,
-        *ollama_api.routes,
-        *worker_api.routes,
+        *openai.routes,
+        *ollama.routes,
+        *worker_endpoints.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -191,7 +143,6 @@ def create_app(settings: GatewaySettings, queue: JobQueue | None = None) -> Star
         lifespan=lifespan,
         exception_handlers={
             ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, QueueUnavailable: _queue_down,
-            Exception: render_error,
         },
     )
     app.state.settings = settings

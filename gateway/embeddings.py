@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.messages import JobInput
 from gateway.auth import Auth
 from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
 from gateway.keys import ApiKey
@@ -27,7 +28,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.queue import JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout, QueueUnavailable
 from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
-from worker.protocol import JobInput
 
 log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.25
@@ -81,7 +81,7 @@ class EmbeddingService:
             ) from None
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
-            raise _client_error(failure, size, single) from None
+            raise _client_error(failure, size, single, self._settings.retry_after_s) from None
         tokens = sum(sum(d.prompt_tokens) for d in done)
         self._count_served(model, key, jobs=len(specs), inputs=len(inputs), tokens=tokens)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
@@ -173,7 +173,7 @@ def _check_dimensions(route: Route, dimensions: int | None) -> None:
     raise InvalidRequest(message, param="dimensions", code="unsupported_dimensions")
 
 
-def _client_error(failure: JobFailure, job_size: int, single: bool) -> ApiError:
+def _client_error(failure: JobFailure, job_size: int, single: bool, retry_after_s: int) -> ApiError:
     failed = failure.failure
     where = "input"
     if failed.input_index is not None and not single:
@@ -183,5 +183,5 @@ def _client_error(failure: JobFailure, job_size: int, single: bool) -> ApiError:
     if failed.code == "invalid_input":
         return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="invalid_value")
     if failed.code in ("attempts_exhausted", "no_live_worker"):
-        return NoLiveWorker(failed.message, code=failed.code, headers={"Retry-After": "1"})
+        return NoLiveWorker(failed.message, code=failed.code, headers={"Retry-After": str(retry_after_s)})
     return EngineFailed(f"the engine failed on '{where}'", param=where)

@@ -8,18 +8,16 @@ paths, which answer ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -38,11 +36,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body has {declared} bytes; at most {limit} are accepted")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None  # it hung up while sending: nobody to answer, nothing to log
     return b"".join(chunks)
 
 
@@ -53,6 +54,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     disconnect, if any. One watcher task per request, which cancels this one on a disconnect.
     """
     handler = asyncio.current_task()
+    assert handler is not None, "called from a request's task"
     gone = False
 
     def on_disconnect(watcher: asyncio.Task) -> None:
@@ -80,9 +82,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def render_error(request: Request, exc: Exception) -> Response:
-    error = _as_api_error(request, exc)
-    if request.url.path.startswith("/api/"):
+async def render_error(request: Request, exc: Exception) -> Response:
+    """Starlette's handler for our errors and its own HTTP ones (async: no thread hop per error)."""
+    return error_response(request.url.path, _as_api_error(request, exc))
+
+
+def error_response(path: str, error: ApiError) -> Response:
+    """The error in the shape of the dialect that was called."""
+    if path.startswith("/api/"):
         body: dict = {"error": error.message}
     else:
         body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
@@ -90,11 +97,9 @@ def render_error(request: Request, exc: Exception) -> Response:
 
 
 def _as_api_error(request: Request, exc: Exception) -> ApiError:
+    """Ours as they are; Starlette's routing errors (404, 405) in our words."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, HTTPException) and exc.status_code == 404:
-        return NotFound(f"no such endpoint: {request.method} {request.url.path}")
     if isinstance(exc, HTTPException) and exc.status_code == 405:
         return MethodNotAllowed(f"{request.url.path} does not accept {request.method}")
-    log.error("unexpected error", exc_info=exc)
-    return ApiError("internal error; the gateway logged the details")
+    return NotFound(f"no such endpoint: {request.method} {request.url.path}")

@@ -13,9 +13,11 @@ looking it up by digest reveals nothing about the secret through timing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,8 +26,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 KEY_PREFIX = "eq-"
-LAST_USED_EVERY_S = 60.0  # write last_used_at at most this often per key
+LAST_USED_EVERY_S = 60.0  # note last_used_at at most this often per key
+WRITE_EVERY_S = 1.0  # write what was noted this often (off the event loop)
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -76,14 +80,26 @@ class _Lookup:
     def touch(self, key: ApiKey, now: float) -> None:
         """Note a use of the key (stores that cannot write ignore it)."""
 
+    async def run(self) -> None:
+        """Background work while the gateway serves (none, unless a store writes)."""
+
+    async def stop(self) -> None:
+        """Write what is left to write, and close."""
+
     def _refresh(self) -> None:
         raise NotImplementedError
 
 
 class SqliteKeyStore(_Lookup):
+    """Lookups run on the caller's thread (a read, never blocked by a writer: WAL). Last-used
+    times are kept in memory and written by ``run`` on a thread of their own, so a ``keys``
+    command holding the write lock never stalls a request."""
+
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=5)
+        self._path = str(path)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))  # owner-only; SQLite's -wal/-shm follow it
+        self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys (name TEXT PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL, models TEXT,"
@@ -91,10 +107,34 @@ class SqliteKeyStore(_Lookup):
         )
         self._version: int | None = None
         self._by_digest = {}
-        self._touched: dict[str, float] = {}
+        self._touched: dict[str, float] = {}  # name -> last use noted
+        self._unwritten: dict[str, float] = {}  # name -> last use not yet written
 
     def close(self) -> None:
         self._db.close()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(WRITE_EVERY_S)
+            await self._write_last_used()
+
+    async def stop(self) -> None:
+        await self._write_last_used()
+        self.close()
+
+    async def _write_last_used(self) -> None:
+        if self._unwritten:
+            used, self._unwritten = self._unwritten, {}
+            await asyncio.to_thread(self._write, used)
+
+    def _write(self, used: dict[str, float]) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=5)  # this thread's own connection
+        try:
+            db.executemany("UPDATE api_keys SET last_used_at = ? WHERE name = ?", [(t, n) for n, t in used.items()])
+        except sqlite3.OperationalError as exc:
+            log.warning("could not record when keys were last used: %s", exc)  # busy for 5 s, or read-only
+        finally:
+            db.close()
 
     def create(self, name: str, models: list[str] | None, expires_in_s: float | None) -> tuple[str, ApiKey]:
         """A new key; the secret is returned once and never stored."""
@@ -125,13 +165,8 @@ class SqliteKeyStore(_Lookup):
         return [ApiKey(r[0], r[1], tuple(json.loads(r[2])) if r[2] else None, *r[3:]) for r in rows]
 
     def touch(self, key: ApiKey, now: float) -> None:
-        if now - self._touched.get(key.name, 0.0) < LAST_USED_EVERY_S:
-            return
-        self._touched[key.name] = now
-        try:
-            self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE name = ?", (now, key.name))
-        except sqlite3.OperationalError:
-            pass  # busy or read-only: a usage time is not worth failing a request for
+        if now - self._touched.get(key.name, 0.0) >= LAST_USED_EVERY_S:
+            self._touched[key.name] = self._unwritten[key.name] = now
 
     def export(self) -> str:
         """The usable keys, hashes only, as the JSON FileKeyStore reads."""

@@ -64,8 +64,8 @@ def _run(store: SqliteKeyStore, args: argparse.Namespace) -> int:
         print(f"{'NAME':20} {'STATE':8} {'MODELS':24} {'CREATED':21} {'EXPIRES':21} LAST USED")
         for key in store.all():
             state = "revoked" if key.revoked_at else "expired" if not key.usable(now) else "active"
-            models = ",".join(key.models) if key.models else "*"
-            print(f"{key.name:20} {state:8} {models:24} {_when(key.created_at):21} {_when(key.expires_at):21} "
+            scope = ",".join(key.models) if key.models else "*"
+            print(f"{key.name:20} {state:8} {scope:24} {_when(key.created_at):21} {_when(key.expires_at):21} "
                   f"{_when(key.last_used_at)}")
     elif args.command == "revoke":
         store.revoke(args.name)

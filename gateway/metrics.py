@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.queue import JobQueue
+from gateway.queue import JobQueue, Reason, Reclaimed
 from gateway.registry import WorkerRegistry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -48,9 +48,10 @@ class GatewayMetrics:
             p + "rejected_total", "Requests refused with 429 because the model's queue was full", ["model"], registry=registry
         )
         self.in_flight = Gauge(p + "requests_in_flight", "Client requests being served", registry=registry)
-        self.lease_expired = Counter(
-            p + "lease_expired_total", "Leases that expired unanswered, by what happened to the job",
-            ["action"], registry=registry,
+        self.leases_reclaimed = Counter(
+            p + "leases_reclaimed_total",
+            "Leases that ended unanswered, by why (expired, or their worker departed) and what became of the job",
+            ["reason", "action"], registry=registry,
         )
         self.worker_posts = Counter(
             p + "worker_posts_total", "Job answers posted by workers, by whether the lease was current",
@@ -65,8 +66,9 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def on_lease_expired(self, requeued: bool) -> None:
-        self.lease_expired.labels("requeued" if requeued else "failed").inc()
+    def on_reclaimed(self, reason: Reason, reclaimed: Reclaimed) -> None:
+        self.leases_reclaimed.labels(reason, "requeued").inc(reclaimed.requeued)
+        self.leases_reclaimed.labels(reason, "failed").inc(reclaimed.failed)
 
 
 class LiveStateCollector(Collector):

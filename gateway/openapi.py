@@ -1,13 +1,13 @@
-"""The OpenAPI 3.1 document of the public endpoints, built from the wire models in protocol.py."""
+"""The OpenAPI 3.1 document of the public endpoints, built from the wire models in dialects/schemas.py."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway import protocol as p
+from gateway.dialects import schemas as p
 
 ERRORS = {400: "invalid request", 404: "unknown model or path", 413: "body too large", 422: "a field of the wrong type",
           429: "overloaded", 500: "the engine failed", 503: "no live worker", 504: "timed out"}
@@ -36,11 +36,14 @@ def _operation(summary: str, response: type[BaseModel], error: type[BaseModel],
 
 
 def openapi_document(version: str) -> dict[str, Any]:
-    requests = [p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest]
-    responses = [p.EmbeddingsResponse, p.ModelList, p.ErrorResponse, p.OllamaEmbedResponse,
-                 p.OllamaEmbeddingsResponse, p.OllamaTags, p.OllamaError]
+    requests: list[type[BaseModel]] = [p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest]
+    responses: list[type[BaseModel]] = [p.EmbeddingsResponse, p.ModelList, p.ErrorResponse, p.OllamaEmbedResponse,
+                                        p.OllamaEmbeddingsResponse, p.OllamaTags, p.OllamaError]
+    modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        *((m, "validation") for m in requests), *((m, "serialization") for m in responses)
+    ]
     _, schemas = models_json_schema(
-        [(m, "validation") for m in requests] + [(m, "serialization") for m in responses],
+        modes,
         ref_template="#/components/schemas/{model}",
     )
     embeddings = _operation("Create embeddings (OpenAI)", p.EmbeddingsResponse, p.ErrorResponse, p.EmbeddingsRequest)

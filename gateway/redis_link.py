@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Callable
 
@@ -30,6 +31,23 @@ class RedisTooOld(Exception):
     pass
 
 
+def safe_url(url: str) -> str:
+    """The URL with any password in it masked, for a log line: in the userinfo
+    (``redis://user:secret@host``) or as a query parameter (``?password=secret``)."""
+    scheme, sep, rest = url.partition("://")
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:netloc_end].rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    masked = scheme + sep + userinfo + at + host + rest[netloc_end:]
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", masked, flags=re.I)
+
+
+def text(value: bytes | str) -> str:
+    """A value read from Redis (bytes: the clients do not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def unless_cancelled() -> None:
     """Call where a loop catches DOWN: redis-py can turn the cancellation of a blocking command
     into a connection error, which must not keep a cancelled loop alive."""
@@ -42,10 +60,12 @@ class RedisLink:
     def __init__(self, url: str, password: str | None, prefix: str):
         self.replica = uuid.uuid4().hex[:12]
         self.prefix = prefix
-        options = {"password": password, "socket_connect_timeout": 2.0}
-        self.redis = Redis.from_url(url, socket_timeout=5.0, **options)
-        self.blocking = Redis.from_url(url, socket_timeout=10.0, **options)  # blocking pops wait ≤ 1 s
-        self._subscriber = Redis.from_url(url, socket_timeout=None, socket_keepalive=True, **options)
+        self.redis = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=5.0)
+        # Blocking pops wait at most a second; the subscription waits for events as long as it takes.
+        self.blocking = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=10.0)
+        self._subscriber = Redis.from_url(
+            url, password=password, socket_connect_timeout=2.0, socket_timeout=None, socket_keepalive=True,
+        )
         self._handlers: dict[str, list[Callable[[str], None]]] = {}
         self._tasks: list[asyncio.Task] = []
 

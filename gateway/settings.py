@@ -34,9 +34,12 @@ class GatewaySettings(BaseModel):
     # Serve clients without API keys on a non-loopback address. Only for trusted networks.
     allow_anonymous_clients: bool = False
     request_timeout_s: float = Field(default=60.0, gt=0)
-    lease_ttl_s: float = Field(default=60.0, gt=0)  # a leased job not answered by then is requeued
+    # The longest a lease lasts: workers ask for less, sized to their engine's pace (a stuck
+    # worker's jobs come back after that), and sit out this long when they let one expire.
+    lease_ttl_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)  # leases per job before its request fails
-    worker_ttl_s: float = Field(default=15.0, gt=0)  # a worker silent this long is dropped
+    # A worker silent this long is dropped, and its leases go back in line at once.
+    worker_ttl_s: float = Field(default=10.0, gt=0)
     job_max_inputs: int = Field(default=32, ge=1)  # requests are split into jobs of this size
     # Backpressure, per model queue: beyond these a request gets 429 with Retry-After.
     max_queued_requests: int = Field(default=1024, ge=1)
@@ -80,6 +83,20 @@ class GatewaySettings(BaseModel):
         return not self.worker_tokens
 
 
+def _check_recovery_fits(settings: GatewaySettings) -> None:
+    """A job whose worker dies or hangs is noticed after worker_ttl_s or its lease at the latest;
+    the other half of the request's time is left for another worker to compute it."""
+    half = settings.request_timeout_s / 2
+    for name in ("worker_ttl_s", "lease_ttl_s"):
+        value = getattr(settings, name)
+        if value > half:
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()} ({value:g}s) must be at most half of {ENV_PREFIX}REQUEST_TIMEOUT_S "
+                f"({settings.request_timeout_s:g}s): a job whose worker died or hung is noticed only after it, and "
+                "another worker needs the rest of the request's time to compute it"
+            )
+
+
 def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySettings:
     values: dict[str, object] = {
         name: environ[ENV_PREFIX + name.upper()]
@@ -94,6 +111,7 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySet
             f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']} (got {err['input']!r})" for err in exc.errors()
         )
         raise SettingsError(problems) from None
+    _check_recovery_fits(settings)
     if settings.keys_db and settings.keys_file:
         raise SettingsError("set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE, not both")
     if settings.queue == "redis" and not settings.redis_url:

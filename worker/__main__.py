@@ -1,7 +1,8 @@
 """``python -m worker --config FILE [--check]``
 
-Exit codes: 0 clean stop (or a passing --check), 1 the engine failed to start, 2 bad config,
-3 the engine died while serving (a supervisor should restart the worker).
+Exit codes: 0 clean stop (or a passing --check), 1 the engine failed to start, 2 bad config (or
+its metrics port is taken), 3 the engine died while serving (a supervisor should restart the
+worker).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from worker.batch import EngineDead
 from worker.client import GatewayClient
 from worker.config import ConfigError, WorkerConfig, config_warnings, load_config
-from worker.engine import build_engine
+from worker.engines import build_engine
 from worker.metrics import WorkerMetrics
 from worker.runner import Worker
 
@@ -50,7 +51,12 @@ async def serve(config: WorkerConfig, token: str, metrics_host: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    server, _ = start_http_server(config.monitoring.metrics_port, addr=metrics_host, registry=registry)
+    port = config.monitoring.metrics_port
+    try:
+        server, _ = start_http_server(port, addr=metrics_host, registry=registry)
+    except OSError as exc:
+        log.error("monitoring.metrics_port: cannot serve metrics on %s:%d: %s", metrics_host, port, exc.strerror or exc)
+        return 2
     log.info("metrics on http://%s:%d/metrics", metrics_host, server.server_port)
     try:
         engine = await asyncio.to_thread(build_engine, config.generator)

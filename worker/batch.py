@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.engine import Engine
-from worker.protocol import Job, JobError, JobResult
+from contract.messages import ErrorCode, Job, JobError, JobResult
+from worker.engines import Engine
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _check(engine: Engine, job: Job, ids: list[list[int]]) -> JobError | None:
     return None
 
 
-def _error(job: Job, code: str, index: int, what: str) -> JobError:
+def _error(job: Job, code: ErrorCode, index: int, what: str) -> JobError:
     return JobError(
         job_id=job.job_id, lease_id=job.lease_id, code=code, input_index=index,
         message=f"input {what}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from typing import Any
 
 import httpx
 from tenacity import (
@@ -20,8 +21,7 @@ from tenacity import (
     wait_random,
 )
 
-from worker.metrics import WorkerMetrics
-from worker.protocol import (
+from contract.messages import (
     PREFIX,
     RESULTS_CONTENT_TYPE,
     ErrorReport,
@@ -35,6 +35,7 @@ from worker.protocol import (
     WorkerBye,
     WorkerHello,
 )
+from worker.metrics import WorkerMetrics
 from worker.transport import AiohttpTransport
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,11 @@ def _retryable(exc: BaseException) -> bool:
 class GatewayClient:
     def __init__(
         self, url: str, token: str, retries: int, timeout_s: float, metrics: WorkerMetrics,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: the gateway app in process
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
-            base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=AiohttpTransport()
+            base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=transport or AiohttpTransport()
         )
         self._timeout_s = timeout_s
         self._retries = retries
@@ -75,8 +77,8 @@ class GatewayClient:
         response = await self._post("/workers/heartbeat", json=hello.model_dump())
         return HeartbeatReply.model_validate_json(response.content)
 
-    async def leave(self, worker_id: str) -> None:
-        await self._post("/workers/leave", json=WorkerBye(worker_id=worker_id).model_dump())
+    async def leave(self, worker_id: str, draining: bool = False) -> None:
+        await self._post("/workers/leave", json=WorkerBye(worker_id=worker_id, draining=draining).model_dump())
 
     async def lease(self, request: LeaseRequest, stopping: asyncio.Event | None = None) -> list[Job]:
         """Jobs for us; once ``stopping`` is set, a failed lease is not retried (it could only
@@ -108,9 +110,11 @@ class GatewayClient:
     async def _post(
         self, path: str, timeout: float | None = None, stopping: asyncio.Event | None = None, **kwargs
     ) -> httpx.Response:
-        stop, sleep = stop_after_attempt(self._retries + 1), asyncio.sleep
+        stop: Any = stop_after_attempt(self._retries + 1)  # tenacity's stops combine by |
+        sleep: Any = asyncio.sleep
         if stopping is not None:  # no retry once set, and a backoff in progress ends at once
-            stop, sleep = stop | stop_when_event_set(stopping), functools.partial(sleep_or_stop, stop=stopping)
+            stop = stop | stop_when_event_set(stopping)  # type: ignore[arg-type]  # any object with is_set()
+            sleep = functools.partial(sleep_or_stop, stop=stopping)
         retrying = AsyncRetrying(
             stop=stop,
             sleep=sleep,

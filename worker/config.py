@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from contract.messages import NAME_PATTERN
 
 
 class ConfigError(Exception):
@@ -52,9 +55,12 @@ class FakeGenerator(_Table):
     max_model_len: int = Field(default=512, gt=0)
     max_num_seqs: int = Field(default=64, gt=0)
     # Fault injection: a batch holding an input that contains ``poison`` fails; after
-    # ``dead_after_batches`` engine calls (0: never) every call fails, as a crashed engine's would.
+    # ``dead_after_batches`` engine calls (0: never) every call fails, as a crashed engine's would;
+    # after ``hang_after_batches`` every call hangs, as a stuck engine's would, while the worker
+    # process stays alive and keeps heart-beating.
     poison: str = ""
     dead_after_batches: int = Field(default=0, ge=0)
+    hang_after_batches: int = Field(default=0, ge=0)
 
 
 Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]
@@ -79,11 +85,11 @@ class QueueConfig(_Table):
     url: str
     token: str = ""
     token_file: str = ""  # addition: read the token from this file (a mounted Secret) at start-up
-    checkpoint_name: str = Field(min_length=1)
+    checkpoint_name: str = Field(pattern=NAME_PATTERN)
     version: int = Field(default=1, ge=0)
     tags: list[str] = []
     http_request_retries: int = Field(default=7, ge=0)
-    service_name: str = "worker"
+    service_name: str = Field(default="worker", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$")  # starts worker ids
     service_role: str = "Worker"
     models: dict[str, ModelEntry] = Field(min_length=1)
     # Additions.
@@ -108,6 +114,14 @@ class QueueConfig(_Table):
             return Path(self.token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"queue.token_file: cannot read {self.token_file!r}: {exc.strerror}") from None
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name in models:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"model names are letters, digits and . _ : / @ + - (at most 128), got {name!r}")
+        return models
 
     @field_validator("url")
     @classmethod
@@ -187,7 +201,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _GENERATOR_TAGS = {"vllm", "fake"}
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Mapping[str, Any]) -> str:
     loc = list(err["loc"])
     # pydantic puts the discriminator's value in the path; the file has no such table.
     if len(loc) > 1 and loc[0] == "generator" and loc[1] in _GENERATOR_TAGS:

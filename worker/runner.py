@@ -2,7 +2,8 @@
 
 The three run as a pipeline, so the engine never waits on HTTP: while one batch computes, the
 next is already leased (at most one batch ahead, so idle workers still get work) and the
-previous one is being posted.
+previous one is being posted. Each lease says how long the worker expects to need its jobs
+(``pace.py``), so a worker whose engine hangs loses them to another worker within seconds.
 
 The worker never crashes on the gateway's account: a call that fails after every retry is
 logged and counted, and the loop carries on. The jobs it holds are never lost: stopped, it
@@ -22,13 +23,8 @@ import uuid
 import httpx
 from pydantic import ValidationError
 
-from worker.batch import BatchOutcome, run_batch
-from worker.client import GatewayClient, UnknownWorker, describe, sleep_or_stop
-from worker.config import VllmGenerator, WorkerConfig
-from worker.engine import Engine
-from worker.metrics import WorkerMetrics
-from worker.probes import probe_all
-from worker.protocol import (
+from contract.frames import encode_results
+from contract.messages import (
     ErrorReport,
     Job,
     JobRef,
@@ -37,8 +33,14 @@ from worker.protocol import (
     Release,
     ResultsHeader,
     WorkerHello,
-    encode_results,
 )
+from worker.batch import BatchOutcome, run_batch
+from worker.client import GatewayClient, UnknownWorker, describe, sleep_or_stop
+from worker.config import VllmGenerator, WorkerConfig
+from worker.engines import Engine
+from worker.metrics import WorkerMetrics
+from worker.pace import EnginePace
+from worker.probes import probe_all
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,12 @@ class Worker:
         self._metrics = metrics
         self.worker_id = new_worker_id(config.queue.service_name)
         self._held: dict[str, Job] = {}  # leased, not yet answered
-        self._batch_s = 0.0  # moving average of an engine call
-        self._computing_since: float | None = None
         self._leasing = False  # a lease call is in flight
         self._heartbeat_s = config.queue.heartbeat_interval_s  # capped by the gateway's TTL once it answers
         generator = config.generator
         # vLLM's own per-step token budget bounds a lease too; None: max_num_seqs alone.
         self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
+        self._pace = EnginePace(self._lease_max_tokens or generator.max_num_seqs * engine.info.max_input_tokens)
         self._models = _model_cards(config, engine)  # what we serve never changes: built once
 
     def hello(self) -> WorkerHello:
@@ -111,6 +112,7 @@ class Worker:
             for task in stages:
                 task.cancel()
             await self._give_back()
+            await self._leave(draining=False)  # gone: whatever the gateway still counts as ours goes back
 
     async def _await_lease_answer(self) -> None:
         """Let an in-flight lease bring its answer (its jobs join those given back) rather than
@@ -124,14 +126,15 @@ class Worker:
         await self._stop_leasing(no_more_leases, background)
 
     async def _stop_leasing(self, no_more_leases: asyncio.Event, background: list) -> None:
-        """Lease no more: leaving ends our pending long-poll at the gateway, which answers it (with
-        no jobs, or with jobs it had just taken: those are given back) instead of losing it."""
+        """Lease no more: draining ends our pending long-poll at the gateway, which answers it (with
+        no jobs, or with jobs it had just taken: those are given back) instead of losing it; the
+        jobs we hold stay ours to answer."""
         if no_more_leases.is_set():
             return
         no_more_leases.set()
         for task in background:
             task.cancel()  # a heartbeat now would register us again
-        await self._leave()
+        await self._leave(draining=True)
 
     async def _lease_until(self, no_more_leases: asyncio.Event, leased: asyncio.Queue) -> None:
         while not no_more_leases.is_set():
@@ -141,11 +144,13 @@ class Worker:
             self._held.update((job.job_id, job) for job in jobs)
             if no_more_leases.is_set():
                 break  # taken while we were leaving: given back, not computed
-            await leased.put((jobs, time.monotonic()))  # waits while one computes and one is prefetched
+            await leased.put((jobs, time.monotonic()))
+            await leased.join()  # until the engine starts them: at most one batch ahead
         await leased.put(None)
 
     async def _compute_until_done(self, leased: asyncio.Queue, computed: asyncio.Queue) -> None:
         while (batch := await leased.get()) is not None:
+            leased.task_done()
             jobs, leased_at = batch
             if time.monotonic() - leased_at > STALE_AFTER_S:
                 jobs = await self._still_wanted(jobs)
@@ -212,8 +217,9 @@ class Worker:
             worker_id=self.worker_id,
             max_items=self._config.generator.max_num_seqs,
             wait_s=self._config.queue.lease_wait_s,
-            fill_s=self._engine_busy_for_s(),
+            fill_s=self._pace.fill_s(),
             max_tokens=self._lease_max_tokens,
+            hold_s=self._pace.hold_s(),
         )
         self._leasing = True
         try:
@@ -231,20 +237,14 @@ class Worker:
         self._metrics.leases.labels("jobs" if jobs else "empty").inc()
         return jobs
 
-    def _engine_busy_for_s(self) -> float:
-        """About how long until the engine is free: the time a prefetched batch may take to fill."""
-        if self._computing_since is None:
-            return 0.0  # idle: the next job should start at once
-        return max(0.0, min(self._batch_s - (time.monotonic() - self._computing_since), 1.0))
-
     async def _compute(self, jobs: list[Job]) -> BatchOutcome:
-        started = self._computing_since = time.monotonic()
+        self._pace.started()
         try:
             outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
-        finally:
-            self._computing_since = None
-        took = time.monotonic() - started
-        self._batch_s = took if not self._batch_s else 0.7 * self._batch_s + 0.3 * took
+        except BaseException:
+            self._pace.finished(0)
+            raise
+        took = self._pace.finished(outcome.engine_tokens)
         self._metrics.engine_seconds.observe(took)
         if outcome.engine_inputs:
             self._metrics.batch_size.observe(outcome.engine_inputs)
@@ -266,8 +266,8 @@ class Worker:
                 self._metrics.stale_posts.inc(reply.ignored)
         except GATEWAY_FAILURES as exc:
             self._gateway_failed("post", exc)  # the leases expire and the jobs go to another worker
-        for answered in (*outcome.results, *outcome.errors):
-            self._held.pop(answered.job_id, None)
+        for job_id in [r.job_id for r in outcome.results] + [e.job_id for e in outcome.errors]:
+            self._held.pop(job_id, None)
 
     async def _give_back(self) -> None:
         if not self._held:
@@ -279,9 +279,9 @@ class Worker:
         except (TimeoutError, *GATEWAY_FAILURES):
             pass  # their leases expire instead
 
-    async def _leave(self) -> None:
+    async def _leave(self, draining: bool) -> None:
         try:
-            await asyncio.wait_for(self._client.leave(self.worker_id), timeout=2.0)
+            await asyncio.wait_for(self._client.leave(self.worker_id, draining), timeout=2.0)
         except (TimeoutError, *GATEWAY_FAILURES):
             pass  # the gateway drops us when our heartbeats stop anyway
 

@@ -1,0 +1,146 @@
+"""The JSON messages of the gateway <-> worker contract (see ``contract/__init__.py``). Strict:
+both sides are ours, so an unknown field is an error, and every name a log line may carry has a
+bounded, printable syntax."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+PROTOCOL_VERSION = 2
+PREFIX = "/internal/v1"
+RESULTS_CONTENT_TYPE = "application/x-embedq-results"
+
+# Worker ids, checkpoints, model names and tags end up in logs, metrics and URLs: printable,
+# no spaces or control characters, bounded.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@+-]{1,64}$")]
+
+# A job input is text or a list of token ids.
+JobInput = str | list[int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCard(_Strict):
+    """What a worker tells the gateway about one model it serves."""
+
+    description: str = Field(default="", max_length=2000)
+    max_input_tokens: int = Field(gt=0)
+    dimensions: int = Field(gt=0, le=65536)
+    matryoshka_dimensions: list[int] = []  # smaller sizes the vectors may be cut to
+    truncate: bool = False  # truncate over-long inputs unless a request says otherwise
+
+
+class WorkerHello(_Strict):
+    protocol: Literal[2] = 2  # PROTOCOL_VERSION
+    worker_id: Name
+    checkpoint_name: Name
+    version: int = 0
+    tags: list[Tag] = Field(default=[], max_length=32)
+    models: dict[Name, ModelCard] = Field(min_length=1, max_length=64)
+    max_batch_items: int = Field(gt=0)
+
+
+class HeartbeatReply(_Strict):
+    worker_ttl_s: float
+    lease_ttl_s: float  # the longest a lease may last, whatever hold_s asks
+
+
+class WorkerBye(_Strict):
+    """``draining``: the worker is stopping; it takes no more jobs, and answers or gives back
+    those it holds. Otherwise it is gone: whatever it still holds goes back in line now."""
+
+    worker_id: Name
+    draining: bool = False
+
+
+class LeaseRequest(_Strict):
+    worker_id: Name
+    max_items: int = Field(gt=0, le=100_000)
+    wait_s: float = Field(ge=0, le=60)  # long-poll: how long to wait for the first job
+    # How long, from this call, the worker's engine stays busy: until then, jobs wait for
+    # max_items of them (the engine could not start them sooner: a full batch beats the first
+    # few stragglers); after it, the lease takes what there is.
+    fill_s: float = Field(default=0.0, ge=0, le=10)
+    # At most this many (estimated) tokens per lease, but always at least one job.
+    max_tokens: int | None = Field(default=None, gt=0)
+    # How long the worker expects to need for the jobs it takes now, from its engine's measured
+    # pace; the lease expires then (bounded by the gateway's lease_ttl_s). None: not measured yet.
+    hold_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+class Job(_Strict):
+    job_id: str
+    lease_id: str
+    model: str
+    inputs: list[JobInput] = Field(min_length=1)
+    truncate: bool = False  # cut over-long inputs to the model's limit instead of failing
+
+
+class LeaseReply(_Strict):
+    jobs: list[Job]
+
+
+class JobResult(_Strict):
+    job_id: str
+    lease_id: str
+    rows: int = Field(gt=0)
+    dims: int = Field(gt=0)
+    prompt_tokens: list[int]
+
+    @model_validator(mode="after")
+    def _one_count_per_row(self) -> JobResult:
+        if len(self.prompt_tokens) != self.rows:
+            raise ValueError(f"{self.rows} rows but {len(self.prompt_tokens)} prompt_tokens")
+        return self
+
+
+class ResultsHeader(_Strict):
+    worker_id: Name
+    results: list[JobResult] = Field(min_length=1)
+
+
+# invalid_input and input_too_long are the client's fault (400); engine_error is ours (500).
+ErrorCode = Literal["invalid_input", "input_too_long", "engine_error"]
+
+
+class JobError(_Strict):
+    job_id: str
+    lease_id: str
+    code: ErrorCode
+    message: str = Field(max_length=2000)
+    input_index: int | None = None  # index within the job's inputs
+
+
+class ErrorReport(_Strict):
+    worker_id: Name
+    errors: list[JobError] = Field(min_length=1)
+
+
+class JobRef(_Strict):
+    job_id: str
+    lease_id: str
+
+
+class Release(_Strict):
+    """Jobs a worker holds but will not finish (it is stopping, or its engine died): they go
+    back to the queue now instead of when their lease expires."""
+
+    worker_id: Name
+    jobs: list[JobRef] = Field(min_length=1)
+
+
+class LiveJobs(_Strict):
+    """Which of the asked-about jobs still have that lease (their client is still waiting)."""
+
+    job_ids: list[str]
+
+
+class PostReply(_Strict):
+    accepted: int
+    ignored: int

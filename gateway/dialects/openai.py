@@ -1,0 +1,128 @@
+"""OpenAI dialect: ``POST /v1/embeddings`` (and ``/embeddings``), ``GET /v1/models`` (and ``/models``).
+
+The Aleph Alpha client speaks this dialect too: it posts the same body to ``<host>/embeddings``
+with ``hosting`` and ``tags`` added.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from contract.messages import JobInput
+from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, preview, validate
+from gateway.errors import InvalidRequest, WrongType
+from gateway.http import json_response, read_body, unless_disconnected
+
+MAX_TOKEN_ID = 2**31 - 1
+INPUT_SHAPES = "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
+
+
+async def create_embeddings(request: Request) -> Response:
+    state = request.app.state
+    key = state.auth.client(request)  # before reading the body: strangers cost us nothing
+    body = await read_body(request, state.settings.max_body_bytes)
+    req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body, request.headers.get("content-type", "")))
+    inputs, single = parse_inputs(req.input, state.settings.max_inputs)
+    work = state.embeddings.embed(
+        req.model, inputs, single=single, dimensions=req.dimensions, truncate=req.truncate, tags=frozenset(req.tags or ()),
+        key=key,
+    )
+    result = await unless_disconnected(request, work)
+    return json_response(render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format))
+
+
+async def list_models(request: Request) -> Response:
+    key = request.app.state.auth.client(request)
+    created = int(time.time())
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "embedq"}
+            for name in sorted(request.app.state.workers.routes()) if key is None or key.allows(name)]
+    return json_response({"object": "list", "data": data})
+
+
+def parse_inputs(raw: Any, max_inputs: int) -> tuple[list[JobInput], bool]:
+    """The inputs of a request as texts or token-id lists, and whether it was a single input."""
+    if isinstance(raw, str):
+        _check_text(raw, "input")
+        return [raw], True
+    if not isinstance(raw, list):
+        raise WrongType(f"'input' must be {INPUT_SHAPES}, got {json_type(raw)}", param="input")
+    if not raw:
+        raise InvalidRequest("'input' must not be an empty array", param="input", code="invalid_value")
+    if all(_is_int(x) for x in raw):
+        _check_ids(raw, "input")
+        return [raw], True
+    if len(raw) > max_inputs:
+        raise InvalidRequest(
+            f"'input' has {len(raw)} items; at most {max_inputs} are allowed per request",
+            param="input", code="too_many_inputs",
+        )
+    if _is_int(raw[0]):
+        bad = next(i for i, x in enumerate(raw) if not _is_int(x))
+        raise WrongType(f"'input[{bad}]' must be a token id like input[0], got {json_type(raw[bad])}", param=f"input[{bad}]")
+    if not isinstance(raw[0], (str, list)):
+        raise WrongType(
+            f"'input[0]' must be a string, a token id or an array of token ids, got {json_type(raw[0])}", param="input[0]"
+        )
+    texts = isinstance(raw[0], str)
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        if texts and isinstance(item, str):
+            _check_text(item, where)
+        elif not texts and isinstance(item, list) and all(_is_int(x) for x in item):
+            _check_ids(item, where)
+        else:
+            expected = "a string like input[0]" if texts else "an array of token ids"
+            raise WrongType(f"'{where}' must be {expected}, got {json_type(item)}", param=where)
+    return raw, False
+
+
+def _check_text(text: str, where: str) -> None:
+    if not text:
+        raise InvalidRequest(f"'{where}' must not be an empty string", param=where, code="invalid_value")
+
+
+def _check_ids(ids: list[int], where: str) -> None:
+    if not ids:
+        raise InvalidRequest(f"'{where}' must not be an empty array of token ids", param=where, code="invalid_value")
+    for j, token in enumerate(ids):
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise InvalidRequest(
+                f"'{where}[{j}]' is not a valid token id (got {preview(token)})", param=where, code="invalid_value"
+            )
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # bool is an int subclass, and not a token id
+
+
+def render_embeddings(model: str, vectors: np.ndarray, prompt_tokens: int, encoding_format: str) -> bytes:
+    """The OpenAI list response, from a (n, dims) float32 matrix, without per-float Python work."""
+    if encoding_format == "base64":
+        little = vectors.astype("<f4", copy=False)
+        items: list = [base64.b64encode(row.tobytes()).decode() for row in little]
+    else:
+        items = list(vectors)  # orjson writes float32 rows in their shortest exact form
+    data = [{"object": "embedding", "embedding": item, "index": i} for i, item in enumerate(items)]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+routes = [
+    Route("/v1/embeddings", create_embeddings, methods=["POST"]),
+    Route("/embeddings", create_embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/models", list_models, methods=["GET"]),
+]

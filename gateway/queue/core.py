@@ -1,0 +1,252 @@
+"""The job queue: one core for every backend. A store (``memory.py``, ``redis.py``) keeps the
+jobs and the leases; everything else is here, once.
+
+Client side, ``run`` queues a request's jobs and waits for all of them, in order; however it
+ends (answered, failed, timed out, or cancelled because the client left) none of its jobs stays
+queued. Worker side, ``lease`` hands out batches (the fill window below), ``answer`` and
+``release`` take them back, ``release_worker`` returns a departed worker's leases at once, and
+an upkeep loop expires leases that outlived what their worker asked for.
+
+Lease length: a worker says how long it needs (``hold_s``, from its engine's measured pace);
+the core bounds that by ``lease_ttl_s`` (and uses the bound for a worker that has not measured
+yet). So a worker that hangs loses its jobs to another worker after about one batch time, not
+after a fixed minute; one that dies loses them when the registry drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from contract.messages import Job
+from gateway.queue.jobs import (
+    Answer,
+    JobDone,
+    JobFailed,
+    JobSpec,
+    Outcome,
+    Pending,
+    Placement,
+    QueueStats,
+    QueueTimeout,
+    QueueUnavailable,
+    all_answered,
+)
+from gateway.queue.store import Ask, Reason, Reclaimed, Store
+
+log = logging.getLogger(__name__)
+ANYONE = Placement()  # the default class, the anonymous tenant
+WAKE_POLL_S = 1.0  # a waiting lease looks again this often, should an arrival be missed
+MIN_HOLD_S = 1.0  # the shortest lease, whatever a worker asks for
+_REASONS: dict[Reason, str] = {
+    "expired": "its last lease expired",
+    "released": "its last worker gave it back",
+    "departed": "its last worker went away",
+}
+
+
+class JobQueue:
+    def __init__(
+        self, store: Store, *, lease_ttl_s: float, max_attempts: int,
+        on_reclaimed: Callable[[Reason, Reclaimed], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.pending: dict[str, Pending] = {}
+        self._store = store
+        self._lease_ttl_s = lease_ttl_s
+        self._on_reclaimed = on_reclaimed  # metrics, and the registry's view of stuck workers
+        self._clock = clock
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:12]
+        self._inputs_arrived: dict[str, int] = {}  # per queue, inputs that arrived so far
+        self._arrived: dict[str, asyncio.Event] = {}  # per queue, set (and replaced) on arrivals
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._closing = self._stopped = False
+        store.bind(self, max_attempts)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._store.start()
+        self._tasks = [asyncio.create_task(self._upkeep_forever())]
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for task in [*self._tasks, *self._background]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await self._store.stop()
+
+    async def close_leases(self) -> None:
+        """From now on lease calls return at once, empty (the gateway is about to exit)."""
+        self._closing = True
+        self._wake_all()
+
+    # -- client side -------------------------------------------------------------------------
+
+    async def run(self, key: str, specs: list[JobSpec], timeout_s: float, placement: Placement = ANYONE) -> list[JobDone]:
+        """Queue the jobs on queue ``key`` and wait for all of them, in order. Raises JobFailure
+        on the first failed job and QueueTimeout after timeout_s."""
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        entries = [Pending(f"{self._prefix}.{next(self._ids)}", key, spec, placement, loop.create_future(), now)
+                   for spec in specs]
+        for entry in entries:
+            self.pending[entry.job_id] = entry
+        refused = False  # the store was unreachable: nothing to withdraw
+        try:
+            try:
+                await self._store.put(entries)
+            except QueueUnavailable:
+                refused = True
+                raise
+            async with asyncio.timeout(timeout_s):
+                await all_answered([entry.future for entry in entries], loop)
+        except TimeoutError:
+            raise QueueTimeout(f"not answered within {timeout_s:g}s") from None
+        finally:
+            unanswered = [entry.job_id for entry in entries if not entry.future.done()]
+            for entry in entries:
+                del self.pending[entry.job_id]
+                entry.future.cancel()
+            if unanswered and not refused:  # not awaited: this may be a cancelled request's last breath
+                self._in_background(self._store.withdraw(unanswered, waiting_only=False))
+        return [entry.future.result() for entry in entries]
+
+    async def abandon(self, key: str, failed: JobFailed) -> int:
+        """Fail this process's jobs still waiting on ``key`` (no worker will come for them)."""
+        mine = [e.job_id for e in self.pending.values() if e.key == key and not e.future.done()]
+        taken = await self._store.withdraw(mine, waiting_only=True) if mine else []
+        for job_id in taken:
+            self.resolve(job_id, failed)
+        return len(taken)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    async def lease(
+        self, key: str, worker_id: str, *, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(),
+        fill_s: float = 0.0, max_tokens: int | None = None, hold_s: float | None = None,
+    ) -> list[Job]:
+        """Hand the worker waiting jobs totalling at most max_items inputs and max_tokens
+        estimated tokens (but at least one job), waiting up to wait_s for the first.
+
+        ``fill_s`` is how long the worker's engine stays busy, counted from this call: until
+        then, a lease that has jobs waits for max_items (the engine could not start them sooner
+        anyway); from then on it takes what there is, so a free engine never waits for a batch."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        engine_free_at = loop.time() + fill_s
+        hold = min(max(hold_s or self._lease_ttl_s, MIN_HOLD_S), self._lease_ttl_s)
+        while not self._closing:
+            seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
+            filling = loop.time() < engine_free_at
+            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens,
+                                                    max_items if filling else 1, hold))
+            if taken.jobs:
+                return taken.jobs
+            now = loop.time()
+            if taken.available and now >= engine_free_at:
+                continue  # the engine is free by now: take what there is
+            until = engine_free_at if taken.available else deadline
+            if now >= until:
+                return []
+            # Look again once enough inputs may have arrived: one, or what a full batch lacks.
+            needed = max_items - taken.available if taken.available else 1
+            await self._inputs_after(key, seen, needed, min(until - now, WAKE_POLL_S))
+        return []
+
+    async def answer(self, worker_id: str, answers: list[Answer]) -> int:
+        """Record a worker's answers; how many were under its current leases."""
+        return await self._store.settle(worker_id, answers)
+
+    async def release(self, worker_id: str, refs: list[tuple[str, str]]) -> int:
+        """Jobs the worker gives back go back in line now; how many were its own."""
+        return await self._store.give_back(worker_id, refs)
+
+    async def release_worker(self, worker_id: str) -> None:
+        """The worker left, or the registry dropped it: its jobs go back in line at once."""
+        reclaimed = await self._store.release_worker(worker_id)
+        if reclaimed.requeued or reclaimed.failed:
+            log.warning("worker %s is gone: %d of its jobs back in line, %d failed", worker_id,
+                        reclaimed.requeued, reclaimed.failed)
+            await self._reclaimed("departed", reclaimed)
+
+    async def is_leased(self, job_id: str, lease_id: str) -> bool:
+        return await self._store.is_leased(job_id, lease_id)
+
+    def stats(self) -> dict[str, QueueStats]:
+        return self._store.stats()
+
+    # -- what stores call back on ----------------------------------------------------------------
+
+    def wake(self, key: str, inputs: int) -> None:
+        self._inputs_arrived[key] = self._inputs_arrived.get(key, 0) + inputs
+        event = self._arrived.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def resolve(self, job_id: str, outcome: Outcome) -> None:
+        entry = self.pending.get(job_id)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(outcome)
+
+    def exhausted(self, job_id: str, attempts: int, reason: Reason) -> None:
+        log.warning("job %s failed after %d attempts: %s", job_id, attempts, _REASONS[reason])
+        self.resolve(job_id, JobFailed(
+            "attempts_exhausted", f"no worker finished this job in {attempts} attempts ({_REASONS[reason]})",
+        ))
+
+    # -- inside ------------------------------------------------------------------------------
+
+    async def _inputs_after(self, key: str, seen: int, needed: int, timeout_s: float) -> None:
+        """Wait until ``needed`` inputs arrived on key since the count was ``seen`` (or timeout)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._inputs_arrived.get(key, 0) - seen < needed and not self._closing:
+                    event = self._arrived.get(key)
+                    if event is None:
+                        event = self._arrived[key] = asyncio.Event()
+                    await event.wait()
+        except TimeoutError:
+            pass
+
+    async def _reclaimed(self, reason: Reason, reclaimed: Reclaimed) -> None:
+        if self._on_reclaimed is not None:
+            await self._on_reclaimed(reason, reclaimed)
+
+    def _wake_all(self) -> None:
+        for key in list(self._arrived):
+            self.wake(key, 1_000_000)  # enough for any waiting lease to look again
+
+    async def _upkeep_forever(self) -> None:
+        period = min(1.0, self._lease_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                reclaimed = await self._store.expire()
+                if reclaimed.requeued or reclaimed.failed:
+                    await self._reclaimed("expired", reclaimed)
+                await self._store.upkeep()
+            except QueueUnavailable as exc:
+                log.debug("queue upkeep: %s", exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        if self._stopped:
+            work.close()
+            return
+        task = asyncio.ensure_future(self._quietly(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await work
+        except QueueUnavailable as exc:
+            log.warning("a queue call in the background failed: %s", exc)

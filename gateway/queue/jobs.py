@@ -1,0 +1,121 @@
+"""What the queue holds and hands back: job specs, where a job stands in line, outcomes, and the
+queue's own errors. Shared by the core and every store."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from contract.messages import ErrorCode, Job, JobInput
+
+# Priority classes, served in this order; fair shares apply within a class.
+INTERACTIVE, DEFAULT, BATCH = 0, 1, 2
+CLASSES = (INTERACTIVE, DEFAULT, BATCH)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    inputs: list[JobInput]
+    truncate: bool = False
+    tags: frozenset[str] = frozenset()  # only a worker carrying all of these may take the job
+    tokens: int = 0  # estimated: a lease's token budget, and the job's cost in its tenant's share
+
+    def job_fields(self) -> dict[str, Any]:
+        """What a worker is sent of this job, besides its ids."""
+        return {"model": self.model, "inputs": self.inputs, "truncate": self.truncate}
+
+    def as_job(self, job_id: str, lease_id: str) -> Job:
+        return Job.model_construct(job_id=job_id, lease_id=lease_id, **self.job_fields())  # built by us: no need to check
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request's jobs stand in line: its priority class first, then a fair share of that
+    class among tenants (weighted), then arrival order within the tenant."""
+
+    priority: int = DEFAULT
+    tenant: str = ""  # the API key's name; "" for anonymous clients, who are one tenant
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class JobDone:
+    vectors: np.ndarray  # (len(inputs), dims) float32
+    prompt_tokens: list[int]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    # The worker's codes, plus attempts_exhausted when no worker finished it in max_attempts leases.
+    code: ErrorCode | str
+    message: str
+    input_index: int | None = None
+
+
+Outcome = JobDone | JobFailed
+Answer = tuple[str, str, Outcome]  # job id, lease id, outcome
+
+
+@dataclass(eq=False)
+class Pending:
+    """One of this process's jobs, while its client waits."""
+
+    job_id: str
+    key: str  # the queue: the checkpoint its model is served by
+    spec: JobSpec
+    placement: Placement
+    future: asyncio.Future
+    enqueued_at: float
+    odd_rounds: int = 0  # Redis repair: consecutive checks that found it lost, or answered but not taken
+
+
+class JobFailure(Exception):
+    """One job of a request failed; the request fails with it (the others are withdrawn)."""
+
+    def __init__(self, job_index: int, failure: JobFailed):
+        super().__init__(failure.message)
+        self.job_index = job_index
+        self.failure = failure
+
+
+class QueueTimeout(Exception):
+    """The jobs were not all answered in time; those still queued were withdrawn."""
+
+
+class QueueUnavailable(Exception):
+    """The queue's backend cannot be reached (a shared backend's server is down)."""
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int  # jobs waiting for a worker
+    leased: int  # jobs a worker holds
+    oldest_age_s: float  # of the oldest waiting job, 0 if none
+
+
+def all_answered(futures: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """One future for a request's jobs (each future's result a JobDone or JobFailed): done when
+    all are answered, or failed with the first JobFailure. Cheaper than asyncio.wait over the
+    set, on the hot path."""
+    all_done = loop.create_future()
+    remaining = len(futures)
+
+    def answered(index: int, future: asyncio.Future) -> None:
+        nonlocal remaining
+        if all_done.done() or future.cancelled():
+            return
+        outcome = future.result()
+        remaining -= 1
+        if isinstance(outcome, JobFailed):
+            all_done.set_exception(JobFailure(index, outcome))
+        elif remaining == 0:
+            all_done.set_result(None)
+
+    for index, future in enumerate(futures):
+        future.add_done_callback(functools.partial(answered, index))
+    return all_done

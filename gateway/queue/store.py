@@ -1,0 +1,135 @@
+"""What a queue backend supplies: storage primitives, each atomic. Everything else (request
+futures, timeouts, withdrawal, the fill window, lease lengths, what an exhausted job's client is
+told) is the core's (``core.py``), written once for every backend.
+
+The order every store keeps, per queue: priority class first (``jobs.CLASSES``), then within a
+class self-clocked fair queueing over tenants. A job's *tag* is
+
+    tag = max(V, last[tenant]) + cost / weight        (cost: the job's estimated tokens)
+
+where ``last[tenant]`` is the tag of that tenant's previous job in the class and ``V`` (the
+class's virtual clock) is the tag of the job most recently leased. Jobs are leased in tag order;
+so one tenant's jobs keep their arrival order, and a tenant that floods the queue gets its
+weighted share and no more: another tenant's new job is tagged just after ``V``, ahead of the
+flood's backlog. A job that comes back (expired, given back, its worker gone) takes the front
+of its class: ``tag = min(its own tag, the lowest waiting tag)``.
+
+A lease belongs to the worker that took it: answers and give-backs count only from that worker
+under the current lease id. When a job comes back, it keeps its attempts; past ``max_attempts``
+leases its client is told so instead (``Core.exhausted``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from contract.messages import Job
+from gateway.queue.jobs import Answer, Outcome, Pending, QueueStats
+
+# Why a lease ended without an answer.
+Reason = Literal["expired", "released", "departed"]
+
+
+def fair_tag(clock: float, last: float, cost: int, weight: float) -> float:
+    """The finish tag of a tenant's next job (see the module's docstring); the Redis store's
+    scripts compute the same in Lua."""
+    return max(clock, last) + max(cost, 1) / weight
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One lease attempt by one worker."""
+
+    worker_id: str
+    tags: frozenset[str]  # the worker's: it may take only jobs whose tags are all among these
+    max_items: int  # inputs, at most (but at least one job)
+    max_tokens: int | None  # estimated tokens, at most (but at least one job)
+    min_inputs: int  # take nothing unless this many eligible inputs wait
+    hold_s: float  # the lease's length
+
+
+@dataclass(frozen=True)
+class Taken:
+    jobs: list[Job]
+    available: int  # eligible inputs that were waiting
+
+
+@dataclass
+class Reclaimed:
+    """Leases that ended without an answer: jobs put back in line, and jobs failed for good."""
+
+    requeued: int = 0
+    failed: int = 0
+    workers: set[str] = field(default_factory=set)  # whose leases they were
+
+
+class Core(Protocol):
+    """What a store calls back on: the queue core of this process."""
+
+    pending: dict[str, Pending]
+
+    def wake(self, key: str, inputs: int) -> None:
+        """``inputs`` new inputs wait on queue ``key``: waiting leases may look again."""
+
+    def resolve(self, job_id: str, outcome: Outcome) -> None:
+        """Hand an outcome to this process's waiting client, if it still waits."""
+
+    def exhausted(self, job_id: str, attempts: int, reason: Reason) -> None:
+        """The job used its last attempt: fail it for its client, saying why."""
+
+
+class Store(ABC):
+    def bind(self, core: Core, max_attempts: int) -> None:
+        self.core = core
+        self.max_attempts = max_attempts
+
+    async def start(self) -> None:  # noqa: B027 - a store without background work need not override it
+        """Start background work, if the store has any."""
+
+    async def stop(self) -> None:  # noqa: B027
+        """Stop it."""
+
+    @abstractmethod
+    async def put(self, jobs: list[Pending]) -> None:
+        """Queue this process's jobs (one request's, all on one queue) in their fair place."""
+
+    @abstractmethod
+    async def take(self, key: str, ask: Ask) -> Taken:
+        """Lease waiting jobs in order within the ask's limits, or nothing if fewer than
+        ``ask.min_inputs`` eligible inputs wait."""
+
+    @abstractmethod
+    async def settle(self, worker_id: str, answers: list[Answer]) -> int:
+        """Record the answers of the jobs this worker holds under these leases (others are
+        stale: ignored) and deliver them to their clients; how many were accepted."""
+
+    @abstractmethod
+    async def give_back(self, worker_id: str, refs: list[tuple[str, str]]) -> int:
+        """Put these (job id, lease id) of the worker back in line now; how many were its own."""
+
+    @abstractmethod
+    async def release_worker(self, worker_id: str) -> Reclaimed:
+        """The worker is gone: every job it holds goes back in line."""
+
+    @abstractmethod
+    async def expire(self) -> Reclaimed:
+        """Put the jobs of expired leases back in line."""
+
+    @abstractmethod
+    async def withdraw(self, job_ids: list[str], waiting_only: bool) -> list[str]:
+        """Take these jobs out (with waiting_only, only those not leased); the ids of the
+        waiting ones taken."""
+
+    @abstractmethod
+    async def is_leased(self, job_id: str, lease_id: str) -> bool:
+        """Whether the job is still out under this lease."""
+
+    async def upkeep(self) -> None:  # noqa: B027
+        """Periodic repairs and figures, if the store needs any (every second or so)."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, QueueStats]:
+        """Per queue key, for metrics and health: this process's own jobs (so that the figures
+        of several replicas add up), at most a second old."""

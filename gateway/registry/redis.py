@@ -1,0 +1,197 @@
+"""The worker registry shared by gateway replicas through Redis (``EMBEDQ_QUEUE=redis``).
+
+Each replica keeps the view of ``local.py`` for the request path and syncs it:
+
+    P:w:<worker>     string  the worker's WorkerHello, the replica its last heartbeat came to, and
+                             whether it drains; expiring worker_ttl_s after its last call (any
+                             replica refreshes it)
+    P:workers        set     worker ids, pruned of those whose record expired
+    P:stuck:<worker> string  present (holding until when, wall clock) while the worker is stuck
+    P:first_seen     hash    model -> wall-clock time a worker first served it
+    P:tagsets:<m>    set     tag sets (JSON) model m was ever served with
+
+Every replica reloads the view every REFRESH_S, and at once when a request names a model or a
+worker it does not know, so a worker registered through replica A is served by replica B
+straight away. A worker that drops out of a replica's view (its record expired, or it left) is
+passed to ``on_departed`` by that replica: returning its leases is idempotent, so it does not
+matter which replica does it first. A worker's draining and leaving are published, so that the
+replica holding its lease long-poll answers it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+from contract.messages import WorkerHello
+from gateway.errors import ApiError
+from gateway.queue import QueueUnavailable
+from gateway.redis_link import DOWN, RedisLink, text, unless_cancelled
+from gateway.registry.local import Route, UnknownWorker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+REFRESH_S = 0.5
+
+
+class RedisRegistry(WorkerRegistry):
+    def __init__(self, link: RedisLink, worker_ttl_s: float, stuck_s: float):
+        super().__init__(worker_ttl_s, stuck_s)
+        self._link = link
+        self._ttl_ms = int(worker_ttl_s * 1000)
+        self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
+        self._refreshed_at = 0.0  # when the newest finished refresh started (monotonic)
+        self._refreshing: asyncio.Task | None = None
+        link.on_event("leave", self._forget)
+        link.on_event("drain", self._draining)
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        for task in (self._sweeper, self._refreshing):
+            if task is not None:
+                task.cancel()
+
+    async def heartbeat(self, hello: WorkerHello) -> None:
+        new_models = [m for m in hello.models if frozenset(hello.tags) not in self._ever_served.get(m, set())]
+        self._remember(hello)
+        link = self._link
+        async with link.redis.pipeline(transaction=False) as pipe:
+            record = orjson.dumps({"hello": hello.model_dump(), "via": link.replica, "draining": False})
+            pipe.set(link.key("w", hello.worker_id), record, px=self._ttl_ms)
+            pipe.sadd(link.key("workers"), hello.worker_id)
+            for model in new_models:
+                pipe.hsetnx(link.key("first_seen"), model, time.time())
+                pipe.sadd(link.key("tagsets", model), orjson.dumps(sorted(hello.tags)))
+            await _or_503(pipe.execute())
+        self._written[hello.worker_id] = time.monotonic()
+
+    async def touch(self, worker_id: str) -> WorkerHello:
+        try:
+            hello = await super().touch(worker_id)
+        except UnknownWorker:
+            await self._refresh_on_miss()  # it may have registered through another replica
+            hello = await super().touch(worker_id)
+        now = time.monotonic()
+        if now - self._written.get(worker_id, 0.0) > self._ttl_s / 4:
+            if not await _or_503(self._link.redis.pexpire(self._link.key("w", worker_id), self._ttl_ms)):
+                self._forget(worker_id)  # its record expired meanwhile: it must register again
+                raise UnknownWorker(worker_id)
+            self._written[worker_id] = now
+        return hello
+
+    async def leave(self, worker_id: str) -> None:
+        self._forget(worker_id)
+        self._written.pop(worker_id, None)
+        link = self._link
+        async with link.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(link.key("w", worker_id), link.key("stuck", worker_id))
+            pipe.srem(link.key("workers"), worker_id)
+            link.event_command(pipe, "leave", worker_id)
+            await _or_503(pipe.execute())
+        await self.on_departed(worker_id)
+
+    async def drain(self, worker_id: str) -> None:
+        await super().drain(worker_id)
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        link = self._link
+        record = orjson.dumps({"hello": worker.hello.model_dump(), "via": link.replica, "draining": True})
+        async with link.redis.pipeline(transaction=False) as pipe:
+            pipe.set(link.key("w", worker_id), record, xx=True, keepttl=True)
+            link.event_command(pipe, "drain", worker_id)
+            await _or_503(pipe.execute())
+
+    async def mark_stuck(self, worker_id: str) -> None:
+        await super().mark_stuck(worker_id)
+        until = time.time() + self._stuck_s
+        await _or_503(self._link.redis.set(self._link.key("stuck", worker_id), until, px=int(self._stuck_s * 1000)))
+
+    async def mark_serving(self, worker_id: str) -> None:
+        if self.is_stuck(worker_id):
+            await super().mark_serving(worker_id)
+            await _or_503(self._link.redis.delete(self._link.key("stuck", worker_id)))
+
+    async def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
+        try:
+            return await super().resolve(model, tags)
+        except ApiError:
+            if not await self._refresh_on_miss():  # "not found" would be a guess: say what is wrong
+                raise QueueUnavailable("the worker registry (Redis) is unreachable") from None
+            return await super().resolve(model, tags)
+
+    async def _refresh_on_miss(self) -> bool:
+        """Reload the view from Redis, by a refresh that started after this call (concurrent
+        misses share one: a flood of unknown names costs one refresh at a time); False if
+        Redis could not be reached."""
+        missed_at = time.monotonic()
+        while self._refreshed_at < missed_at:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self.refresh())
+            try:
+                await asyncio.shield(self._refreshing)
+            except DOWN as exc:
+                log.debug("registry refresh: %s", exc)
+                return False
+        return True
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+                await self.sweep()
+            except (*DOWN, QueueUnavailable) as exc:
+                unless_cancelled()
+                log.debug("registry refresh: %s", exc)
+
+    async def refresh(self) -> None:
+        """Replace the local view of workers and models with what Redis holds."""
+        link = self._link
+        started, started_at = self._clock(), time.monotonic()
+        ids = sorted(text(i) for i in await link.redis.smembers(link.key("workers")))
+        records = await link.redis.mget([link.key("w", i) for i in ids]) if ids else []
+        stuck = await link.redis.mget([link.key("stuck", i) for i in ids]) if ids else []
+        first_seen = await link.redis.hgetall(link.key("first_seen"))
+        async with link.redis.pipeline(transaction=False) as pipe:
+            for model in first_seen:
+                pipe.smembers(link.key("tagsets", text(model)))
+            tagsets = await pipe.execute()
+        gone = [worker_id for worker_id, record in zip(ids, records) if record is None]
+        if gone:
+            await link.redis.srem(link.key("workers"), *gone)
+        live: set[str] = set()
+        for record, until in zip(records, stuck):
+            if record is None:
+                continue
+            found = orjson.loads(record)
+            hello = WorkerHello.model_validate(found["hello"])
+            self._remember(hello, own=found["via"] == link.replica)
+            worker = self._workers[hello.worker_id]
+            worker.stuck_until = started + float(until) - time.time() if until else 0.0
+            if found.get("draining"):
+                self._draining(hello.worker_id)
+            live.add(hello.worker_id)
+        for worker_id, worker in list(self._workers.items()):
+            if worker_id not in live and worker.last_seen < started:
+                self._forget(worker_id)  # expired or left: its record is gone
+                self._departed.append(worker_id)
+        for worker_id in [w for w in self._written if w not in self._workers]:
+            del self._written[worker_id]  # nothing kept per departed worker
+        for model, sets in zip(first_seen, tagsets):
+            name = text(model)
+            self._first_seen[name] = float(first_seen[model])
+            self._ever_served.setdefault(name, set()).update(frozenset(orjson.loads(s)) for s in sets)
+        self._refreshed_at = max(self._refreshed_at, started_at)
+
+
+async def _or_503(call):
+    """A Redis call of a worker endpoint: 503 while Redis is down (app.py), so the worker retries."""
+    try:
+        return await call
+    except DOWN as exc:
+        raise QueueUnavailable(f"the worker registry (Redis) is unreachable: {exc}") from None

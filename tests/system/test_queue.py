@@ -1,0 +1,145 @@
+"""The queue core's promises on a real Redis (the cases are in ``tests/queue_cases.py``; the fast
+tier runs the same ones on the memory store), then Redis's own: several replicas on one Redis,
+and what a Redis that lost writes or a replica that died leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.queue import JobFailed, JobFailure, JobQueue, RedisStore
+from gateway.redis_link import RedisLink
+from tests.queue_cases import *  # noqa: F403  (the cases, collected here)
+from tests.queue_cases import OTHER, Backend, W, answer, done, lease, specs
+
+
+class RedisBackend(Backend):
+    """Queues on one Redis, sharing a key prefix: replicas of one gateway."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.prefix = "unit-" + uuid.uuid4().hex[:8]
+        self.links: list[RedisLink] = []
+
+    async def store(self) -> RedisStore:
+        link = RedisLink(self.url, None, self.prefix)
+        await link.start()
+        self.links.append(link)
+        return RedisStore(link)
+
+    async def close(self) -> None:
+        await super().close()
+        for link in self.links:
+            await link.stop()
+
+
+@pytest.fixture
+def backend(redis_server) -> RedisBackend:
+    return RedisBackend(redis_server.url)
+
+
+async def test_a_job_queued_on_one_replica_is_answered_through_another(backend):
+    owner, other = await backend.queue(), await backend.queue()
+    run = asyncio.create_task(owner.run("k", specs(2, 1), timeout_s=5))
+    first, second = await lease(other)
+    assert await answer(other, first, done(2, 3.0))
+    assert await answer(other, second, done(1, 4.0))
+    results = await run
+    assert [d.vectors[0, 0] for d in results] == [3.0, 4.0] and results[0].prompt_tokens == [3, 3]
+    failing = asyncio.create_task(owner.run("k", specs(1), timeout_s=5))
+    (job,) = await lease(other)
+    assert await answer(other, job, JobFailed("input_too_long", "input too long", 0))
+    with pytest.raises(JobFailure) as info:
+        await failing
+    assert (info.value.failure.code, info.value.failure.input_index) == ("input_too_long", 0)
+    await backend.close()
+
+
+async def test_an_exhausted_job_of_another_replica_is_failed_for_its_client(backend):
+    owner, other = await backend.queue(lease_ttl_s=0.1, max_attempts=1), await backend.queue(lease_ttl_s=0.1, max_attempts=1)
+    run = asyncio.create_task(owner.run("k", specs(1), timeout_s=5))
+    await lease(other)  # and never answered: the sweep of either replica fails it for its owner
+    with pytest.raises(JobFailure) as info:
+        await run
+    assert info.value.failure.code == "attempts_exhausted" and "1 attempts" in info.value.failure.message
+    await backend.close()
+
+
+async def test_concurrent_leases_on_two_replicas_never_share_a_job(backend):
+    a, b = await backend.queue(), await backend.queue()
+    runs = [asyncio.create_task(q.run("k", specs(*[1] * 25), timeout_s=10)) for q in (a, b, a, b)]
+    seen: list[str] = []
+
+    async def worker(queue: JobQueue, name: str) -> None:
+        while len(seen) < 100:
+            for job in await lease(queue, name, max_items=3, wait_s=0.2):
+                seen.append(job.job_id)
+                assert await answer(queue, job, done(1), worker=name)
+
+    await asyncio.wait_for(asyncio.gather(*(worker(q, f"w{i}") for i, q in enumerate((a, b, a, b)))), 10)
+    assert len(seen) == 100 and len(set(seen)) == 100
+    await asyncio.gather(*runs)
+    await backend.close()
+
+
+async def test_an_expired_lease_is_reclaimed_whichever_replica_looks(backend):
+    owner = await backend.queue(lease_ttl_s=0.3)
+    other = await backend.queue(lease_ttl_s=0.3)
+    run = asyncio.create_task(owner.run("k", specs(1), timeout_s=5))
+    (lost,) = await lease(other)  # its worker dies with it
+    (again,) = await lease(other, OTHER, wait_s=2)
+    assert again.job_id == lost.job_id
+    assert not await answer(owner, lost, done(1, 1.0))
+    assert await answer(owner, again, done(1, 2.0), worker=OTHER)
+    assert (await run)[0].vectors[0, 0] == 2.0
+    await backend.close()
+
+
+async def test_a_departed_worker_is_released_by_any_replica(backend):
+    owner, other = await backend.queue(), await backend.queue()
+    run = asyncio.create_task(owner.run("k", specs(1), timeout_s=5))
+    (held,) = await lease(owner, W)
+    await other.release_worker(W)
+    (again,) = await lease(owner, OTHER, wait_s=0)
+    assert again.job_id == held.job_id
+    assert await answer(other, again, done(1, 6.0), worker=OTHER)
+    assert (await run)[0].vectors[0, 0] == 6.0
+    await backend.close()
+
+
+async def test_the_jobs_of_a_dead_replica_are_dropped_not_computed(backend, redis_server):
+    doomed, survivor = await backend.queue(), await backend.queue()
+    run = asyncio.create_task(doomed.run("k", specs(1, 1), timeout_s=5))
+    await asyncio.sleep(0.05)
+    raw = Redis.from_url(redis_server.url)
+    doomed_link = backend.links[0]
+    for task in doomed_link._tasks:  # it stops refreshing its liveness key, as a killed process would
+        task.cancel()
+    await raw.delete(f"{backend.prefix}:alive:{doomed_link.replica}")
+    assert await lease(survivor, wait_s=0.2) == []
+    assert await raw.zcard(f"{backend.prefix}:q:k:1") == 0
+    assert not await raw.keys(f"{backend.prefix}:j:*")
+    run.cancel()
+    await raw.aclose()
+    await backend.close()
+
+
+async def test_a_job_that_redis_lost_is_queued_again_by_its_owner(backend, redis_server):
+    owner = await backend.queue()
+    run = asyncio.create_task(owner.run("k", specs(1), timeout_s=5))
+    await asyncio.sleep(0.05)
+    raw = Redis.from_url(redis_server.url)
+    lost = [f"{backend.prefix}:q:k:1", *await raw.keys(f"{backend.prefix}:j:*")]
+    await raw.delete(*lost)  # as a restart without its last writes
+    assert await lease(owner, wait_s=0) == []
+    await owner._store.upkeep()
+    await owner._store.upkeep()  # gone on two checks: queued again
+    (job,) = await lease(owner)
+    assert await answer(owner, job, done(1, 5.0))
+    assert (await run)[0].vectors[0, 0] == 5.0
+    await raw.aclose()
+    await backend.close()

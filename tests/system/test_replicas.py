@@ -1,0 +1,167 @@
+"""Two gateway replicas on one Redis, as behind a Kubernetes Service: real processes on loopback.
+
+Worker 1 talks to replica A, worker 2 to replica B, and clients are spread over both, so jobs,
+registrations and answers all cross replicas. Then replicas, workers and Redis itself are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.system.conftest import REPO, Cluster, Gateway, RedisServer, fake_worker_config, wait_until
+from tests.system.load import DIMS, MODEL, Load, expected, metric
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def queue_backend() -> str:
+    return "redis"  # the cluster's gateways share the session's redis-server
+
+
+def two_replicas(cluster: Cluster, lease_ttl_s: float = 2, delay_s: float = 0.05) -> tuple[Gateway, Gateway, list]:
+    env = {"EMBEDQ_LEASE_TTL_S": str(lease_ttl_s), "EMBEDQ_WORKER_WAIT_S": "5"}
+    a, b = cluster.gateway(env=env), cluster.gateway(env=env)
+    workers = [
+        cluster.worker(fake_worker_config(g.url, MODEL, dimensions=DIMS, delay_s=delay_s, max_num_seqs=8)) for g in (a, b)
+    ]
+    for gateway in (a, b):
+        wait_until(lambda g=gateway: httpx.get(g.url + "/health").json()["workers"] == 2, 20, "both workers on both replicas")
+    return a, b, workers
+
+
+def _sum_metric(gateways: list[Gateway], name: str) -> float:
+    return sum(metric(httpx.get(g.url + "/metrics").text, name) for g in gateways)
+
+
+def _back_in_line(gateways: list[Gateway]) -> float:
+    """Jobs put back in line because their lease expired or their worker departed."""
+    return sum(_sum_metric(gateways, f'embedq_gateway_leases_reclaimed_total{{action="requeued",reason="{reason}"}}')
+               for reason in ("expired", "departed"))
+
+
+def test_clients_on_both_replicas_all_get_answers(cluster: Cluster):
+    a, b, _ = two_replicas(cluster)
+    assert a.models() == b.models() == [MODEL]
+    loads = [Load(g.url, clients=6).start(requests_each=10) for g in (a, b)]
+    for load in loads:
+        load.join()
+        assert load.outcomes == {"200": 60} and not load.wrong, load.summary()
+    # Each replica counts its own share; the sums are the totals.
+    assert _sum_metric([a, b], 'embedq_gateway_jobs_total{outcome="ok"}') == 120
+    assert _sum_metric([a, b], 'embedq_gateway_workers{model="fake-model"}') == 2
+    # Queue gauges are at most a second old.
+    wait_until(lambda: _sum_metric([a, b], 'embedq_gateway_queue_depth{queue="fake-model"}') == 0, 3, "an empty queue")
+
+
+def test_a_worker_registered_on_one_replica_is_served_by_the_other_at_once(cluster: Cluster):
+    a, b = cluster.gateway(), cluster.gateway()
+    cluster.worker(fake_worker_config(a.url, MODEL, dimensions=DIMS))
+    a.wait_for_model(MODEL)
+    response = httpx.post(b.url + "/v1/embeddings", json={"model": MODEL, "input": "hello"}, timeout=10)
+    assert response.status_code == 200, response.text  # no wait for B's periodic refresh
+    assert np.array_equal(np.array([response.json()["data"][0]["embedding"]], dtype=np.float32), expected(["hello"]))
+
+
+def test_kill_9_of_a_replica_loses_no_request_sent_to_the_other(cluster: Cluster):
+    a, b, _ = two_replicas(cluster, lease_ttl_s=2, delay_s=0.1)
+    on_a = Load(a.url, clients=4, timeout_s=20).start()
+    on_b = Load(b.url, clients=8).start(requests_each=10)
+    time.sleep(1.0)
+    a.proc.stop(signal.SIGKILL)  # with the leases worker 1 took through it, for B's clients too
+    on_b.join()
+    on_a.join()
+    assert on_b.outcomes == {"200": 80} and not on_b.wrong, "sent to the surviving replica: " + on_b.summary()
+    assert not on_a.wrong and on_a.outcomes["200"] > 0, on_a.summary()
+    assert _back_in_line([b]) >= 1, "the kill did not catch worker 1 holding jobs: " + on_b.summary()
+
+
+def test_kill_9_of_a_worker_behind_two_replicas_loses_nothing(cluster: Cluster):
+    a, b, workers = two_replicas(cluster, lease_ttl_s=2, delay_s=0.2)
+    loads = [Load(g.url, clients=6).start(requests_each=8) for g in (a, b)]
+    time.sleep(1.0)
+    workers[0].stop(signal.SIGKILL)
+    for load in loads:
+        load.join()
+        assert load.outcomes == {"200": 48} and not load.wrong, load.summary()
+    assert _sum_metric([a, b], 'embedq_gateway_jobs_total{outcome="ok"}') == 96  # each answered once
+    assert _back_in_line([a, b]) >= 1
+
+
+def test_redis_killed_and_restarted_with_aof_the_system_recovers(cluster: Cluster, tmp_path):
+    redis = cluster.redis = RedisServer(tmp_path).start()
+    try:
+        a, b, _ = two_replicas(cluster, lease_ttl_s=3, delay_s=0.05)
+        loads = [Load(g.url, clients=4, timeout_s=30).start() for g in (a, b)]
+        time.sleep(1.0)
+        redis.stop(signal.SIGKILL)  # no shutdown: up to the last second of writes is lost
+        time.sleep(2.0)
+        redis.start()
+        time.sleep(3.0)
+        for load in loads:
+            load.join()
+        for load in loads:
+            assert not load.wrong and set(load.outcomes) <= {"200", "503 queue_unavailable"}, load.summary()
+            assert load.outcomes["200"] > 0, load.summary()
+        # Recovered: every replica serves again, through both workers, with nothing left hanging.
+        after = [Load(g.url, clients=4).start(requests_each=5) for g in (a, b)]
+        for load in after:
+            load.join()
+            assert load.outcomes == {"200": 20} and not load.wrong, "after the restart: " + load.summary()
+    finally:
+        redis.stop()
+
+
+def test_a_gateway_started_before_redis_answers_503_then_serves(cluster: Cluster, tmp_path):
+    redis = cluster.redis = RedisServer(tmp_path)  # its port is chosen; it is not started yet
+    gateway = cluster.gateway()
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "queue_unavailable", response.text
+    assert response.headers["retry-after"] == "1"
+    redis.start()
+    try:
+        cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS))
+        gateway.wait_for_model(MODEL)
+        response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+        assert response.status_code == 200, response.text
+    finally:
+        redis.stop()
+    assert "Traceback" not in cluster.logs()
+
+
+def test_redis_passwords_are_never_logged(cluster: Cluster, redis_server: RedisServer):
+    in_url, in_env = "url-secret-5b1d0c", "env-secret-9f3a77"
+    gateway = cluster.gateway(env={
+        "EMBEDQ_REDIS_URL": redis_server.url.replace("redis://", f"redis://:{in_url}@"), "EMBEDQ_REDIS_PASSWORD": in_env,
+    })
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
+    assert response.status_code == 404, response.text  # no worker: the call went through Redis
+    logs = cluster.logs()
+    assert f"Redis at redis://:***@127.0.0.1:{redis_server.port}/0" in logs  # the URL, its password masked
+    seen = logs + response.text + httpx.get(gateway.url + "/metrics").text
+    assert in_url not in seen and in_env not in seen
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EMBEDQ_QUEUE": "redis"}, "EMBEDQ_REDIS_URL"),
+        ({"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": "redis://127.0.0.1:1/0", "EMBEDQ_KEYS_DB": "k.db"}, "EMBEDQ_KEYS_FILE"),
+        ({"EMBEDQ_QUEUE": "rabbitmq"}, "EMBEDQ_QUEUE"),
+        ({"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": "redis://h/0", "EMBEDQ_REDIS_PREFIX": "a b"}, "EMBEDQ_REDIS_PREFIX"),
+    ],
+    ids=["no-url", "sqlite-keys", "unknown-backend", "bad-prefix"],
+)
+def test_bad_queue_settings_stop_the_gateway_naming_the_variable(env, message):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    result = subprocess.run([sys.executable, "-m", "gateway"], env={**environ, **env}, cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

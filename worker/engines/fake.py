@@ -1,0 +1,70 @@
+"""The deterministic fake engine, for fast tests and gateway load tests: same input, same vector,
+on every worker; with faults to inject (a poisoned input, a dying engine, a hanging one)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from worker.config import FakeGenerator
+from worker.engines.base import Engine, EngineInfo
+
+
+class FakeEngine(Engine):
+    """Deterministic vectors from token ids: same input, same vector, on every worker.
+
+    Tokens are whitespace-separated words hashed into a BERT-sized vocabulary, framed by the
+    ids BERT uses for [CLS] and [SEP], so token-id and text inputs behave as with a real model.
+    """
+
+    CLS, SEP = 101, 102
+
+    def __init__(self, generator: FakeGenerator):
+        self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522)
+        self._delay_s = generator.delay_s
+        self._dead_after = generator.dead_after_batches
+        self._hang_after = generator.hang_after_batches
+        self._closed = threading.Event()  # a hung call ends when the engine is closed
+        self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
+        self.batches = 0  # how many engine calls were made
+
+    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
+        vocab = self.info.vocab_size - 1000
+        room = self.info.max_input_tokens - 2 if truncate else None
+        return [
+            [self.CLS, *[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room], self.SEP]
+            for text in texts
+        ]
+
+    def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        self.batches += 1
+        if self._hang_after and self.batches > self._hang_after:
+            self._closed.wait()  # hangs, as an engine stuck in a kernel would, while the process lives
+            raise RuntimeError("fake engine was closed while hung")
+        if self._dead_after and self.batches > self._dead_after:
+            raise RuntimeError("fake engine is dead")
+        if self._vocab_poison and any(_contains(ids, self._vocab_poison) for ids in token_ids):
+            raise RuntimeError("fake engine choked on a poisoned input")
+        # One hash per input, then splitmix64 over (input, dimension) counters, all rows at once.
+        seeds = np.array([zlib.crc32(np.asarray(ids, dtype="<i8").tobytes()) for ids in token_ids], dtype=np.uint64)
+        x = (seeds[:, None] << np.uint64(32)) + np.arange(self.info.dimensions, dtype=np.uint64)
+        x *= np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        out = (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23) - np.float32(1.0)  # uniform in [-1, 1)
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return out
+
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _contains(haystack: list[int], needle: list[int]) -> bool:
+    return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
