@@ -45,8 +45,7 @@ def offline_engine():
     os.environ.update(CPU_ENV)
     from vllm import LLM
 
-    llm = LLM(model=model_path(), runner="pooling", dtype="bfloat16", max_model_len=256, max_num_seqs=64,
-              enforce_eager=True)
+    llm = LLM(model=model_path(), runner="pooling", dtype="bfloat16", max_model_len=256, max_num_seqs=64, enforce_eager=True)
     llm.embed(sentences(128, seed=7), use_tqdm=False)  # warm-up
     return llm
 
@@ -139,14 +138,17 @@ def ratios(results: dict) -> dict[str, float]:
     if "engine" in results:
         rounds = results["engine"]["rounds"]
         out["embedq / offline, 32x16"] = statistics.median(
-            r["embedq"]["32x16"]["inputs_per_s"] / r["offline"]["inputs_per_s"] for r in rounds)
+            r["embedq"]["32x16"]["inputs_per_s"] / r["offline"]["inputs_per_s"] for r in rounds
+        )
         for load in ("32x16", "64x1"):
             out[f"embedq / vLLM server, {load}"] = statistics.median(
-                r["embedq"][load]["inputs_per_s"] / r["vllm_server"][load]["inputs_per_s"] for r in rounds)
+                r["embedq"][load]["inputs_per_s"] / r["vllm_server"][load]["inputs_per_s"] for r in rounds
+            )
     if "gateway" in results:
         g = results["gateway"]
         out["gateway / bare ASGI requests/s, 64 clients"] = (
-            g["gateway"]["64_clients"]["requests_per_s"] / g["bare"]["64_clients"]["requests_per_s"])
+            g["gateway"]["64_clients"]["requests_per_s"] / g["bare"]["64_clients"]["requests_per_s"]
+        )
         out["gateway p50 added latency ms, 1 client"] = g["gateway"]["1_client"]["p50_ms"] - g["bare"]["1_client"]["p50_ms"]
     if "scaling" in results:
         sc = results["scaling"]
@@ -162,25 +164,33 @@ def ratios(results: dict) -> dict[str, float]:
 def report(results: dict) -> None:
     if "engine" in results:
         for number, e in enumerate(results["engine"]["rounds"], 1):
-            print(f"\nround {number}: offline LLM.embed {e['offline']['inputs_per_s']:.1f} sentences/s, "
-                  f"{e['offline']['tokens_per_s']:.0f} tokens/s")
+            print(
+                f"\nround {number}: offline LLM.embed {e['offline']['inputs_per_s']:.1f} sentences/s, "
+                f"{e['offline']['tokens_per_s']:.0f} tokens/s"
+            )
             print(f"{'system':14} {'load':6} {'sent/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
             for system in ("vllm_server", "embedq"):
                 for load, r in e[system].items():
-                    print(f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} "
-                          f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+                    print(
+                        f"{system:14} {load:6} {r['inputs_per_s']:8.1f} {r['tokens_per_s']:8.0f} "
+                        f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
+                    )
     if "gateway" in results:
         for name, r in results["gateway"].items():
-            print(f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
-                  f"64 clients {r['64_clients']['requests_per_s']:.0f} req/s")
+            print(
+                f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
+                f"64 clients {r['64_clients']['requests_per_s']:.0f} req/s"
+            )
     if "scaling" in results:
         for workers, r in results["scaling"].items():
             print(f"{workers} fake workers: {r['inputs_per_s']:.0f} inputs/s")
     if "queue" in results:
         for backend, loads in results["queue"].items():
             for load, r in loads.items():
-                print(f"{backend:6} queue {load:6} {r['inputs_per_s']:8.0f} inputs/s  "
-                      f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms")
+                print(
+                    f"{backend:6} queue {load:6} {r['inputs_per_s']:8.0f} inputs/s  "
+                    f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
+                )
     print()
     for name, value in results["ratios"].items():
         target = TARGETS.get(name)
@@ -192,14 +202,15 @@ def report(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="engine,gateway,scaling,queue",
-                        help="comma-separated: engine, gateway, scaling, queue")
+    parser.add_argument("--only", default="engine,gateway,scaling,queue", help="comma-separated: engine, gateway, scaling, queue")
     parser.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
     parser.add_argument("--rounds", type=int, default=3, help="engine part: turns each system takes (default 3)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
-    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if "engine" in parts:
         results["engine"] = engine(sentences(), args.rounds)
     if "gateway" in parts:

@@ -77,15 +77,24 @@ async def _drive(url: str, bodies: list[dict], clients: int) -> tuple[float, lis
         return time.perf_counter() - started, latencies, tokens
 
 
-def run_load(url: str, model: str, texts: list[str], clients: int, per_request: int,
-             encoding_format: str = "float") -> LoadResult:
+def run_load(
+    url: str, model: str, texts: list[str], clients: int, per_request: int, encoding_format: str = "float"
+) -> LoadResult:
     """Send all texts, per_request at a time, from `clients` concurrent closed-loop clients."""
-    bodies = [{"model": model, "input": texts[i : i + per_request], "encoding_format": encoding_format}
-              for i in range(0, len(texts), per_request)]
+    bodies = [
+        {"model": model, "input": texts[i : i + per_request], "encoding_format": encoding_format}
+        for i in range(0, len(texts), per_request)
+    ]
     seconds, latencies, tokens = asyncio.run(_drive(url, bodies, clients))
     latencies.sort()
     return LoadResult(
-        clients=clients, inputs_per_request=per_request, requests=len(bodies), seconds=seconds,
-        inputs_per_s=len(texts) / seconds, tokens_per_s=tokens / seconds, requests_per_s=len(bodies) / seconds,
-        p50_ms=statistics.median(latencies) * 1000, p99_ms=latencies[int(0.99 * (len(latencies) - 1))] * 1000,
+        clients=clients,
+        inputs_per_request=per_request,
+        requests=len(bodies),
+        seconds=seconds,
+        inputs_per_s=len(texts) / seconds,
+        tokens_per_s=tokens / seconds,
+        requests_per_s=len(bodies) / seconds,
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=latencies[int(0.99 * (len(latencies) - 1))] * 1000,
     )

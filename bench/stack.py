@@ -48,9 +48,13 @@ class Stack:
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None, python: bool = True) -> subprocess.Popen:
         log = open(self.workdir / f"{name}-{len(self._procs)}.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, *args] if python else args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(self.workdir / "vllm-cache"),
-                                     **(env or {})})
+        proc = subprocess.Popen(
+            [sys.executable, *args] if python else args,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(self.workdir / "vllm-cache"), **(env or {})},
+        )
         log.close()
         self._procs.append(proc)
         return proc
@@ -75,7 +79,9 @@ class Stack:
         self.worker(gateway_url, config)
 
     def fake_worker(self, gateway_url: str, delay_s: float = 0.0, max_num_seqs: int = 64) -> None:
-        self.worker(gateway_url, f"""
+        self.worker(
+            gateway_url,
+            f"""
 edition = 1
 [generator]
 type = "fake"
@@ -89,16 +95,38 @@ checkpoint_name = "{MODEL}"
 description = "fake"
 [monitoring]
 metrics_port = 0
-""")
+""",
+        )
 
     def vllm_server(self) -> str:
         port = free_port()
-        self.start("vllm-server", [
-            "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(), "--served-model-name", MODEL,
-            "--runner", "pooling", "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "64",
-            "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-            "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning",
-        ])
+        self.start(
+            "vllm-server",
+            [
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                model_path(),
+                "--served-model-name",
+                MODEL,
+                "--runner",
+                "pooling",
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "256",
+                "--max-num-seqs",
+                "64",
+                "--enforce-eager",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-uvicorn-access-log",
+                "--uvicorn-log-level",
+                "warning",
+            ],
+        )
         url = f"http://127.0.0.1:{port}"
         wait_for(url + "/v1/models", "vLLM's server", timeout_s=300)
         return url
@@ -106,8 +134,25 @@ metrics_port = 0
     def redis_server(self) -> str:
         """A redis-server as the chart's users would run it (AOF, fsync every second); its URL."""
         port = free_port()
-        self.start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.workdir)], python=False)
+        self.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(self.workdir),
+            ],
+            python=False,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
@@ -121,8 +166,11 @@ metrics_port = 0
         path = self.workdir / "bare-body.json"
         path.write_bytes(body)
         port = free_port()
-        self.start("bare", ["-m", "uvicorn", "bench.bare:app", "--port", str(port), "--log-level", "warning",
-                            "--no-access-log"], {"BENCH_BARE_BODY": str(path)})
+        self.start(
+            "bare",
+            ["-m", "uvicorn", "bench.bare:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            {"BENCH_BARE_BODY": str(path)},
+        )
         url = f"http://127.0.0.1:{port}"
         wait_for(url + "/v1/embeddings", "the bare endpoint", method="POST")
         return url

@@ -34,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        loop="uvloop", http="httptools",  # C event loop and parser, named so a missing one fails loudly
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",  # C event loop and parser, named so a missing one fails loudly
         timeout_graceful_shutdown=5,  # by then every client request was answered (see server.py)
     )
     DrainingServer(config, app, drain_timeout_s=settings.request_timeout_s).run()

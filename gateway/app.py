@@ -110,8 +110,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
         else:
             log.info("client API keys from %s", settings.keys_db or settings.keys_file)
         if link is not None:
-            log.info("queue: Redis at %s (prefix %r), this replica %s", safe_url(settings.redis_url),
-                     settings.redis_prefix, link.replica)
+            log.info(
+                "queue: Redis at %s (prefix %r), this replica %s",
+                safe_url(settings.redis_url),
+                settings.redis_prefix,
+                link.replica,
+            )
             await link.start()
         await queue.start()
         await workers.start()
@@ -142,7 +146,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
-            ApiError: render_error, HTTPException: render_error, ClientGone: _client_gone, QueueUnavailable: _queue_down,
+            ApiError: render_error,
+            HTTPException: render_error,
+            ClientGone: _client_gone,
+            QueueUnavailable: _queue_down,
         },
     )
     app.state.settings = settings

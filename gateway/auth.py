@@ -59,6 +59,9 @@ class Auth:
         # Compare against every token, always, so timing says nothing about which one nearly matched.
         matches = [hmac.compare_digest(presented, token) for token in self._worker_tokens]
         if not any(matches):
-            log.warning("refused a worker call to %s from %s: missing or wrong worker token",
-                        request.url.path, request.client.host if request.client else "?")
+            log.warning(
+                "refused a worker call to %s from %s: missing or wrong worker token",
+                request.url.path,
+                request.client.host if request.client else "?",
+            )
             raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")

@@ -55,8 +55,15 @@ class EmbeddingService:
         self._load: dict[str, _Load] = {}  # per queue key: admitted, not yet answered
 
     async def embed(
-        self, model: str, inputs: list[JobInput], *, single: bool, dimensions: int | None = None,
-        truncate: bool | None = None, tags: frozenset[str] = frozenset(), key: ApiKey | None = None,
+        self,
+        model: str,
+        inputs: list[JobInput],
+        *,
+        single: bool,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        tags: frozenset[str] = frozenset(),
+        key: ApiKey | None = None,
     ) -> Embeddings:
         """Embed ``inputs`` with ``model`` for ``key`` (None: anonymous); ``truncate=None`` means
         the model's own default."""
@@ -65,8 +72,10 @@ class EmbeddingService:
         _check_dimensions(route, dimensions)
         truncate = route.card.truncate if truncate is None else truncate
         size = self._settings.job_max_inputs
-        specs = [JobSpec(model, chunk, truncate, tags, sum(map(_estimate_tokens, chunk)))
-                 for chunk in (inputs[i : i + size] for i in range(0, len(inputs), size))]
+        specs = [
+            JobSpec(model, chunk, truncate, tags, sum(map(_estimate_tokens, chunk)))
+            for chunk in (inputs[i : i + size] for i in range(0, len(inputs), size))
+        ]
         self._metrics.request_inputs.observe(len(inputs))
         try:
             with self._admitted(route, sum(spec.tokens for spec in specs)):
@@ -76,9 +85,7 @@ class EmbeddingService:
             raise
         except QueueTimeout:
             self._metrics.jobs.labels("timeout").inc(len(specs))
-            raise GatewayTimeout(
-                f"model {model!r} did not answer within {self._settings.request_timeout_s:g}s"
-            ) from None
+            raise GatewayTimeout(f"model {model!r} did not answer within {self._settings.request_timeout_s:g}s") from None
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single, self._settings.retry_after_s) from None
@@ -168,8 +175,10 @@ def _check_dimensions(route: Route, dimensions: int | None) -> None:
         allowed = ", ".join(map(str, sorted([*card.matryoshka_dimensions, card.dimensions])))
         message = f"model {route.model!r} supports 'dimensions' of {allowed} (got {dimensions})"
     else:
-        message = (f"model {route.model!r} returns {card.dimensions}-dimensional vectors and is not a Matryoshka "
-                   f"model: 'dimensions' must be omitted or {card.dimensions} (got {dimensions})")
+        message = (
+            f"model {route.model!r} returns {card.dimensions}-dimensional vectors and is not a Matryoshka "
+            f"model: 'dimensions' must be omitted or {card.dimensions} (got {dimensions})"
+        )
     raise InvalidRequest(message, param="dimensions", code="unsupported_dimensions")
 
 

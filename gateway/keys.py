@@ -149,8 +149,9 @@ class SqliteKeyStore(_Lookup):
                 (key.name, key.sha256, json.dumps(list(key.models)) if key.models else None, key.created_at, key.expires_at),
             )
         except sqlite3.IntegrityError:
-            raise KeysError(f"a key named {name!r} exists already (names are never reused); choose another, "
-                            f"e.g. {name + '-2'!r}") from None
+            raise KeysError(
+                f"a key named {name!r} exists already (names are never reused); choose another, e.g. {name + '-2'!r}"
+            ) from None
         return secret, key
 
     def revoke(self, name: str) -> None:
@@ -171,8 +172,11 @@ class SqliteKeyStore(_Lookup):
     def export(self) -> str:
         """The usable keys, hashes only, as the JSON FileKeyStore reads."""
         now = time.time()
-        keys = [{k: v for k, v in asdict(key).items() if k not in ("last_used_at", "revoked_at")}
-                for key in self.all() if key.usable(now)]
+        keys = [
+            {k: v for k, v in asdict(key).items() if k not in ("last_used_at", "revoked_at")}
+            for key in self.all()
+            if key.usable(now)
+        ]
         return json.dumps({"keys": keys}, indent=2)
 
     def _refresh(self) -> None:
@@ -195,7 +199,15 @@ class FileKeyStore(_Lookup):
         if stamp == self._stamp:
             return
         entries = json.loads(self._path.read_text())["keys"]
-        keys = [ApiKey(e["name"], e["sha256"], tuple(e["models"]) if e.get("models") else None,
-                       e.get("created_at", 0.0), e.get("expires_at")) for e in entries]
+        keys = [
+            ApiKey(
+                e["name"],
+                e["sha256"],
+                tuple(e["models"]) if e.get("models") else None,
+                e.get("created_at", 0.0),
+                e.get("expires_at"),
+            )
+            for e in entries
+        ]
         self._by_digest = {key.sha256: key for key in keys}
         self._stamp = stamp

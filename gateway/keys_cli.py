@@ -56,17 +56,22 @@ def _run(store: SqliteKeyStore, args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
         secret, key = store.create(args.name, models, parse_duration(args.expires) if args.expires else None)
         print(secret)
-        print(f"created key {key.name!r} for {', '.join(key.models) if key.models else 'every model'}, "
-              f"expires {_when(key.expires_at) if key.expires_at else 'never'}. "
-              "This is the only time the key is shown.", file=sys.stderr)
+        print(
+            f"created key {key.name!r} for {', '.join(key.models) if key.models else 'every model'}, "
+            f"expires {_when(key.expires_at) if key.expires_at else 'never'}. "
+            "This is the only time the key is shown.",
+            file=sys.stderr,
+        )
     elif args.command == "list":
         now = time.time()
         print(f"{'NAME':20} {'STATE':8} {'MODELS':24} {'CREATED':21} {'EXPIRES':21} LAST USED")
         for key in store.all():
             state = "revoked" if key.revoked_at else "expired" if not key.usable(now) else "active"
             scope = ",".join(key.models) if key.models else "*"
-            print(f"{key.name:20} {state:8} {scope:24} {_when(key.created_at):21} {_when(key.expires_at):21} "
-                  f"{_when(key.last_used_at)}")
+            print(
+                f"{key.name:20} {state:8} {scope:24} {_when(key.created_at):21} {_when(key.expires_at):21} "
+                f"{_when(key.last_used_at)}"
+            )
     elif args.command == "revoke":
         store.revoke(args.name)
         print(f"revoked key {args.name!r}", file=sys.stderr)

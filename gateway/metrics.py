@@ -26,7 +26,9 @@ class GatewayMetrics:
         self._children: dict = {}
         p = PREFIX
         self.requests = Counter(
-            p + "requests_total", "Client requests answered, by endpoint and HTTP status", ["endpoint", "status"],
+            p + "requests_total",
+            "Client requests answered, by endpoint and HTTP status",
+            ["endpoint", "status"],
             registry=registry,
         )
         self.latency = Histogram(
@@ -51,11 +53,14 @@ class GatewayMetrics:
         self.leases_reclaimed = Counter(
             p + "leases_reclaimed_total",
             "Leases that ended unanswered, by why (expired, or their worker departed) and what became of the job",
-            ["reason", "action"], registry=registry,
+            ["reason", "action"],
+            registry=registry,
         )
         self.worker_posts = Counter(
-            p + "worker_posts_total", "Job answers posted by workers, by whether the lease was current",
-            ["result"], registry=registry,
+            p + "worker_posts_total",
+            "Job answers posted by workers, by whether the lease was current",
+            ["result"],
+            registry=registry,
         )
 
     def child(self, metric, *labels: str):

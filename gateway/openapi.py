@@ -9,8 +9,16 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.dialects import schemas as p
 
-ERRORS = {400: "invalid request", 404: "unknown model or path", 413: "body too large", 422: "a field of the wrong type",
-          429: "overloaded", 500: "the engine failed", 503: "no live worker", 504: "timed out"}
+ERRORS = {
+    400: "invalid request",
+    404: "unknown model or path",
+    413: "body too large",
+    422: "a field of the wrong type",
+    429: "overloaded",
+    500: "the engine failed",
+    503: "no live worker",
+    504: "timed out",
+}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -21,8 +29,9 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": _ref(model)}}}
 
 
-def _operation(summary: str, response: type[BaseModel], error: type[BaseModel],
-               request: type[BaseModel] | None = None) -> dict[str, Any]:
+def _operation(
+    summary: str, response: type[BaseModel], error: type[BaseModel], request: type[BaseModel] | None = None
+) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "summary": summary,
         "responses": {
@@ -37,10 +46,18 @@ def _operation(summary: str, response: type[BaseModel], error: type[BaseModel],
 
 def openapi_document(version: str) -> dict[str, Any]:
     requests: list[type[BaseModel]] = [p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest]
-    responses: list[type[BaseModel]] = [p.EmbeddingsResponse, p.ModelList, p.ErrorResponse, p.OllamaEmbedResponse,
-                                        p.OllamaEmbeddingsResponse, p.OllamaTags, p.OllamaError]
+    responses: list[type[BaseModel]] = [
+        p.EmbeddingsResponse,
+        p.ModelList,
+        p.ErrorResponse,
+        p.OllamaEmbedResponse,
+        p.OllamaEmbeddingsResponse,
+        p.OllamaTags,
+        p.OllamaError,
+    ]
     modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
-        *((m, "validation") for m in requests), *((m, "serialization") for m in responses)
+        *((m, "validation") for m in requests),
+        *((m, "serialization") for m in responses),
     ]
     _, schemas = models_json_schema(
         modes,
@@ -50,8 +67,11 @@ def openapi_document(version: str) -> dict[str, Any]:
     models = _operation("Models with a live worker (OpenAI)", p.ModelList, p.ErrorResponse)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "embedq gateway", "version": version,
-                 "description": "OpenAI, Ollama and Aleph Alpha embeddings in front of a queue of vLLM workers."},
+        "info": {
+            "title": "embedq gateway",
+            "version": version,
+            "description": "OpenAI, Ollama and Aleph Alpha embeddings in front of a queue of vLLM workers.",
+        },
         "paths": {
             "/v1/embeddings": {"post": embeddings},
             "/embeddings": {"post": {**embeddings, "summary": "Create embeddings (OpenAI; the Aleph Alpha client's path)"}},
@@ -60,12 +80,16 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/embed": {
                 "post": _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)
             },
-            "/api/embeddings": {"post": _operation("One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError,
-                                                   p.OllamaEmbeddingsRequest)},
+            "/api/embeddings": {
+                "post": _operation(
+                    "One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError, p.OllamaEmbeddingsRequest
+                )
+            },
             "/api/tags": {"get": _operation("Served models (Ollama)", p.OllamaTags, p.OllamaError)},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "the gateway is up"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": {"description": "text exposition format"}}}},
+            "/metrics": {
+                "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}
+            },
         },
         "components": {"schemas": schemas.get("$defs", {})},
     }

@@ -64,7 +64,11 @@ class RedisLink:
         # Blocking pops wait at most a second; the subscription waits for events as long as it takes.
         self.blocking = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=10.0)
         self._subscriber = Redis.from_url(
-            url, password=password, socket_connect_timeout=2.0, socket_timeout=None, socket_keepalive=True,
+            url,
+            password=password,
+            socket_connect_timeout=2.0,
+            socket_timeout=None,
+            socket_keepalive=True,
         )
         self._handlers: dict[str, list[Callable[[str], None]]] = {}
         self._tasks: list[asyncio.Task] = []

@@ -99,9 +99,7 @@ def _check_recovery_fits(settings: GatewaySettings) -> None:
 
 def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySettings:
     values: dict[str, object] = {
-        name: environ[ENV_PREFIX + name.upper()]
-        for name in GatewaySettings.model_fields
-        if ENV_PREFIX + name.upper() in environ
+        name: environ[ENV_PREFIX + name.upper()] for name in GatewaySettings.model_fields if ENV_PREFIX + name.upper() in environ
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -86,8 +86,14 @@ async def lease(request: Request) -> Response:
         leasing = _nothing_after(min(req.wait_s, STUCK_POLL_S))  # out of rotation: no jobs for it
     else:
         leasing = state.queue.lease(
-            hello.checkpoint_name, req.worker_id, max_items=req.max_items, wait_s=req.wait_s, tags=frozenset(hello.tags),
-            fill_s=req.fill_s, max_tokens=req.max_tokens, hold_s=req.hold_s,
+            hello.checkpoint_name,
+            req.worker_id,
+            max_items=req.max_items,
+            wait_s=req.wait_s,
+            tags=frozenset(hello.tags),
+            fill_s=req.fill_s,
+            max_tokens=req.max_tokens,
+            hold_s=req.hold_s,
         )
     # A worker that hangs up mid-poll must not be handed jobs it will never see; one that leaves
     # gets its answer at once.

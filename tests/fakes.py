@@ -14,9 +14,19 @@ MODEL, DIMS, MAX_LEN = "fake-model", 16, 64
 
 
 def fake_worker_config(
-    gateway_url: str, model: str = MODEL, *, dimensions: int = DIMS, delay_s: float = 0.0,
-    metrics_port: int = 0, token: str = "", max_model_len: int = MAX_LEN, max_num_seqs: int = 64,
-    tags: tuple[str, ...] = (), model_extra: str = "", generator_extra: str = "", queue_extra: str = "",
+    gateway_url: str,
+    model: str = MODEL,
+    *,
+    dimensions: int = DIMS,
+    delay_s: float = 0.0,
+    metrics_port: int = 0,
+    token: str = "",
+    max_model_len: int = MAX_LEN,
+    max_num_seqs: int = 64,
+    tags: tuple[str, ...] = (),
+    model_extra: str = "",
+    generator_extra: str = "",
+    queue_extra: str = "",
     quick: bool = True,
 ) -> str:
     """A fake worker's config. ``quick``: heartbeats, long-polls and retries shortened for tests;

@@ -72,8 +72,7 @@ def _tokenize(engine: Engine, jobs: list[Job]) -> list[list[list[int]]]:
         texts = [item for job in jobs if job.truncate is truncate for item in job.inputs if isinstance(item, str)]
         text_ids[truncate] = iter(engine.tokenize(texts, truncate=truncate) if texts else [])
     return [
-        [next(text_ids[job.truncate]) if isinstance(item, str) else item[:limit] if job.truncate else item
-         for item in job.inputs]
+        [next(text_ids[job.truncate]) if isinstance(item, str) else item[:limit] if job.truncate else item for item in job.inputs]
         for job in jobs
     ]
 
@@ -85,12 +84,16 @@ def _check(engine: Engine, job: Job, ids: list[list[int]]) -> JobError | None:
             return _error(job, "invalid_input", index, "is empty")
         if len(seq) > info.max_input_tokens:
             return _error(
-                job, "input_too_long", index,
+                job,
+                "input_too_long",
+                index,
                 f"has {len(seq)} tokens; model {job.model!r} accepts at most {info.max_input_tokens}",
             )
         if min(seq) < 0 or max(seq) >= info.vocab_size:
             return _error(
-                job, "invalid_input", index,
+                job,
+                "invalid_input",
+                index,
                 f"has a token id outside the vocabulary [0, {info.vocab_size - 1}]",
             )
     return None
@@ -98,7 +101,10 @@ def _check(engine: Engine, job: Job, ids: list[list[int]]) -> JobError | None:
 
 def _error(job: Job, code: ErrorCode, index: int, what: str) -> JobError:
     return JobError(
-        job_id=job.job_id, lease_id=job.lease_id, code=code, input_index=index,
+        job_id=job.job_id,
+        lease_id=job.lease_id,
+        code=code,
+        input_index=index,
         message=f"input {what}",
     )
 
@@ -114,7 +120,10 @@ def _embed(engine: Engine, ready: list[tuple[Job, list[list[int]]]], outcome: Ba
         start += len(ids)
         outcome.results.append(
             JobResult(
-                job_id=job.job_id, lease_id=job.lease_id, rows=len(ids), dims=rows.shape[1],
+                job_id=job.job_id,
+                lease_id=job.lease_id,
+                rows=len(ids),
+                dims=rows.shape[1],
                 prompt_tokens=[len(seq) for seq in ids],
             )
         )
@@ -129,7 +138,9 @@ def _embed_one_by_one(engine: Engine, ready: list[tuple[Job, list[list[int]]]], 
             log.exception("engine failed on job %s", job.job_id)
             outcome.errors.append(
                 JobError(
-                    job_id=job.job_id, lease_id=job.lease_id, code="engine_error",
+                    job_id=job.job_id,
+                    lease_id=job.lease_id,
+                    code="engine_error",
                     message=f"the engine failed on this input: {type(exc).__name__}",
                 )
             )

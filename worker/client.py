@@ -59,7 +59,12 @@ def _retryable(exc: BaseException) -> bool:
 
 class GatewayClient:
     def __init__(
-        self, url: str, token: str, retries: int, timeout_s: float, metrics: WorkerMetrics,
+        self,
+        url: str,
+        token: str,
+        retries: int,
+        timeout_s: float,
+        metrics: WorkerMetrics,
         transport: httpx.AsyncBaseTransport | None = None,  # tests: the gateway app in process
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -90,9 +95,7 @@ class GatewayClient:
         return LeaseReply.model_validate_json(response.content).jobs
 
     async def post_results(self, frame: bytes) -> PostReply:
-        response = await self._post(
-            "/results", content=frame, headers={"Content-Type": RESULTS_CONTENT_TYPE}
-        )
+        response = await self._post("/results", content=frame, headers={"Content-Type": RESULTS_CONTENT_TYPE})
         return PostReply.model_validate_json(response.content)
 
     async def post_errors(self, report: ErrorReport) -> PostReply:

@@ -15,9 +15,7 @@ class WorkerMetrics:
         self.jobs = Counter(p + "jobs_total", "Jobs finished, by outcome (ok or an error code)", ["outcome"], registry=registry)
         self.inputs = Counter(p + "inputs_total", "Inputs embedded by the engine", registry=registry)
         self.tokens = Counter(p + "tokens_total", "Prompt tokens embedded by the engine", registry=registry)
-        self.batch_size = Histogram(
-            p + "batch_inputs", "Inputs per engine call", buckets=BATCH_SIZE_BUCKETS, registry=registry
-        )
+        self.batch_size = Histogram(p + "batch_inputs", "Inputs per engine call", buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.engine_seconds = Histogram(
             p + "engine_seconds", "Time per engine call (tokenize + embed)", buckets=SECONDS_BUCKETS, registry=registry
         )

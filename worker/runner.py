@@ -79,8 +79,12 @@ class Worker:
     def hello(self) -> WorkerHello:
         queue = self._config.queue
         return WorkerHello(
-            worker_id=self.worker_id, checkpoint_name=queue.checkpoint_name, version=queue.version,
-            tags=queue.tags, models=self._models, max_batch_items=self._config.generator.max_num_seqs,
+            worker_id=self.worker_id,
+            checkpoint_name=queue.checkpoint_name,
+            version=queue.version,
+            tags=queue.tags,
+            models=self._models,
+            max_batch_items=self._config.generator.max_num_seqs,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -202,7 +206,9 @@ class Worker:
         if interval != self._heartbeat_s and interval < self._config.queue.heartbeat_interval_s:
             log.warning(
                 "heartbeating every %.3gs, not the configured %.3gs: the gateway drops a worker silent for %.3gs",
-                interval, self._config.queue.heartbeat_interval_s, reply.worker_ttl_s,
+                interval,
+                self._config.queue.heartbeat_interval_s,
+                reply.worker_ttl_s,
             )
         self._heartbeat_s = interval
 
@@ -298,10 +304,16 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
             continue
         too_big = [d for d in model.matryoshka_dimensions if d >= info.dimensions]
         if too_big:
-            log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
-                        name, too_big, info.dimensions)
+            log.warning(
+                "queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
+                name,
+                too_big,
+                info.dimensions,
+            )
         cards[name] = ModelCard(
-            description=model.description, max_input_tokens=info.max_input_tokens, dimensions=info.dimensions,
+            description=model.description,
+            max_input_tokens=info.max_input_tokens,
+            dimensions=info.dimensions,
             matryoshka_dimensions=[d for d in model.matryoshka_dimensions if d not in too_big],
             truncate=model.truncate,
         )

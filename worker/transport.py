@@ -26,12 +26,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)  # httpx decodes, as with its own transport
         timeout = request.extensions.get("timeout", {})
-        limits = aiohttp.ClientTimeout(connect=timeout.get("pool"), sock_connect=timeout.get("connect"),
-                                       sock_read=timeout.get("read"))
+        limits = aiohttp.ClientTimeout(
+            connect=timeout.get("pool"), sock_connect=timeout.get("connect"), sock_read=timeout.get("read")
+        )
         try:
             async with self._session.request(
-                request.method, str(request.url), headers=request.headers.multi_items(), data=request.content or None,
-                allow_redirects=False, timeout=limits,
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=limits,
             ) as response:
                 content = await response.read()
         except aiohttp.ClientConnectorError as exc:
@@ -42,8 +47,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.ReadTimeout(str(exc) or "timed out waiting for the gateway", request=request) from exc
         except aiohttp.ClientError as exc:  # a dropped connection, a malformed answer: the exchange failed
             raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-        return httpx.Response(response.status, headers=response.raw_headers, content=content,
-                              extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()})
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            content=content,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()},
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -74,15 +74,23 @@ async def tags(request: Request) -> Response:
         if key is not None and not key.allows(name):
             continue
         tagged = name if ":" in name else f"{name}:latest"
-        models.append({
-            "name": tagged,
-            "model": tagged,
-            "modified_at": datetime.fromtimestamp(route.registered_at, UTC).isoformat(),
-            "size": 0,  # the weights live on the workers
-            "digest": hashlib.sha256(f"{route.checkpoint}:{name}".encode()).hexdigest(),
-            "details": {"parent_model": "", "format": "vllm", "family": "", "families": None,
-                        "parameter_size": "", "quantization_level": ""},
-        })
+        models.append(
+            {
+                "name": tagged,
+                "model": tagged,
+                "modified_at": datetime.fromtimestamp(route.registered_at, UTC).isoformat(),
+                "size": 0,  # the weights live on the workers
+                "digest": hashlib.sha256(f"{route.checkpoint}:{name}".encode()).hexdigest(),
+                "details": {
+                    "parent_model": "",
+                    "format": "vllm",
+                    "family": "",
+                    "families": None,
+                    "parameter_size": "",
+                    "quantization_level": "",
+                },
+            }
+        )
     return json_response({"models": models})
 
 

@@ -32,7 +32,12 @@ async def create_embeddings(request: Request) -> Response:
     req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body, request.headers.get("content-type", "")))
     inputs, single = parse_inputs(req.input, state.settings.max_inputs)
     work = state.embeddings.embed(
-        req.model, inputs, single=single, dimensions=req.dimensions, truncate=req.truncate, tags=frozenset(req.tags or ()),
+        req.model,
+        inputs,
+        single=single,
+        dimensions=req.dimensions,
+        truncate=req.truncate,
+        tags=frozenset(req.tags or ()),
         key=key,
     )
     result = await unless_disconnected(request, work)
@@ -42,8 +47,11 @@ async def create_embeddings(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     key = request.app.state.auth.client(request)
     created = int(time.time())
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "embedq"}
-            for name in sorted(request.app.state.workers.routes()) if key is None or key.allows(name)]
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "embedq"}
+        for name in sorted(request.app.state.workers.routes())
+        if key is None or key.allows(name)
+    ]
     return json_response({"object": "list", "data": data})
 
 
@@ -62,7 +70,8 @@ def parse_inputs(raw: Any, max_inputs: int) -> tuple[list[JobInput], bool]:
     if len(raw) > max_inputs:
         raise InvalidRequest(
             f"'input' has {len(raw)} items; at most {max_inputs} are allowed per request",
-            param="input", code="too_many_inputs",
+            param="input",
+            code="too_many_inputs",
         )
     if _is_int(raw[0]):
         bad = next(i for i, x in enumerate(raw) if not _is_int(x))

@@ -21,6 +21,20 @@ from gateway.queue.redis import RedisStore
 from gateway.queue.store import Reason, Reclaimed
 
 __all__ = [
-    "BATCH", "DEFAULT", "INTERACTIVE", "JobDone", "JobFailed", "JobFailure", "JobQueue", "JobSpec", "MemoryStore",
-    "Placement", "QueueStats", "QueueTimeout", "QueueUnavailable", "Reason", "Reclaimed", "RedisStore",
+    "BATCH",
+    "DEFAULT",
+    "INTERACTIVE",
+    "JobDone",
+    "JobFailed",
+    "JobFailure",
+    "JobQueue",
+    "JobSpec",
+    "MemoryStore",
+    "Placement",
+    "QueueStats",
+    "QueueTimeout",
+    "QueueUnavailable",
+    "Reason",
+    "Reclaimed",
+    "RedisStore",
 ]

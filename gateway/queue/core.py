@@ -52,7 +52,11 @@ _REASONS: dict[Reason, str] = {
 
 class JobQueue:
     def __init__(
-        self, store: Store, *, lease_ttl_s: float, max_attempts: int,
+        self,
+        store: Store,
+        *,
+        lease_ttl_s: float,
+        max_attempts: int,
         on_reclaimed: Callable[[Reason, Reclaimed], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -95,8 +99,9 @@ class JobQueue:
         on the first failed job and QueueTimeout after timeout_s."""
         loop = asyncio.get_running_loop()
         now = self._clock()
-        entries = [Pending(f"{self._prefix}.{next(self._ids)}", key, spec, placement, loop.create_future(), now)
-                   for spec in specs]
+        entries = [
+            Pending(f"{self._prefix}.{next(self._ids)}", key, spec, placement, loop.create_future(), now) for spec in specs
+        ]
         for entry in entries:
             self.pending[entry.job_id] = entry
         refused = False  # the store was unreachable: nothing to withdraw
@@ -130,8 +135,16 @@ class JobQueue:
     # -- worker side -------------------------------------------------------------------------
 
     async def lease(
-        self, key: str, worker_id: str, *, max_items: int, wait_s: float, tags: frozenset[str] = frozenset(),
-        fill_s: float = 0.0, max_tokens: int | None = None, hold_s: float | None = None,
+        self,
+        key: str,
+        worker_id: str,
+        *,
+        max_items: int,
+        wait_s: float,
+        tags: frozenset[str] = frozenset(),
+        fill_s: float = 0.0,
+        max_tokens: int | None = None,
+        hold_s: float | None = None,
     ) -> list[Job]:
         """Hand the worker waiting jobs totalling at most max_items inputs and max_tokens
         estimated tokens (but at least one job), waiting up to wait_s for the first.
@@ -146,8 +159,7 @@ class JobQueue:
         while not self._closing:
             seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
             filling = loop.time() < engine_free_at
-            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens,
-                                                    max_items if filling else 1, hold))
+            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens, max_items if filling else 1, hold))
             if taken.jobs:
                 return taken.jobs
             now = loop.time()
@@ -173,8 +185,9 @@ class JobQueue:
         """The worker left, or the registry dropped it: its jobs go back in line at once."""
         reclaimed = await self._store.release_worker(worker_id)
         if reclaimed.requeued or reclaimed.failed:
-            log.warning("worker %s is gone: %d of its jobs back in line, %d failed", worker_id,
-                        reclaimed.requeued, reclaimed.failed)
+            log.warning(
+                "worker %s is gone: %d of its jobs back in line, %d failed", worker_id, reclaimed.requeued, reclaimed.failed
+            )
             await self._reclaimed("departed", reclaimed)
 
     async def is_leased(self, job_id: str, lease_id: str) -> bool:
@@ -198,9 +211,13 @@ class JobQueue:
 
     def exhausted(self, job_id: str, attempts: int, reason: Reason) -> None:
         log.warning("job %s failed after %d attempts: %s", job_id, attempts, _REASONS[reason])
-        self.resolve(job_id, JobFailed(
-            "attempts_exhausted", f"no worker finished this job in {attempts} attempts ({_REASONS[reason]})",
-        ))
+        self.resolve(
+            job_id,
+            JobFailed(
+                "attempts_exhausted",
+                f"no worker finished this job in {attempts} attempts ({_REASONS[reason]})",
+            ),
+        )
 
     # -- inside ------------------------------------------------------------------------------
 

@@ -79,8 +79,10 @@ class MemoryStore(Store):
                     continue  # for workers with other tags: it keeps its place
                 available += len(spec.inputs)
                 if not full:
-                    if taken and (items + len(spec.inputs) > ask.max_items
-                                  or (ask.max_tokens is not None and tokens + spec.tokens > ask.max_tokens)):
+                    if taken and (
+                        items + len(spec.inputs) > ask.max_items
+                        or (ask.max_tokens is not None and tokens + spec.tokens > ask.max_tokens)
+                    ):
                         full = True
                     else:
                         taken.append(entry)

@@ -51,8 +51,15 @@ class RedisStore(Store):
         self._keys: set[str] = set()  # every queue this replica's clients used
         self._reader: asyncio.Task | None = None
         self._stopped = False
-        scripts = {"ENQUEUE": ENQUEUE, "LEASE": LEASE, "ANSWER": ANSWER, "GIVE_BACK": GIVE_BACK,
-                   "RELEASE_WORKER": RELEASE_WORKER, "EXPIRE": EXPIRE, "WITHDRAW": WITHDRAW}
+        scripts = {
+            "ENQUEUE": ENQUEUE,
+            "LEASE": LEASE,
+            "ANSWER": ANSWER,
+            "GIVE_BACK": GIVE_BACK,
+            "RELEASE_WORKER": RELEASE_WORKER,
+            "EXPIRE": EXPIRE,
+            "WITHDRAW": WITHDRAW,
+        }
         self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
         link.on_event("jobs", self._on_jobs_event)
         link.on_event("reconnected", lambda _: self._wake_all())
@@ -72,17 +79,32 @@ class RedisStore(Store):
         for job in jobs:
             spec, placement = job.spec, job.placement
             args += [
-                job.job_id, len(spec.inputs), spec.tokens, orjson.dumps(sorted(spec.tags)) if spec.tags else "",
-                orjson.dumps(spec.job_fields()), placement.priority, placement.tenant, placement.weight,
+                job.job_id,
+                len(spec.inputs),
+                spec.tokens,
+                orjson.dumps(sorted(spec.tags)) if spec.tags else "",
+                orjson.dumps(spec.job_fields()),
+                placement.priority,
+                placement.tenant,
+                placement.weight,
             ]
         with _unavailable():
             await self._scripts["ENQUEUE"](args=args)
 
     async def take(self, key: str, ask: Ask) -> Taken:
         args: list[Any] = [
-            self._link.prefix, key, int(self._clock() * 1000), int(ask.hold_s * 1000), ask.max_items,
-            ask.max_tokens or 0, ask.min_inputs, orjson.dumps(sorted(ask.tags)), uuid.uuid4().hex, ask.worker_id,
-            SCAN_LIMIT, len(CLASSES),
+            self._link.prefix,
+            key,
+            int(self._clock() * 1000),
+            int(ask.hold_s * 1000),
+            ask.max_items,
+            ask.max_tokens or 0,
+            ask.min_inputs,
+            orjson.dumps(sorted(ask.tags)),
+            uuid.uuid4().hex,
+            ask.worker_id,
+            SCAN_LIMIT,
+            len(CLASSES),
         ]
         call = asyncio.ensure_future(self._scripts["LEASE"](args=args))
         try:
@@ -109,8 +131,9 @@ class RedisStore(Store):
             for job_id, lease_id, outcome in answers:
                 # Our own client's job needs no payload in Redis: the script says so, and we deliver it here.
                 payload = b"" if job_id in self.core.pending else _encode(job_id, lease_id, worker_id, outcome)
-                await script(args=[self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica,
-                                   worker_id], client=pipe)
+                await script(
+                    args=[self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica, worker_id], client=pipe
+                )
             with _unavailable():
                 stored = await pipe.execute()
         for (job_id, _, outcome), result in zip(answers, stored):
@@ -122,8 +145,7 @@ class RedisStore(Store):
         script = self._scripts["GIVE_BACK"]
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id, lease_id in refs:
-                await script(args=[self._link.prefix, job_id, lease_id, self.max_attempts, RESULT_TTL_MS, worker_id],
-                             client=pipe)
+                await script(args=[self._link.prefix, job_id, lease_id, self.max_attempts, RESULT_TTL_MS, worker_id], client=pipe)
             with _unavailable():
                 outcomes = await pipe.execute()
         return sum(outcome != 0 for outcome in outcomes)
@@ -272,4 +294,3 @@ def _decode(payload: bytes) -> Outcome:
         return JobFailed(failure["code"], failure["message"], failure.get("input_index"))
     header, (vectors,) = decode_results(payload[1:])
     return JobDone(vectors, header.results[0].prompt_tokens)
-

@@ -80,7 +80,9 @@ end
 # ARGV: P, queue, owner, front ('1': the jobs go first, Redis lost them), then per job: id, n,
 # tok, tags, job, cls, tenant, weight. Tags each job fairly, queues it, and publishes
 # "jobs <inputs> <queue>" for waiting leases.
-ENQUEUE = _PRELUDE + """
+ENQUEUE = (
+    _PRELUDE
+    + """
 local queue, owner, front = ARGV[2], ARGV[3], ARGV[4] == '1'
 local inputs = 0
 for i = 5, #ARGV, 8 do
@@ -100,12 +102,15 @@ end
 redis.call('SADD', k('queues'), queue)
 redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue)
 """
+)
 
 # ARGV: P, queue, now_ms, hold_ms, max_items, max_tokens (0: none), min_inputs, worker tags
 # (JSON list), lease id base, worker id, scan limit, number of classes.
 # Takes nothing unless at least min_inputs eligible inputs wait. Returns
 # {available, id, lease, job, id, lease, job, ...}.
-LEASE = _PRELUDE + """
+LEASE = (
+    _PRELUDE
+    + """
 local queue, now, worker = ARGV[2], tonumber(ARGV[3]), ARGV[10]
 local max_items, max_tokens, min_inputs = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local mine = {}
@@ -164,11 +169,14 @@ for i, t in ipairs(take) do
 end
 return out
 """
+)
 
 # ARGV: P, job id, lease id, payload, result_ttl_ms, this replica, worker id.
 # 0: not the worker's current lease (nothing changes); 1: stored for its owner; 2: the owner is
 # this replica, which delivers the outcome itself (the job is gone from Redis).
-ANSWER = _PRELUDE + """
+ANSWER = (
+    _PRELUDE
+    + """
 local j = k('j', ARGV[2])
 local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker')
 if f[2] ~= 'l' or f[1] ~= ARGV[3] or f[5] ~= ARGV[7] then return 0 end
@@ -180,19 +188,25 @@ end
 deliver(ARGV[2], f[4], ARGV[4], ARGV[5])
 return 1
 """
+)
 
 # ARGV: P, job id, lease id, max_attempts, result_ttl_ms, worker id. 0: not the worker's
 # current lease; else requeue_or_fail's outcome.
-GIVE_BACK = _PRELUDE + """
+GIVE_BACK = (
+    _PRELUDE
+    + """
 local f = redis.call('HMGET', k('j', ARGV[2]), 'lease', 'st', 'queue', 'worker')
 if f[2] ~= 'l' or f[1] ~= ARGV[3] or f[4] ~= ARGV[6] then return 0 end
 unlease(ARGV[2], f[3], f[4])
 return requeue_or_fail(ARGV[2], tonumber(ARGV[4]), 'released', ARGV[5])
 """
+)
 
 # ARGV: P, worker id, max_attempts, result_ttl_ms. Every job the worker holds goes back in
 # line (or fails, on its last attempt); returns {requeued, failed}.
-RELEASE_WORKER = _PRELUDE + """
+RELEASE_WORKER = (
+    _PRELUDE
+    + """
 local counts, worker = {0, 0}, ARGV[2]
 for _, id in ipairs(redis.call('SMEMBERS', k('wl', worker))) do
   local f = redis.call('HMGET', k('j', id), 'st', 'worker', 'queue')
@@ -204,10 +218,13 @@ end
 redis.call('DEL', k('wl', worker))
 return counts
 """
+)
 
 # ARGV: P, now_ms, max_attempts, result_ttl_ms. Reclaims the expired leases of every queue;
 # returns {requeued, failed, worker id, worker id, ...} (the workers whose leases expired).
-EXPIRE = _PRELUDE + """
+EXPIRE = (
+    _PRELUDE
+    + """
 local counts, workers = {0, 0}, {}
 for _, queue in ipairs(redis.call('SMEMBERS', k('queues'))) do
   local lkey = k('l', queue)
@@ -226,10 +243,13 @@ end
 for worker in pairs(workers) do table.insert(counts, worker) end
 return counts
 """
+)
 
 # ARGV: P, waiting_only ('1' or '0'), job ids... Takes the jobs out of Redis (only those still
 # waiting, with waiting_only); returns the ids of the waiting ones it took.
-WITHDRAW = _PRELUDE + """
+WITHDRAW = (
+    _PRELUDE
+    + """
 local out = {}
 for i = 3, #ARGV do
   local id = ARGV[i]
@@ -246,3 +266,4 @@ for i = 3, #ARGV do
 end
 return out
 """
+)

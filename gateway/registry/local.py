@@ -126,8 +126,9 @@ class WorkerRegistry:
         worker = self._workers.get(worker_id)
         if worker is not None:
             if not self.is_stuck(worker_id):
-                log.warning("worker %s let a lease expire: no leases for it for %gs, or until it answers",
-                            worker_id, self._stuck_s)
+                log.warning(
+                    "worker %s let a lease expire: no leases for it for %gs, or until it answers", worker_id, self._stuck_s
+                )
             worker.stuck_until = self._clock() + self._stuck_s
 
     async def mark_serving(self, worker_id: str) -> None:
@@ -168,7 +169,8 @@ class WorkerRegistry:
         raise InvalidRequest(
             f"no worker of model {model!r} carries the tags {sorted(tags)}; "
             f"its workers carry {sorted(sorted(s) for s in served_with)}",
-            param="tags", code="unknown_tags",
+            param="tags",
+            code="unknown_tags",
         )
 
     def live_checkpoints(self) -> set[str]:

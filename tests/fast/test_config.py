@@ -55,7 +55,12 @@ def test_design_file_loads_with_every_value():
     assert (gen.pipeline_parallel_size, gen.tensor_parallel_size, gen.task) == (1, 1, "embed")
     q = config.queue
     assert (q.url, q.token, q.checkpoint_name, q.version, q.tags) == (
-        "https://inference-api.pharia.example.com", "worker-token", "qwen3-embedding-8b", 1, [])
+        "https://inference-api.pharia.example.com",
+        "worker-token",
+        "qwen3-embedding-8b",
+        1,
+        [],
+    )
     assert (q.http_request_retries, q.service_name, q.service_role) == (7, "worker", "Worker")
     model = q.models["qwen3-embedding-8b"]
     assert (model.maximum_completion_tokens, model.description) == (2048, "Description of the embedding model")
@@ -84,7 +89,7 @@ def _error_for(text: str) -> str:
     [
         ("max_model_len = 2048", "max_model_ln = 2048", "generator.max_model_ln: unknown key"),
         ("[monitoring]", "[monitoring]\nmetrics_prot = 1", "monitoring.metrics_prot: unknown key"),
-        ("supported = true", "supportd = true", 'queue.models.qwen3-embedding-8b.embedding_task.supportd: unknown key'),
+        ("supported = true", "supportd = true", "queue.models.qwen3-embedding-8b.embedding_task.supportd: unknown key"),
         ("edition = 1", "edition = 1\nediton = 2", "editon: unknown key"),
         ("[monitoring]", "[monitorin]", "monitorin: unknown key"),
         ('checkpoint_name = "qwen3-embedding-8b"\n', "", "queue.checkpoint_name: missing required key"),
@@ -92,8 +97,11 @@ def _error_for(text: str) -> str:
         ("max_num_seqs = 16", "max_num_seqs = 0", "generator.max_num_seqs: Input should be greater than 0"),
         ('task = "embed"', 'task = "generate"', "generator.task: Input should be 'embed'"),
         ('type = "vllm"', 'type = "tgi"', "generator.type: must be one of 'vllm', 'fake', got 'tgi'"),
-        ('url = "https://inference-api.pharia.example.com"', 'url = "inference-api"',
-         "queue.url: must be an http:// or https:// URL"),
+        (
+            'url = "https://inference-api.pharia.example.com"',
+            'url = "inference-api"',
+            "queue.url: must be an http:// or https:// URL",
+        ),
         ("tcp_probes = []", 'tcp_probes = ["db"]', "monitoring.tcp_probes: each probe must be 'host:port'"),
         ("edition = 1", "edition = 2", "edition: Input should be 1"),
         ("supported = true", "supported = false", "no model has embedding_task.supported = true"),
@@ -105,8 +113,11 @@ def test_mistakes_name_the_key_path(old, new, expected):
 
 
 def test_model_names_that_need_quotes_are_quoted():
-    text = DESIGN_CONFIG.replace('"qwen3-embedding-8b"]', '"acme/embed v2"]').replace(
-        '"qwen3-embedding-8b".embedding_task]', '"acme/embed v2".embedding_task]').replace("supported = true", "suported = true")
+    text = (
+        DESIGN_CONFIG.replace('"qwen3-embedding-8b"]', '"acme/embed v2"]')
+        .replace('"qwen3-embedding-8b".embedding_task]', '"acme/embed v2".embedding_task]')
+        .replace("supported = true", "suported = true")
+    )
     assert 'queue.models."acme/embed v2".embedding_task.suported: unknown key' in _error_for(text)
 
 

@@ -63,8 +63,12 @@ async def test_errors_are_answered_without_a_worker_thread():
 async def test_retry_after_follows_the_setting_when_draining_and_when_attempts_run_out():
     env = {"EMBEDQ_RETRY_AFTER_S": "7", "EMBEDQ_MAX_ATTEMPTS": "1", "EMBEDQ_LEASE_TTL_S": "1"}
     async with running(env) as gateway:
-        hello = {"worker_id": "w-silent", "checkpoint_name": "fake-model", "max_batch_items": 8,
-                 "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}}}
+        hello = {
+            "worker_id": "w-silent",
+            "checkpoint_name": "fake-model",
+            "max_batch_items": 8,
+            "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}},
+        }
         assert (await gateway.client.post("/internal/v1/workers/heartbeat", json=hello)).status_code == 200
         request = asyncio.create_task(gateway.embed("taken and never answered"))
         leased = await gateway.client.post("/internal/v1/lease", json={"worker_id": "w-silent", "max_items": 8, "wait_s": 5})
@@ -90,8 +94,9 @@ async def test_a_locked_key_database_does_not_stall_requests(tmp_path):
         holder.execute("BEGIN IMMEDIATE")  # what a CLI writing a key holds
         try:
             with anyio.fail_after(3):  # the old code waited 5 s for the lock, on the loop
-                ok = await gateway.client.post("/v1/embeddings", json={"model": "fake-model", "input": "x"},
-                                               headers={"Authorization": f"Bearer {secret}"})
+                ok = await gateway.client.post(
+                    "/v1/embeddings", json={"model": "fake-model", "input": "x"}, headers={"Authorization": f"Bearer {secret}"}
+                )
         finally:
             holder.execute("ROLLBACK")
             holder.close()
@@ -111,8 +116,9 @@ async def test_a_client_hanging_up_mid_body_is_a_quiet_499(caplog):
     app = create_app(load_settings({}))
     sent: list[dict] = []
     async with running(app=app) as gateway:
-        messages = iter([{"type": "http.request", "body": b'{"model": "fake-model", "inp', "more_body": True},
-                         {"type": "http.disconnect"}])
+        messages = iter(
+            [{"type": "http.request", "body": b'{"model": "fake-model", "inp', "more_body": True}, {"type": "http.disconnect"}]
+        )
 
         async def receive() -> dict:
             return next(messages)
@@ -120,10 +126,21 @@ async def test_a_client_hanging_up_mid_body_is_a_quiet_499(caplog):
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
-                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "app": app,
-                 "scheme": "http", "server": ("gateway", 80), "client": ("127.0.0.1", 5000), "root_path": "",
-                 "http_version": "1.1", "asgi": {"version": "3.0"}}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/embeddings",
+            "raw_path": b"/v1/embeddings",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "app": app,
+            "scheme": "http",
+            "server": ("gateway", 80),
+            "client": ("127.0.0.1", 5000),
+            "root_path": "",
+            "http_version": "1.1",
+            "asgi": {"version": "3.0"},
+        }
         await app(scope, receive, send)
         metrics = await gateway.metrics()
     assert metric(metrics, 'embedq_gateway_requests_total{endpoint="/v1/embeddings",status="499"}') == 1

@@ -27,7 +27,8 @@ async def _load(gateway: Gateway, clients: int, requests_each: int) -> list[tupl
             started = loop.time()
             response = await gateway.embed(texts)
             right = response.status_code == 200 and np.array_equal(
-                np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32), expected(texts))
+                np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32), expected(texts)
+            )
             outcomes.append((response.status_code, loop.time() - started, right))
         return outcomes
 
@@ -53,8 +54,12 @@ async def test_a_vanished_workers_jobs_are_answered_by_another_once_the_registry
 
 async def test_a_leaving_workers_leases_go_back_at_once():
     async with running() as gateway:
-        hello = {"worker_id": "w-leaving", "checkpoint_name": "fake-model", "max_batch_items": 8,
-                 "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}}}
+        hello = {
+            "worker_id": "w-leaving",
+            "checkpoint_name": "fake-model",
+            "max_batch_items": 8,
+            "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}},
+        }
         await gateway.client.post("/internal/v1/workers/heartbeat", json=hello)
         request = asyncio.create_task(gateway.embed(["held, then given up"]))
         leased = await gateway.client.post("/internal/v1/lease", json={"worker_id": "w-leaving", "max_items": 8, "wait_s": 5})

@@ -56,7 +56,10 @@ class Proc:
     def start(self) -> Proc:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.popen = subprocess.Popen(
-                [sys.executable, *self.args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, *self.args],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         return self
@@ -105,9 +108,23 @@ class RedisServer:
     def start(self) -> RedisServer:
         with open(self.proc.log_path, "ab") as log:
             self.proc.popen = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.dir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         wait_until(self._answers, 10, "redis-server to answer")
         return self
@@ -152,7 +169,11 @@ class Cluster:
         self.procs: list[Proc] = []
 
     def gateway(
-        self, env: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None, defaults: bool = False,
+        self,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        defaults: bool = False,
     ) -> Gateway:
         """A gateway; unless ``defaults``, with a short worker TTL and wait, to keep tests short."""
         port = port or free_port()

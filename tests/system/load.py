@@ -90,5 +90,8 @@ class Load:
         return sum(self.outcomes.values())
 
     def summary(self) -> str:
-        return f"sent {self.sent}: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items())) + \
-            f"; wrong vectors: {len(self.wrong)}; slowest answer {self.slowest_s:.1f}s"
+        return (
+            f"sent {self.sent}: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items()))
+            + f"; wrong vectors: {len(self.wrong)}; slowest answer {self.slowest_s:.1f}s"
+        )

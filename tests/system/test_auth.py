@@ -18,13 +18,19 @@ from tests.system.conftest import REPO, Cluster, fake_worker_config, free_port, 
 
 WORKER_TOKEN = "worker-secret-0123456789"
 MODEL, OTHER = "fake-model", "other-model"
-WORKER_PATHS = ["/internal/v1/workers/heartbeat", "/internal/v1/workers/leave", "/internal/v1/lease",
-                "/internal/v1/results", "/internal/v1/errors"]
+WORKER_PATHS = [
+    "/internal/v1/workers/heartbeat",
+    "/internal/v1/workers/leave",
+    "/internal/v1/lease",
+    "/internal/v1/results",
+    "/internal/v1/errors",
+]
 
 
 def keys(db, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "gateway", "keys", "--db", str(db), *args],
-                            capture_output=True, text=True, cwd=REPO, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "--db", str(db), *args], capture_output=True, text=True, cwd=REPO, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -114,11 +120,15 @@ def test_real_clients_carry_their_key(env):
     url, key = env["gw"].url, env["keys"]["full"]
     with openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
         assert len(client.embeddings.create(model=MODEL, input="x").data) == 1
-    with openai.OpenAI(base_url=url + "/v1", api_key="eq-wrong", max_retries=0) as client, \
-            pytest.raises(openai.AuthenticationError):
+    with (
+        openai.OpenAI(base_url=url + "/v1", api_key="eq-wrong", max_retries=0) as client,
+        pytest.raises(openai.AuthenticationError),
+    ):
         client.embeddings.create(model=MODEL, input="x")
-    with openai.OpenAI(base_url=url + "/v1", api_key=env["keys"]["scoped"], max_retries=0) as client, \
-            pytest.raises(openai.PermissionDeniedError):
+    with (
+        openai.OpenAI(base_url=url + "/v1", api_key=env["keys"]["scoped"], max_retries=0) as client,
+        pytest.raises(openai.PermissionDeniedError),
+    ):
         client.embeddings.create(model=OTHER, input="x")
     ollama_client = ollama.Client(host=url, headers={"Authorization": f"Bearer {key}"})
     assert len(ollama_client.embed(model=MODEL, input="x").embeddings) == 1
@@ -178,6 +188,10 @@ def test_no_secret_appears_in_logs_or_metrics(env):
 def test_a_public_gateway_without_keys_refuses_to_start():
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True, text=True, cwd=REPO, timeout=30, env={"EMBEDQ_WORKER_TOKENS": WORKER_TOKEN, "PATH": ""},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        env={"EMBEDQ_WORKER_TOKENS": WORKER_TOKEN, "PATH": ""},
     )
     assert result.returncode == 2 and "EMBEDQ_KEYS_DB" in result.stderr

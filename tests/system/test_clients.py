@@ -33,8 +33,9 @@ def gw(tmp_path_factory):
     gateway.ports = {"plain": free_port(), "gpu-a": free_port()}
     cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, metrics_port=gateway.ports["plain"]))
     cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, metrics_port=gateway.ports["gpu-a"], tags=("gpu-a",)))
-    cluster.worker(fake_worker_config(
-        gateway.url, MRL, dimensions=DIMS, model_extra="matryoshka_dimensions = [4, 8]\ntruncate = true"))
+    cluster.worker(
+        fake_worker_config(gateway.url, MRL, dimensions=DIMS, model_extra="matryoshka_dimensions = [4, 8]\ntruncate = true")
+    )
     wait_until(lambda: httpx.get(gateway.url + "/health").json()["workers"] == 3, 20, "three workers\n" + cluster.logs())
     yield gateway
     cluster.stop_all()
@@ -84,6 +85,7 @@ def _jobs_done(gw, worker: str) -> float:
 
 # --- Ollama -------------------------------------------------------------------------------------
 
+
 def test_ollama_embed_gives_the_openai_vectors(gw, oai, oll):
     response = oll.embed(model=MODEL, input=TEXTS)
     vectors = np.array(response.embeddings, dtype=np.float32)
@@ -130,6 +132,7 @@ def test_ollama_options_and_keep_alive_are_accepted(gw, oll):
 
 # --- Aleph Alpha ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", ["/v1", ""])
 def test_aleph_alpha_client_on_both_host_forms(gw, suffix, oai, aleph):
     client = aleph(host=gw.url + suffix, hosting="aleph-alpha")
@@ -161,6 +164,7 @@ def test_aleph_alpha_dimensions_on_a_matryoshka_model(gw, aleph):
 
 
 # --- dimensions and truncation across dialects ----------------------------------------------------
+
 
 def test_matryoshka_dimensions_cut_and_renormalise(gw, oai, oll):
     full = _openai(oai, MRL)

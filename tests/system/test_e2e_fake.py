@@ -159,8 +159,14 @@ def test_metrics_are_exposed(running):
     gateway, ports, _ = running
     _embed(gateway.url, input="count me")
     text = httpx.get(gateway.url + "/metrics").text
-    for name in ("embedq_gateway_requests_total", "embedq_gateway_request_seconds_bucket", "embedq_gateway_queue_depth",
-                 "embedq_gateway_workers", "embedq_gateway_tokens_total", "embedq_gateway_jobs_total"):
+    for name in (
+        "embedq_gateway_requests_total",
+        "embedq_gateway_request_seconds_bucket",
+        "embedq_gateway_queue_depth",
+        "embedq_gateway_workers",
+        "embedq_gateway_tokens_total",
+        "embedq_gateway_jobs_total",
+    ):
         assert name in text, name
     assert f'embedq_gateway_workers{{model="{MODEL}"}} 2.0' in text
     worker_text = httpx.get(f"http://127.0.0.1:{ports[0]}/metrics").text
@@ -221,7 +227,10 @@ def test_worker_tokens_keep_strangers_out(cluster: Cluster):
 def test_gateway_on_a_public_address_without_worker_tokens_refuses_to_start():
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True, text=True, cwd=REPO, timeout=30,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
     )
     assert result.returncode == 2 and "EMBEDQ_WORKER_TOKENS" in result.stderr
 

@@ -28,8 +28,8 @@ def gateway(tmp_path_factory, request):
     cluster = Cluster(tmp_path_factory.mktemp("vllm"), redis)
     gw = cluster.gateway()
     config = (REPO / "examples" / "all-minilm.toml").read_text()
-    config = re.sub(r'(?m)^model_path = .*$', f'model_path = "{gt_model.get_model_path()}"', config)
-    config = re.sub(r'(?m)^url = .*$', f'url = "{gw.url}"', config)
+    config = re.sub(r"(?m)^model_path = .*$", f'model_path = "{gt_model.get_model_path()}"', config)
+    config = re.sub(r"(?m)^url = .*$", f'url = "{gw.url}"', config)
     metrics_port = free_port()
     config = re.sub(r"(?m)^metrics_port = .*$", f"metrics_port = {metrics_port}", config)
     cluster.worker(config, env={"VLLM_CACHE_ROOT": str(cluster.tmp / "vllm-cache")})
@@ -63,8 +63,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_readme_request_matches_sentence_transformers(gateway, reference):
     response = httpx.post(
-        gateway.url + "/v1/embeddings", json={"model": MODEL, "input": TEXTS},
-        headers={"Content-Type": "application/json"}, timeout=60,
+        gateway.url + "/v1/embeddings",
+        json={"model": MODEL, "input": TEXTS},
+        headers={"Content-Type": "application/json"},
+        timeout=60,
     )
     vectors = _vectors(response)
     assert vectors.shape == (2, 384)
@@ -95,9 +97,7 @@ def test_token_ids_give_the_same_vector_as_text(gateway):
 
 
 def test_over_long_input_is_a_400_naming_the_limit(gateway):
-    response = httpx.post(
-        gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ["fine", "word " * 300]}, timeout=60
-    )
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ["fine", "word " * 300]}, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "input[1]" and "256" in error["message"]
@@ -124,12 +124,16 @@ def test_a_worker_whose_engine_cannot_start_exits_1(tmp_path):
     import subprocess
     import sys
 
-    config = (REPO / "examples" / "all-minilm.toml").read_text().replace(
-        'model_path = "/path/to/all-MiniLM-L6-v2"', f'model_path = "{tmp_path / "no-such-model"}"')
+    config = (
+        (REPO / "examples" / "all-minilm.toml")
+        .read_text()
+        .replace('model_path = "/path/to/all-MiniLM-L6-v2"', f'model_path = "{tmp_path / "no-such-model"}"')
+    )
     config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
     path = tmp_path / "config.toml"
     path.write_text(config)
-    result = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "--config", str(path)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "the engine failed to start" in result.stderr

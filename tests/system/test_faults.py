@@ -50,8 +50,10 @@ def test_a_worker_lost_mid_load_on_default_settings_loses_nothing(cluster: Clust
         victim.popen.send_signal(signal.SIGKILL if fault == "kill -9" else signal.SIGSTOP)
     load.join()
     metrics = httpx.get(gateway.url + "/metrics").text
-    back = {reason: metric(metrics, f'embedq_gateway_leases_reclaimed_total{{action="requeued",reason="{reason}"}}')
-            for reason in ("departed", "expired")}
+    back = {
+        reason: metric(metrics, f'embedq_gateway_leases_reclaimed_total{{action="requeued",reason="{reason}"}}')
+        for reason in ("departed", "expired")
+    }
     summary = load.summary() + f"; jobs back in line: {back}"
     victim.popen.kill()  # a frozen or hung one would sit out its drain at teardown
     assert load.outcomes == {"200": 400} and not load.wrong, summary
@@ -110,8 +112,11 @@ def test_429_carries_retry_after(cluster: Cluster):
     gateway.wait_for_model(MODEL)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "slow"}, timeout=10)
-        wait_until(lambda: metric(httpx.get(gateway.url + "/metrics").text, "embedq_gateway_requests_in_flight") == 1, 5,
-                   "the first request to be in flight")
+        wait_until(
+            lambda: metric(httpx.get(gateway.url + "/metrics").text, "embedq_gateway_requests_in_flight") == 1,
+            5,
+            "the first request to be in flight",
+        )
         for path, body in (("/v1/embeddings", {"model": MODEL, "input": "x"}), ("/api/embed", {"model": MODEL, "input": "x"})):
             refused = httpx.post(gateway.url + path, json=body)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "3", refused.text
@@ -120,13 +125,19 @@ def test_429_carries_retry_after(cluster: Cluster):
 
 def test_a_poisoned_input_fails_alone(cluster: Cluster):
     gateway = cluster.gateway()
-    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.3, model_extra="", max_num_seqs=64)
-                   .replace('type = "fake"', 'type = "fake"\npoison = "POISON"'))
+    cluster.worker(
+        fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.3, model_extra="", max_num_seqs=64).replace(
+            'type = "fake"', 'type = "fake"\npoison = "POISON"'
+        )
+    )
     gateway.wait_for_model(MODEL)
     texts = ["healthy one", "this is POISON for the engine", "healthy two", "healthy three"]
     with ThreadPoolExecutor(len(texts)) as pool:  # sent together, so they share a batch
-        responses = list(pool.map(
-            lambda t: httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ["ok", t]}, timeout=10), texts))
+        responses = list(
+            pool.map(
+                lambda t: httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": ["ok", t]}, timeout=10), texts
+            )
+        )
     statuses = [r.status_code for r in responses]
     assert statuses == [200, 500, 200, 200], statuses
     error = responses[1].json()["error"]
@@ -138,8 +149,11 @@ def test_a_poisoned_input_fails_alone(cluster: Cluster):
 def test_a_dead_engine_gives_its_jobs_back_and_its_worker_exits_non_zero(cluster: Cluster):
     # A supervisor restarts the worker: its model may be without a worker for a few seconds.
     gateway = cluster.gateway(env={"EMBEDQ_LEASE_TTL_S": "30", "EMBEDQ_WORKER_WAIT_S": "15"})
-    doomed = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.05)
-                            .replace('type = "fake"', 'type = "fake"\ndead_after_batches = 3'))
+    doomed = cluster.worker(
+        fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.05).replace(
+            'type = "fake"', 'type = "fake"\ndead_after_batches = 3'
+        )
+    )
     gateway.wait_for_model(MODEL)
     started = time.monotonic()
     load = Load(gateway.url, clients=4).start(requests_each=3)

@@ -43,8 +43,12 @@ def test_the_readme_has_examples_for_every_dialect():
 
 @pytest.mark.parametrize("command", CURLS, ids=[c.split()[1] for c in CURLS])
 def test_curl_example(gateway, command):
-    result = subprocess.run(["bash", "-c", _here(command, gateway) + " --silent --show-error --fail-with-body"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "-c", _here(command, gateway) + " --silent --show-error --fail-with-body"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     answer = json.loads(result.stdout)
     assert "error" not in answer
@@ -54,7 +58,8 @@ def test_curl_example(gateway, command):
 
 @pytest.mark.parametrize("code", PYTHONS, ids=[re.search(r"import (\w+)", c).group(1) for c in PYTHONS])
 def test_python_example(gateway, code):
-    result = subprocess.run([sys.executable, "-W", "error", "-c", _here(code, gateway)],
-                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _here(code, gateway)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr
     assert "384" in result.stdout or "all-minilm" in result.stdout, result.stdout

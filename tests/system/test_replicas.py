@@ -30,9 +30,7 @@ def queue_backend() -> str:
 def two_replicas(cluster: Cluster, lease_ttl_s: float = 2, delay_s: float = 0.05) -> tuple[Gateway, Gateway, list]:
     env = {"EMBEDQ_LEASE_TTL_S": str(lease_ttl_s), "EMBEDQ_WORKER_WAIT_S": "5"}
     a, b = cluster.gateway(env=env), cluster.gateway(env=env)
-    workers = [
-        cluster.worker(fake_worker_config(g.url, MODEL, dimensions=DIMS, delay_s=delay_s, max_num_seqs=8)) for g in (a, b)
-    ]
+    workers = [cluster.worker(fake_worker_config(g.url, MODEL, dimensions=DIMS, delay_s=delay_s, max_num_seqs=8)) for g in (a, b)]
     for gateway in (a, b):
         wait_until(lambda g=gateway: httpx.get(g.url + "/health").json()["workers"] == 2, 20, "both workers on both replicas")
     return a, b, workers
@@ -44,8 +42,10 @@ def _sum_metric(gateways: list[Gateway], name: str) -> float:
 
 def _back_in_line(gateways: list[Gateway]) -> float:
     """Jobs put back in line because their lease expired or their worker departed."""
-    return sum(_sum_metric(gateways, f'embedq_gateway_leases_reclaimed_total{{action="requeued",reason="{reason}"}}')
-               for reason in ("expired", "departed"))
+    return sum(
+        _sum_metric(gateways, f'embedq_gateway_leases_reclaimed_total{{action="requeued",reason="{reason}"}}')
+        for reason in ("expired", "departed")
+    )
 
 
 def test_clients_on_both_replicas_all_get_answers(cluster: Cluster):
@@ -139,9 +139,12 @@ def test_a_gateway_started_before_redis_answers_503_then_serves(cluster: Cluster
 
 def test_redis_passwords_are_never_logged(cluster: Cluster, redis_server: RedisServer):
     in_url, in_env = "url-secret-5b1d0c", "env-secret-9f3a77"
-    gateway = cluster.gateway(env={
-        "EMBEDQ_REDIS_URL": redis_server.url.replace("redis://", f"redis://:{in_url}@"), "EMBEDQ_REDIS_PASSWORD": in_env,
-    })
+    gateway = cluster.gateway(
+        env={
+            "EMBEDQ_REDIS_URL": redis_server.url.replace("redis://", f"redis://:{in_url}@"),
+            "EMBEDQ_REDIS_PASSWORD": in_env,
+        }
+    )
     response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=10)
     assert response.status_code == 404, response.text  # no worker: the call went through Redis
     logs = cluster.logs()
@@ -162,6 +165,7 @@ def test_redis_passwords_are_never_logged(cluster: Cluster, redis_server: RedisS
 )
 def test_bad_queue_settings_stop_the_gateway_naming_the_variable(env, message):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
-    result = subprocess.run([sys.executable, "-m", "gateway"], env={**environ, **env}, cwd=REPO,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"], env={**environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and message in result.stderr, result.stderr

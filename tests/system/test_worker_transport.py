@@ -78,8 +78,9 @@ async def test_a_round_trip_carries_method_headers_and_both_bodies():
 
     server, url = await _serve(handler)
     async with server, httpx.AsyncClient(transport=AiohttpTransport(), headers={"Authorization": "Bearer t0k"}) as client:
-        first = await client.post(url + "/internal/v1/results", content=b"\x00\x01frame",
-                                  headers={"Content-Type": "application/x-embedq-results"})
+        first = await client.post(
+            url + "/internal/v1/results", content=b"\x00\x01frame", headers={"Content-Type": "application/x-embedq-results"}
+        )
         second = await client.post(url + "/internal/v1/lease", json={"worker_id": "w"})
     assert (first.status_code, first.reason_phrase, first.json()) == (201, "Created", {"ok": True})
     assert first.headers["x-extra"] == "1" and second.status_code == 201
@@ -130,8 +131,11 @@ async def test_an_answer_that_never_comes_is_a_read_timeout():
         done.set()
 
 
-@pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b"not http at all\r\n\r\n"],
-                         ids=["hang-up", "cut-body", "garbage"])
+@pytest.mark.parametrize(
+    "reply",
+    [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b"not http at all\r\n\r\n"],
+    ids=["hang-up", "cut-body", "garbage"],
+)
 async def test_a_broken_answer_is_a_transport_error(reply: bytes):
     async def handler(reader, writer):
         await _read_request(reader)

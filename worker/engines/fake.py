@@ -34,10 +34,7 @@ class FakeEngine(Engine):
     def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
         vocab = self.info.vocab_size - 1000
         room = self.info.max_input_tokens - 2 if truncate else None
-        return [
-            [self.CLS, *[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room], self.SEP]
-            for text in texts
-        ]
+        return [[self.CLS, *[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room], self.SEP] for text in texts]
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         if self._delay_s:
@@ -60,7 +57,6 @@ class FakeEngine(Engine):
         out = (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23) - np.float32(1.0)  # uniform in [-1, 1)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         return out
-
 
     def close(self) -> None:
         self._closed.set()

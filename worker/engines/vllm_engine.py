@@ -48,9 +48,7 @@ class VllmEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         max_len = self._llm.llm_engine.model_config.max_model_len
         probe = self._embed_unchecked(self.tokenize(["embedq warm-up"]))
-        self.info = EngineInfo(
-            dimensions=probe.shape[1], max_input_tokens=max_len, vocab_size=len(self._tokenizer)
-        )
+        self.info = EngineInfo(dimensions=probe.shape[1], max_input_tokens=max_len, vocab_size=len(self._tokenizer))
         log.info("vLLM engine ready: %s, %d dims, %d tokens max", generator.model_path, *probe.shape[1:], max_len)
 
     def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
