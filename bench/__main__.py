@@ -28,7 +28,8 @@ import time
 import httpx
 
 from bench.load import run_load, sentences
-from bench.stack import CPU_ENV, MODEL, model_path, stack, wait_for_model
+from bench.stack import CPU_ENV, MODEL, engine_dtype, model_path, stack, tcmalloc_env, wait_for_model
+from worker.machine import this_cpu_flags
 
 ENGINE_LOADS = [(32, 16), (64, 1)]
 TARGETS = {
@@ -42,10 +43,10 @@ TARGETS = {
 
 def offline_engine():
     """vLLM's offline engine, with the engine settings of examples/all-minilm.toml."""
-    os.environ.update(CPU_ENV)
+    os.environ.update({**CPU_ENV, **tcmalloc_env()})  # for the engine process it spawns
     from vllm import LLM
 
-    llm = LLM(model=model_path(), runner="pooling", dtype="bfloat16", max_model_len=256, max_num_seqs=64, enforce_eager=True)
+    llm = LLM(model=model_path(), runner="pooling", dtype=engine_dtype(), max_model_len=256, max_num_seqs=64, enforce_eager=True)
     llm.embed(sentences(128, seed=7), use_tqdm=False)  # warm-up
     return llm
 
@@ -208,7 +209,13 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.only.split(","))
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": _cpu_model(),
+            "python": platform.python_version(),
+            "flags": sorted(this_cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "dtype": engine_dtype(),
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "engine" in parts:

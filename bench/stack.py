@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from worker.machine import TCMALLOC, resolve_dtype, this_cpu_flags
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "all-minilm"
 CPU_ENV = {  # what the worker sets for itself on CPU; vLLM's server and the offline run need it too
@@ -31,6 +33,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def engine_dtype() -> str:
+    """What the worker's dtype "auto" picks on this CPU: all three systems run it, so that the
+    figures compare engines, not dtypes."""
+    return resolve_dtype("auto", on_gpu=False, flags=this_cpu_flags()).dtype
+
+
+def tcmalloc_env() -> dict[str, str]:
+    """The allocator the worker preloads for vLLM, for vLLM's own server and offline run too."""
+    found = next((path for path in TCMALLOC if Path(path).exists()), None)
+    return {"LD_PRELOAD": found} if found else {}
 
 
 def model_path() -> str:
@@ -66,17 +80,17 @@ class Stack:
         wait_for(url + "/health", "the gateway")
         return url
 
-    def worker(self, gateway_url: str, config: str) -> None:
+    def worker(self, gateway_url: str, config: str) -> subprocess.Popen:
         path = self.workdir / f"worker-{len(self._procs)}.toml"
         path.write_text(config.replace("@GATEWAY@", gateway_url))
-        self.start("worker", ["-m", "worker", "--config", str(path), "--log-level", "WARNING"])
+        return self.start("worker", ["-m", "worker", "--config", str(path), "--log-level", "WARNING"])
 
-    def vllm_worker(self, gateway_url: str) -> None:
+    def vllm_worker(self, gateway_url: str) -> subprocess.Popen:
         config = (REPO / "examples" / "all-minilm.toml").read_text()
         config = re.sub(r"(?m)^model_path = .*$", f'model_path = "{model_path()}"', config)
         config = re.sub(r"(?m)^url = .*$", 'url = "@GATEWAY@"', config)
         config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
-        self.worker(gateway_url, config)
+        return self.worker(gateway_url, config)
 
     def fake_worker(self, gateway_url: str, delay_s: float = 0.0, max_num_seqs: int = 64) -> None:
         self.worker(
@@ -112,7 +126,7 @@ metrics_port = 0
                 "--runner",
                 "pooling",
                 "--dtype",
-                "bfloat16",
+                engine_dtype(),
                 "--max-model-len",
                 "256",
                 "--max-num-seqs",
@@ -126,6 +140,7 @@ metrics_port = 0
                 "--uvicorn-log-level",
                 "warning",
             ],
+            tcmalloc_env(),
         )
         url = f"http://127.0.0.1:{port}"
         wait_for(url + "/v1/models", "vLLM's server", timeout_s=300)

@@ -4,6 +4,11 @@
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
 FROM ${VLLM_IMAGE}
+# tcmalloc: the worker preloads it for vLLM's engine processes (their memory grows without it on CPU).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/embedq
 COPY pyproject.toml README.md ./
 COPY contract ./contract

@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from worker.batch import EngineDead
 from worker.client import GatewayClient
-from worker.config import ConfigError, WorkerConfig, config_warnings, load_config
+from worker.config import ConfigError, VllmGenerator, WorkerConfig, config_warnings, load_config
 from worker.engines import build_engine
+from worker.machine import has_gpu, resolve_dtype, this_cpu_flags
 from worker.metrics import WorkerMetrics
 from worker.runner import Worker
 
@@ -38,9 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check(config: WorkerConfig) -> int:
+    """Print the resolved config, with what this machine makes of it (the dtype, and why)."""
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps(config.redacted(), indent=2))
+    resolved = config.redacted()
+    if isinstance(config.generator, VllmGenerator):
+        dtype = resolve_dtype(config.generator.dtype, has_gpu(), this_cpu_flags())
+        resolved["resolved"] = {"dtype": dtype.dtype, "why": dtype.why}
+        if dtype.warning:
+            print(f"warning: {dtype.warning}", file=sys.stderr)
+    print(json.dumps(resolved, indent=2))
     return 0
 
 

@@ -38,8 +38,9 @@ class VllmGenerator(_Table):
     tensor_parallel_size: int = Field(default=1, gt=0)
     # vLLM >= 0.10 calls this runner="pooling"; "embed" is the only task an embedding service runs.
     task: Literal["embed"] = "embed"
-    # Additions. Never "auto" by default: on CPU it picks float16, which is 8x slower than bf16.
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    # Additions. "auto": bfloat16 on a CPU that computes it natively, float32 on other CPUs, the
+    # model's own on a GPU (worker/machine.py); an explicit value is honoured.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     enforce_eager: bool = False
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)

@@ -166,7 +166,8 @@ def test_check_prints_resolved_config_and_masks_token(tmp_path, capsys):
     resolved = json.loads(result.stdout)
     assert resolved["queue"]["token"] == "***"
     assert "worker-token" not in result.stdout + result.stderr
-    assert resolved["generator"]["dtype"] == "bfloat16"  # defaults are shown
+    assert resolved["generator"]["dtype"] == "auto"  # defaults are shown
+    assert resolved["resolved"]["dtype"] in ("bfloat16", "float32") and resolved["resolved"]["why"]  # and what it means here
     assert "generator.model_path" in result.stderr and "does not exist" in result.stderr  # a warning only
 
 

@@ -9,33 +9,42 @@ import numpy as np
 
 from worker.config import VllmGenerator
 from worker.engines.base import Engine, EngineInfo
+from worker.machine import has_gpu, preload_tcmalloc, resolve_dtype, this_cpu_flags
 
 log = logging.getLogger(__name__)
 
 
 def _cpu_defaults() -> None:
-    """vLLM's CPU backend needs these to start on a small machine; an operator's values win."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
+    """vLLM's CPU backend needs these to start, and to stay lean, on a small machine; an
+    operator's values win."""
     # Without an explicit KV-cache size the CPU backend runs a NUMA memory check that fails
     # on containers; without reserving 0 CPUs it leaves one core idle.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    allocator = preload_tcmalloc()
+    if allocator:
+        log.info("the engine allocates with tcmalloc (%s), as vLLM's CPU backend asks", allocator)
+    elif "tcmalloc" not in os.environ.get("LD_PRELOAD", ""):
+        log.warning("tcmalloc not found: the engine's memory may grow under load (Debian: apt-get install libtcmalloc-minimal4)")
 
 
 class VllmEngine(Engine):
     def __init__(self, generator: VllmGenerator):
         # Weights come from model_path; never reach for a hub at run time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        _cpu_defaults()
+        on_gpu = has_gpu()
+        if not on_gpu:
+            _cpu_defaults()
+        dtype = resolve_dtype(generator.dtype, on_gpu, this_cpu_flags())
+        log.info("dtype %s: %s", dtype.dtype, dtype.why)
+        if dtype.warning:
+            log.warning(dtype.warning)
         from vllm import LLM
 
         self._llm = LLM(
             model=str(generator.model_path),
             runner="pooling",  # what task = "embed" means since vLLM 0.10
-            dtype=generator.dtype,
+            dtype=dtype.dtype,
             max_model_len=generator.max_model_len,
             max_num_seqs=generator.max_num_seqs,
             max_num_batched_tokens=generator.max_num_batched_tokens,
