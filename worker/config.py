@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from contract.messages import NAME_PATTERN
 
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
 
 class ConfigError(Exception):
     """The config file cannot be used; the message names every offending key path."""
@@ -40,7 +42,7 @@ class VllmGenerator(_Table):
     task: Literal["embed"] = "embed"
     # Additions. "auto": bfloat16 on a CPU that computes it natively, float32 on other CPUs, the
     # model's own on a GPU (worker/machine.py); an explicit value is honoured.
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: DtypeName = "auto"
     enforce_eager: bool = False
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)

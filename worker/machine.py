@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.config import DtypeName
+
 log = logging.getLogger(__name__)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 # Debian's libtcmalloc-minimal4 (vLLM's CPU docs: preload it, or the engine's memory grows).
@@ -22,7 +24,7 @@ TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarc
 
 @dataclass(frozen=True)
 class Dtype:
-    dtype: str  # what vLLM is given
+    dtype: DtypeName  # what vLLM is given
     why: str
     warning: str | None = None  # an explicit choice that costs speed here
 
@@ -37,7 +39,7 @@ def cpu_flags(cpuinfo: str) -> set[str]:
     return flags
 
 
-def resolve_dtype(requested: str, on_gpu: bool, flags: set[str]) -> Dtype:
+def resolve_dtype(requested: DtypeName, on_gpu: bool, flags: set[str]) -> Dtype:
     if on_gpu:
         if requested == "auto":
             return Dtype("auto", "on a GPU, vLLM's own choice (the model's dtype)")
