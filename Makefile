@@ -61,11 +61,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest tests/fast
 
 test: check $(HELM)
-	@# The Redis queue backend's tests start their own redis-server (Debian: redis-server).
-	@command -v redis-server >/dev/null || { \
+	@# The Redis queue backend's tests start their own redis-server; the browser tests drive
+	@# Debian's chromium (Debian: redis-server, chromium, chromium-driver).
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
-	  else echo "the tests need redis-server: install it (Debian/Ubuntu: sudo apt-get install redis-server)"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium chromium-driver; \
+	  else echo "the tests need redis-server and chromium: install them (Debian/Ubuntu: sudo apt-get install redis-server chromium chromium-driver)"; exit 1; fi; }
 	$(PY) -m pytest
 
 # Throughput and latency against vLLM's offline engine and its own server (a few minutes; not a test).

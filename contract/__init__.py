@@ -13,9 +13,10 @@ the gateway's. The calls, all ``POST`` under ``/internal/v1`` and all with a wor
     /release             Release         -> PostReply        give jobs back (stopping, dead engine)
     /leases/check        Release         -> LiveJobs         are these prefetched jobs still wanted?
 
-A lease belongs to the worker that took it: answers and give-backs count only from that worker
-and under the job's current lease id. A lease lasts what the worker asks for (``hold_s``: it
-knows its engine's pace), bounded by the gateway, and ends early when the worker is gone (its
-final goodbye, or no heartbeat for the gateway's worker TTL); a stale answer is ignored, so a
-slow worker can never answer twice.
+A worker is who it registered as only with its session secret (``SESSION_HEADER`` on every
+call). A lease belongs to the worker that took it: answers and give-backs count only from that
+worker and under the job's current lease id, and only answers that fit the job reach a client. A
+lease lasts what the worker asks for (``hold_s``: it knows its engine's pace), bounded by the
+gateway, and ends early when the worker is gone (its final goodbye, or no heartbeat for the
+gateway's worker TTL); a stale answer is ignored, so a slow worker can never answer twice.
 """

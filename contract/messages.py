@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 PROTOCOL_VERSION = 2
 PREFIX = "/internal/v1"
 RESULTS_CONTENT_TYPE = "application/x-embedq-results"
+# Every call carries the worker's session secret here: chosen by the worker when it starts, bound to
+# its id by its first heartbeat, so that no other holder of a worker token can act in its name.
+SESSION_HEADER = "X-Embedq-Session"
 
 # Worker ids, checkpoints, model names and tags end up in logs, metrics and URLs: printable,
 # no spaces or control characters, bounded.
@@ -91,7 +94,7 @@ class JobResult(_Strict):
     lease_id: str
     rows: int = Field(gt=0)
     dims: int = Field(gt=0)
-    prompt_tokens: list[int]
+    prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
 
     @model_validator(mode="after")
     def _one_count_per_row(self) -> JobResult:
@@ -114,7 +117,7 @@ class JobError(_Strict):
     lease_id: str
     code: ErrorCode
     message: str = Field(max_length=2000)
-    input_index: int | None = None  # index within the job's inputs
+    input_index: int | None = Field(default=None, ge=0)  # index within the job's inputs
 
 
 class ErrorReport(_Strict):

@@ -10,11 +10,9 @@ import logging
 import os
 import sys
 
-import uvicorn
-
 from gateway import keys_cli
 from gateway.app import create_app
-from gateway.server import DrainingServer
+from gateway.server import DrainingServer, server_config
 from gateway.settings import SettingsError, load_settings
 
 
@@ -33,17 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        loop="uvloop",
-        http="httptools",  # C event loop and parser, named so a missing one fails loudly
-        timeout_graceful_shutdown=5,  # by then every client request was answered (see server.py)
-    )
-    DrainingServer(config, app, drain_timeout_s=settings.request_timeout_s).run()
+    DrainingServer(server_config(app, settings), app, drain_timeout_s=settings.request_timeout_s).run()
     return 0
 
 

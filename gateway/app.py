@@ -21,6 +21,7 @@ from gateway.auth import Auth
 from gateway.dialects import ollama, openai
 from gateway.embeddings import EmbeddingService
 from gateway.errors import ApiError, QueueDown
+from gateway.guard import BrowserGuard
 from gateway.http import ClientGone, error_response, json_response, render_error
 from gateway.keys import FileKeyStore, SqliteKeyStore
 from gateway.metrics import GatewayMetrics, LiveStateCollector
@@ -54,6 +55,7 @@ def _version() -> str:
 
 
 async def metrics(request: Request) -> Response:
+    request.app.state.auth.metrics(request)
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -96,7 +98,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await workers.mark_stuck(worker_id)
 
     queue = JobQueue(store, lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, on_reclaimed=reclaimed)
-    workers.on_departed = queue.release_worker  # leases follow their worker
+
+    async def departed(worker_id: str) -> None:
+        await queue.release_worker(worker_id)  # leases follow their worker
+        gateway_metrics.forget_worker(worker_id)
+
+    workers.on_departed = departed
     registry.register(LiveStateCollector(queue, workers))
     keys = _key_store(settings)
     embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
@@ -162,5 +169,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.embeddings = embeddings
     app.state.draining = False  # set by the server on SIGTERM (server.py)
     app.state.in_flight = 0
-    app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)
+    app.router.redirect_slashes = False  # Starlette's would send the client to the Host it named (http.render_error)
+    app.add_middleware(BrowserGuard, settings=settings)
+    app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)  # outermost: counts all
     return app

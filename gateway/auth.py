@@ -28,6 +28,7 @@ def bearer(request: Request) -> str:
 class Auth:
     def __init__(self, settings: GatewaySettings, keys: SqliteKeyStore | FileKeyStore | None):
         self._worker_tokens = [t.encode() for t in settings.worker_tokens]
+        self._metrics_token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
         self._keys = keys
 
     def client(self, request: Request) -> ApiKey | None:
@@ -48,6 +49,13 @@ class Auth:
     def check_model(key: ApiKey | None, model: str) -> None:
         if key is not None and not key.allows(model):
             raise Forbidden(f"API key {key.name!r} may not use model {model!r}", param="model")
+
+    def metrics(self, request: Request) -> None:
+        """401 unless /metrics is open, or the caller presents the metrics token."""
+        if self._metrics_token is None:
+            return
+        if not hmac.compare_digest(bearer(request).encode(), self._metrics_token):
+            raise Unauthorized("/metrics needs the metrics token (Authorization: Bearer <token>)")
 
     def worker(self, request: Request) -> None:
         """401 unless the caller presents a worker token (or, with none configured, is no client)."""

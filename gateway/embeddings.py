@@ -54,9 +54,24 @@ class EmbeddingService:
         self._metrics = metrics
         self._load: dict[str, _Load] = {}  # per queue key: admitted, not yet answered
 
+    async def route(self, model: str, key: ApiKey | None, tags: frozenset[str] = frozenset()) -> Route:
+        """Where ``model``'s jobs go for ``key`` (None: anonymous), waiting up to worker_wait_s for
+        a worker that went away."""
+        Auth.check_model(key, model)  # before resolving: a key out of scope learns nothing of the model
+        visible = key.allows if key is not None else bool  # an unknown name lists only the key's models
+        deadline = time.monotonic() + self._settings.worker_wait_s
+        while True:
+            try:
+                return await self._workers.resolve(model, tags, visible)
+            except NoLiveWorker as exc:
+                if time.monotonic() >= deadline:
+                    exc.headers["Retry-After"] = str(self._settings.retry_after_s)
+                    raise
+            await asyncio.sleep(WORKER_POLL_S)
+
     async def embed(
         self,
-        model: str,
+        route: Route,
         inputs: list[JobInput],
         *,
         single: bool,
@@ -65,12 +80,13 @@ class EmbeddingService:
         tags: frozenset[str] = frozenset(),
         key: ApiKey | None = None,
     ) -> Embeddings:
-        """Embed ``inputs`` with ``model`` for ``key`` (None: anonymous); ``truncate=None`` means
+        """Embed ``inputs`` on ``route`` for ``key`` (None: anonymous); ``truncate=None`` means
         the model's own default."""
-        Auth.check_model(key, model)  # before resolving: a key out of scope learns nothing of the model
-        route = await self._route(model, tags)
+        model = route.model
         _check_dimensions(route, dimensions)
         truncate = route.card.truncate if truncate is None else truncate
+        if not truncate:
+            _check_context(route, inputs)
         size = self._settings.job_max_inputs
         specs = [
             JobSpec(model, chunk, truncate, tags, sum(map(_estimate_tokens, chunk)))
@@ -104,18 +120,6 @@ class EmbeddingService:
         if key is not None:
             metrics.child(metrics.key_requests, key.name).inc()
             metrics.child(metrics.key_tokens, key.name).inc(tokens)
-
-    async def _route(self, model: str, tags: frozenset[str]) -> Route:
-        """Where the model's jobs go, waiting up to worker_wait_s for a worker that went away."""
-        deadline = time.monotonic() + self._settings.worker_wait_s
-        while True:
-            try:
-                return await self._workers.resolve(model, tags)
-            except NoLiveWorker as exc:
-                if time.monotonic() >= deadline:
-                    exc.headers["Retry-After"] = str(self._settings.retry_after_s)
-                    raise
-            await asyncio.sleep(WORKER_POLL_S)
 
     @contextmanager
     def _admitted(self, route: Route, tokens: int) -> Iterator[None]:
@@ -165,6 +169,21 @@ def _estimate_tokens(item: JobInput) -> int:
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _check_context(route: Route, inputs: list[JobInput]) -> None:
+    """Token-id inputs longer than the model takes are refused here, before any job is built (texts
+    are counted by the worker, which holds the tokenizer)."""
+    limit = route.card.max_input_tokens
+    for i, item in enumerate(inputs):
+        if isinstance(item, list) and len(item) > limit:
+            where = "input" if len(inputs) == 1 else f"input[{i}]"
+            raise InvalidRequest(
+                f"'{where}' has {len(item)} tokens; model {route.model!r} accepts at most {limit} "
+                "(send truncate: true to cut it)",
+                param=where,
+                code="context_length_exceeded",
+            )
 
 
 def _check_dimensions(route: Route, dimensions: int | None) -> None:

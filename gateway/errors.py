@@ -45,6 +45,10 @@ class MethodNotAllowed(ApiError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
+class RequestTimeout(ApiError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class Conflict(ApiError):
     status, type, code = 409, "invalid_request_error", "conflict"
 

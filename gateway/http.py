@@ -8,17 +8,18 @@ paths, which answer ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 T = TypeVar("T")
+OFF_LOOP_BYTES = 256 * 1024
 
 
 class ClientGone(Exception):
@@ -30,21 +31,55 @@ def json_response(body: bytes | dict, status: int = 200, headers: dict[str, str]
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed EMBEDQ_MAX_BODY_BYTES,
+    and with 408 (closing the connection) if it takes longer than EMBEDQ_BODY_TIMEOUT_S to arrive."""
+    settings = request.app.state.settings
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body has {declared} bytes; at most {limit} are accepted")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-            chunks.append(chunk)
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None  # it hung up while sending: nobody to answer, nothing to log
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout_s:g}s", headers={"Connection": "close"}
+        ) from None
     return b"".join(chunks)
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json(request: Request, also: tuple[str, ...] = ()) -> bytes:
+    """The body of a JSON route: a JSON content type (or one of ``also``) first, 415 otherwise, so
+    that no web page can post here with a form or plain text."""
+    content_type = request.headers.get("content-type", "")
+    if not is_json(content_type) and content_type.partition(";")[0].strip().lower() not in also:
+        wanted = " or ".join(["application/json", *(repr(t) for t in also if t)])
+        raise UnsupportedMediaType(
+            f"send the body as JSON with 'Content-Type: application/json' (got {content_type[:100] or 'none'!r}; "
+            f"this endpoint takes {wanted})"
+        )
+    return await read_body(request)
+
+
+async def off_loop(size: int, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, in a thread when the body it works on is large: parsing and checking a
+    16 MB body takes seconds, which must not stall every other request."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -83,8 +118,15 @@ async def _disconnected(request: Request) -> None:
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
-    """Starlette's handler for our errors and its own HTTP ones (async: no thread hop per error)."""
-    return error_response(request.url.path, _as_api_error(request, exc))
+    """Starlette's handler for our errors and its own HTTP ones (async: no thread hop per error).
+    A known path with a slash too many is redirected, relatively: never to a Host the client sent."""
+    path = request.url.path
+    if isinstance(exc, HTTPException) and exc.status_code == 404 and path.endswith("/"):
+        known = {getattr(route, "path", None) for route in request.app.routes}
+        if path.rstrip("/") in known:
+            query = request.url.query
+            return Response(status_code=307, headers={"Location": path.rstrip("/") + (f"?{query}" if query else "")})
+    return error_response(path, _as_api_error(request, exc))
 
 
 def error_response(path: str, error: ApiError) -> Response:

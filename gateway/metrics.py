@@ -24,6 +24,7 @@ PREFIX = "embedq_gateway_"
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         self._children: dict = {}
+        self._refused_series: set[tuple[str, str]] = set()
         p = PREFIX
         self.requests = Counter(
             p + "requests_total",
@@ -58,8 +59,14 @@ class GatewayMetrics:
         )
         self.worker_posts = Counter(
             p + "worker_posts_total",
-            "Job answers posted by workers, by whether the lease was current",
+            "Job answers posted by workers: accepted, ignored (a stale lease) or refused (wrong for the job)",
             ["result"],
+            registry=registry,
+        )
+        self.answers_refused = Counter(
+            p + "answers_refused_total",
+            "Answers refused because they were wrong for their job, by worker and problem",
+            ["worker", "problem"],
             registry=registry,
         )
 
@@ -70,6 +77,16 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def refused(self, worker_id: str, problem: str) -> None:
+        self.answers_refused.labels(worker_id, problem).inc()
+        self._refused_series.add((worker_id, problem))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A departed worker's series go with it: worker ids come and go, series would pile up."""
+        for series in [s for s in self._refused_series if s[0] == worker_id]:
+            self.answers_refused.remove(*series)
+            self._refused_series.discard(series)
 
     def on_reclaimed(self, reason: Reason, reclaimed: Reclaimed) -> None:
         self.leases_reclaimed.labels(reason, "requeued").inc(reclaimed.requeued)

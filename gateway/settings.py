@@ -49,6 +49,17 @@ class GatewaySettings(BaseModel):
     worker_wait_s: float = Field(default=10.0, ge=0)
     max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # HTTP edges: slow or bloated clients are closed, healthy ones served.
+    max_connections: int = Field(default=4096, ge=16)  # beyond, new connections get 503 at once
+    head_timeout_s: float = Field(default=10.0, gt=0)  # to send a request's line and headers
+    body_timeout_s: float = Field(default=60.0, gt=0)  # to send its body, once the headers are in
+    max_headers: int = Field(default=100, ge=10)
+    max_header_bytes: int = Field(default=65536, ge=1024)  # all header names and values together
+    # Browsers: Host names answered besides loopback ones when bound to loopback ("*": any), and
+    # origins whose pages may call the client API (CORS; "*": any).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    metrics_token: SecretStr | None = None  # if set, GET /metrics needs it as a bearer token
     # Where jobs and worker registrations live: "memory" (this process only) or "redis" (shared
     # by every replica that names the same Redis and prefix).
     queue: Literal["memory", "redis"] = "memory"
@@ -56,7 +67,7 @@ class GatewaySettings(BaseModel):
     redis_password: SecretStr | None = None
     redis_prefix: str = Field(default="embedq", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
-    @field_validator("worker_tokens", mode="before")
+    @field_validator("worker_tokens", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -2,12 +2,15 @@
 
 Guarded by the worker tokens of the gateway's settings (see auth.py); with none configured, any
 caller but a client key holder is accepted, which the settings allow only on loopback unless
-explicitly told otherwise.
+explicitly told otherwise. Beyond the token, a worker is who it registered as only with the
+session secret it registered with (``SESSION_HEADER``, on every call); and its answers are
+checked against their jobs before any client sees them (queue/core.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -21,6 +24,7 @@ from contract.frames import FrameError, decode_results
 from contract.messages import (
     PREFIX,
     RESULTS_CONTENT_TYPE,
+    SESSION_HEADER,
     ErrorReport,
     HeartbeatReply,
     Job,
@@ -33,26 +37,37 @@ from contract.messages import (
     WorkerHello,
 )
 from gateway.errors import Conflict, InvalidRequest, UnsupportedMediaType
-from gateway.http import json_response, read_body, unless_disconnected
-from gateway.queue import JobDone, JobFailed
+from gateway.http import json_response, read_body, read_json, unless_disconnected
+from gateway.queue import Answer, Expect, JobDone, JobFailed
 from gateway.registry import UnknownWorker
 
 log = logging.getLogger(__name__)
-STUCK_POLL_S = 1.0  # a stuck worker's lease call waits this long, then answers no jobs
+SIT_OUT_POLL_S = 1.0  # a stuck or faulty worker's lease call waits this long, then answers no jobs
 
 
 async def _read(request: Request, model: type[BaseModel]) -> Any:
     request.app.state.auth.worker(request)
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    body = await read_json(request)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise InvalidRequest(f"not a valid {model.__name__}: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise InvalidRequest(f"not a valid {model.__name__}: {where}: {error['msg']}") from None
+
+
+def _session(request: Request) -> str:
+    """The SHA-256 of the caller's session secret (never the secret itself: it is kept nowhere)."""
+    secret = request.headers.get(SESSION_HEADER, "")
+    if not 16 <= len(secret) <= 256:
+        raise InvalidRequest(f"worker calls carry a session secret of 16 to 256 characters in {SESSION_HEADER}")
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 async def _touch(request: Request, worker_id: str) -> WorkerHello:
+    """The registered worker, if the caller is it (its session secret)."""
     try:
-        return await request.app.state.workers.touch(worker_id)
+        return await request.app.state.workers.touch(worker_id, _session(request))
     except UnknownWorker:
         raise Conflict(f"worker {worker_id!r} is not registered; send a heartbeat first", code="worker_unknown") from None
 
@@ -60,13 +75,14 @@ async def _touch(request: Request, worker_id: str) -> WorkerHello:
 async def heartbeat(request: Request) -> Response:
     hello: WorkerHello = await _read(request, WorkerHello)
     state = request.app.state
-    await state.workers.heartbeat(hello)
+    await state.workers.heartbeat(hello, _session(request))
     reply = HeartbeatReply(worker_ttl_s=state.settings.worker_ttl_s, lease_ttl_s=state.settings.lease_ttl_s)
     return json_response(reply.model_dump())
 
 
 async def leave(request: Request) -> Response:
     bye: WorkerBye = await _read(request, WorkerBye)
+    await _touch(request, bye.worker_id)
     workers = request.app.state.workers
     if bye.draining:
         await workers.drain(bye.worker_id)
@@ -82,8 +98,8 @@ async def lease(request: Request) -> Response:
     hello = await _touch(request, req.worker_id)
     state = request.app.state
     leaving = state.workers.leaving(req.worker_id)
-    if state.workers.is_stuck(req.worker_id):
-        leasing = _nothing_after(min(req.wait_s, STUCK_POLL_S))  # out of rotation: no jobs for it
+    if state.workers.state(req.worker_id) in ("stuck", "faulty"):
+        leasing = _nothing_after(min(req.wait_s, SIT_OUT_POLL_S))  # out of rotation: no jobs for it
     else:
         leasing = state.queue.lease(
             hello.checkpoint_name,
@@ -125,47 +141,53 @@ async def results(request: Request) -> Response:
     request.app.state.auth.worker(request)
     if request.headers.get("content-type") != RESULTS_CONTENT_TYPE:
         raise UnsupportedMediaType(f"results must be posted as {RESULTS_CONTENT_TYPE}")
-    frame = await read_body(request, request.app.state.settings.max_body_bytes)
+    frame = await read_body(request)
     try:
         header, matrices = decode_results(frame)
     except (FrameError, ValidationError) as exc:
         raise InvalidRequest(f"bad results frame: {exc}") from None
-    answers = [(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)]
-    accepted = await request.app.state.queue.answer(header.worker_id, answers)
-    return await _posted(request, header.worker_id, accepted, len(header.results))
+    answers: list[Answer] = [(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)]
+    return await _answered(request, header.worker_id, answers)
 
 
 async def errors(request: Request) -> Response:
     report: ErrorReport = await _read(request, ErrorReport)
-    answers = [(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors]
-    accepted = await request.app.state.queue.answer(report.worker_id, answers)
-    return await _posted(request, report.worker_id, accepted, len(report.errors))
+    answers: list[Answer] = [(e.job_id, e.lease_id, JobFailed(e.code, e.message, e.input_index)) for e in report.errors]
+    return await _answered(request, report.worker_id, answers)
+
+
+async def _answered(request: Request, worker_id: str, answers: list[Answer]) -> Response:
+    state = request.app.state
+    hello = await _touch(request, worker_id)
+    card = next(iter(hello.models.values()))  # a worker's models share one engine: one size
+    settled = await state.queue.answer(worker_id, answers, Expect(card.dimensions, card.max_input_tokens))
+    if settled.refused:
+        problems = sorted(set(settled.refused.values()))
+        log.warning("refused %d answers from worker %s: %s", len(settled.refused), worker_id, "; ".join(problems))
+        for job_problem in settled.refused.values():
+            state.metrics.refused(worker_id, job_problem.partition(" (")[0])
+    await state.workers.note_post(worker_id, refused=bool(settled.refused))
+    state.metrics.worker_posts.labels("accepted").inc(settled.accepted)
+    state.metrics.worker_posts.labels("ignored").inc(settled.stale)
+    state.metrics.worker_posts.labels("refused").inc(len(settled.refused))
+    reply = PostReply(accepted=settled.accepted, ignored=settled.stale + len(settled.refused))
+    return json_response(reply.model_dump())
 
 
 async def release(request: Request) -> Response:
     report: Release = await _read(request, Release)
+    await _touch(request, report.worker_id)
     accepted = await request.app.state.queue.release(report.worker_id, [(j.job_id, j.lease_id) for j in report.jobs])
     log.info("worker %s gave back %d jobs", report.worker_id, accepted)
-    return await _posted(request, report.worker_id, accepted, len(report.jobs))
+    return json_response(PostReply(accepted=accepted, ignored=len(report.jobs) - accepted).model_dump())
 
 
 async def check_leases(request: Request) -> Response:
     asked: Release = await _read(request, Release)
+    await _touch(request, asked.worker_id)
     queue = request.app.state.queue
     live = [j.job_id for j in asked.jobs if await queue.is_leased(j.job_id, j.lease_id)]
     return json_response(LiveJobs(job_ids=live).model_dump())
-
-
-async def _posted(request: Request, worker_id: str, accepted: int, total: int) -> Response:
-    state = request.app.state
-    try:
-        await state.workers.touch(worker_id)
-    except UnknownWorker:
-        pass  # the lease ids decide what counts, not the registration
-    await state.workers.mark_serving(worker_id)  # it answers: whatever stalled it is over
-    state.metrics.worker_posts.labels("accepted").inc(accepted)
-    state.metrics.worker_posts.labels("ignored").inc(total - accepted)
-    return json_response(PostReply(accepted=accepted, ignored=total - accepted).model_dump())
 
 
 routes = [

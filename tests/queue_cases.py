@@ -14,6 +14,7 @@ from gateway.queue import (
     BATCH,
     DEFAULT,
     INTERACTIVE,
+    Expect,
     JobDone,
     JobFailed,
     JobFailure,
@@ -69,8 +70,11 @@ async def lease(queue: JobQueue, worker: str = W, max_items: int = 10, wait_s: f
     return await queue.lease("k", worker, max_items=max_items, wait_s=wait_s, **options)
 
 
+EXPECT = Expect(dimensions=2, max_input_tokens=64)  # what done() answers
+
+
 async def answer(queue: JobQueue, job, outcome, worker: str = W) -> bool:
-    return await queue.answer(worker, [(job.job_id, job.lease_id, outcome)]) == 1
+    return (await queue.answer(worker, [(job.job_id, job.lease_id, outcome)], EXPECT)).accepted == 1
 
 
 pytestmark = pytest.mark.anyio
@@ -120,8 +124,8 @@ async def test_answers_with_a_wrong_or_repeated_lease_or_from_another_worker_are
     queue = await backend.queue()
     run = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
     (job,) = await lease(queue)
-    assert not await queue.answer(W, [(job.job_id, "not-the-lease", done(1))])
-    assert not await queue.answer(W, [("no-such-job", job.lease_id, done(1))])
+    assert (await queue.answer(W, [(job.job_id, "not-the-lease", done(1))], EXPECT)).stale == 1
+    assert (await queue.answer(W, [("no-such-job", job.lease_id, done(1))], EXPECT)).stale == 1
     assert not await answer(queue, job, done(1, 9.0), worker=OTHER)  # under the lease, but not its holder
     assert await queue.release(OTHER, [(job.job_id, job.lease_id)]) == 0  # nor can it give it back
     assert await answer(queue, job, done(1, 7.0))
@@ -333,4 +337,30 @@ async def test_a_higher_class_goes_first_whoever_sent_more(backend):
     assert [classes[j] for j in order] == [INTERACTIVE, DEFAULT, DEFAULT, BATCH, BATCH, BATCH]
     for task in (bulk, normal, urgent):
         task.cancel()
+    await backend.close()
+
+
+async def test_an_answer_that_does_not_fit_its_job_is_refused_and_the_job_goes_back(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
+    (job,) = await lease(queue)
+    settled = await queue.answer(W, [(job.job_id, job.lease_id, done(1))], EXPECT)  # one row for two inputs
+    assert (settled.accepted, settled.refused) == (0, {job.job_id: "not one row per input"})
+    (again,) = await lease(queue, OTHER, wait_s=0)  # back in line at once
+    assert again.job_id == job.job_id
+    nan = JobDone(np.full((2, 2), np.nan, dtype=np.float32), [3, 3])
+    assert "non-finite" in (await queue.answer(OTHER, [(again.job_id, again.lease_id, nan)], EXPECT)).refused[again.job_id]
+    (third,) = await lease(queue, W, wait_s=0)
+    assert await answer(queue, third, done(2, 4.0))
+    assert (await run)[0].vectors[0, 0] == 4.0
+    await backend.close()
+
+
+async def test_a_failure_naming_an_input_outside_the_job_is_refused(backend):
+    queue = await backend.queue()
+    run = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
+    (job,) = await lease(queue)
+    settled = await queue.answer(W, [(job.job_id, job.lease_id, JobFailed("input_too_long", "too long", 7))], EXPECT)
+    assert settled.refused == {job.job_id: "an input index outside the job"}
+    run.cancel()
     await backend.close()

@@ -118,13 +118,14 @@ def _embed(engine: Engine, ready: list[tuple[Job, list[list[int]]]], outcome: Ba
     for job, ids in ready:
         rows = vectors[start : start + len(ids)]
         start += len(ids)
+        # The frame says what the engine gave, row for row: the gateway checks it against the job.
         outcome.results.append(
             JobResult(
                 job_id=job.job_id,
                 lease_id=job.lease_id,
-                rows=len(ids),
+                rows=rows.shape[0],
                 dims=rows.shape[1],
-                prompt_tokens=[len(seq) for seq in ids],
+                prompt_tokens=[len(seq) for seq in ids][: rows.shape[0]],
             )
         )
         outcome.matrices.append(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from tenacity import (
 from contract.messages import (
     PREFIX,
     RESULTS_CONTENT_TYPE,
+    SESSION_HEADER,
     ErrorReport,
     HeartbeatReply,
     Job,
@@ -44,8 +46,16 @@ log = logging.getLogger(__name__)
 BACKOFF = wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 1)
 
 
-class UnknownWorker(Exception):
+class NotRegistered(Exception):
+    """The gateway does not take this call from us as we are: register again."""
+
+
+class UnknownWorker(NotRegistered):
     """The gateway does not know this worker (it restarted, or dropped us): register again."""
+
+
+class IdTaken(NotRegistered):
+    """Our worker id is registered by another process (ours lapsed, and it took it): pick another."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -71,9 +81,14 @@ class GatewayClient:
         self._http = httpx.AsyncClient(
             base_url=url + PREFIX, headers=headers, timeout=timeout_s, transport=transport or AiohttpTransport()
         )
+        self.new_session()
         self._timeout_s = timeout_s
         self._retries = retries
         self._metrics = metrics
+
+    def new_session(self) -> None:
+        """Who we are, beyond the token any worker may hold: the gateway binds it to our worker id."""
+        self._http.headers[SESSION_HEADER] = secrets.token_hex(16)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -129,8 +144,10 @@ class GatewayClient:
         async for attempt in retrying:
             with attempt:
                 response = await self._http.post(path, timeout=timeout or self._timeout_s, **kwargs)
-                if response.status_code == 409:
+                if response.status_code == 409 and b"worker_unknown" in response.content:
                     raise UnknownWorker(response.text)
+                if response.status_code == 403 and b"worker_session" in response.content:
+                    raise IdTaken(response.text)
                 response.raise_for_status()
         return response
 

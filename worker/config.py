@@ -64,6 +64,9 @@ class FakeGenerator(_Table):
     poison: str = ""
     dead_after_batches: int = Field(default=0, ge=0)
     hang_after_batches: int = Field(default=0, ge=0)
+    # Wrong answers, as a broken engine or worker would give: a NaN in every vector, vectors of half
+    # the size, or one row fewer than inputs asked for (the gateway must refuse each).
+    wrong: Literal["", "nan", "dims", "rows"] = ""
 
 
 Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]

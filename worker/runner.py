@@ -35,7 +35,7 @@ from contract.messages import (
     WorkerHello,
 )
 from worker.batch import BatchOutcome, run_batch
-from worker.client import GatewayClient, UnknownWorker, describe, sleep_or_stop
+from worker.client import GatewayClient, IdTaken, NotRegistered, describe, sleep_or_stop
 from worker.config import VllmGenerator, WorkerConfig
 from worker.engines import Engine
 from worker.metrics import WorkerMetrics
@@ -44,7 +44,8 @@ from worker.probes import probe_all
 
 log = logging.getLogger(__name__)
 
-GATEWAY_FAILURES = (httpx.HTTPError, ValidationError)
+# A call that failed for good: its jobs' leases expire (or the registry drops us) and they go to another worker.
+GATEWAY_FAILURES = (httpx.HTTPError, ValidationError, NotRegistered)
 # A prefetched batch that waited this long for the engine is checked before it runs (one HTTP
 # call), so that jobs whose client left meanwhile cost no engine time; a shorter wait is not
 # worth the call: the most it could waste is one batch's compute.
@@ -201,7 +202,13 @@ class Worker:
         """Heartbeat (it registers too), at least HEARTBEATS_PER_TTL times per the gateway's TTL
         from then on, whatever the config says: a worker whose interval outlasts that TTL would
         drop out of the gateway's models between heartbeats while it waits idle for jobs."""
-        reply = await self._client.heartbeat(self.hello())
+        try:
+            reply = await self._client.heartbeat(self.hello())
+        except IdTaken:
+            self.worker_id = new_worker_id(self._config.queue.service_name)
+            self._client.new_session()
+            log.warning("our worker id was taken by another process while we were away; registering as %s", self.worker_id)
+            reply = await self._client.heartbeat(self.hello())
         interval = min(self._config.queue.heartbeat_interval_s, reply.worker_ttl_s / HEARTBEATS_PER_TTL)
         if interval != self._heartbeat_s and interval < self._config.queue.heartbeat_interval_s:
             log.warning(
@@ -230,7 +237,7 @@ class Worker:
         self._leasing = True
         try:
             jobs = await self._client.lease(request, stop)
-        except UnknownWorker:
+        except NotRegistered:
             log.warning("the gateway does not know this worker (did it restart?); registering again")
             await self._register(stop)
             return []

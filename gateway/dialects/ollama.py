@@ -21,8 +21,7 @@ from starlette.routing import Route
 from gateway.dialects.schemas import OllamaEmbeddingsRequest, OllamaEmbedRequest, json_type, parse_body, validate
 from gateway.embeddings import l2_normalize
 from gateway.errors import InvalidRequest, WrongType
-from gateway.http import json_response, read_body, unless_disconnected
-from gateway.keys import ApiKey
+from gateway.http import json_response, off_loop, read_json, unless_disconnected
 
 
 async def embed(request: Request) -> Response:
@@ -32,12 +31,12 @@ async def embed(request: Request) -> Response:
     req: OllamaEmbedRequest = validate(OllamaEmbedRequest, await _json(request))
     model = _model_name(request, req.model)
     inputs = _parse_inputs(req.input, state.settings.max_inputs)
+    route = await state.embeddings.route(model, key)
     if not inputs:  # Ollama answers an empty input with no vectors (it "loads the model")
-        await _check_servable(state, key, model)
         return json_response({"model": req.model, "embeddings": []})
     truncate = req.truncate is not False
     work = state.embeddings.embed(
-        model, inputs, single=isinstance(req.input, str), dimensions=req.dimensions, truncate=truncate, key=key
+        route, inputs, single=isinstance(req.input, str), dimensions=req.dimensions, truncate=truncate, key=key
     )
     result = await unless_disconnected(request, work)
     body = {
@@ -57,11 +56,10 @@ async def embeddings(request: Request) -> Response:
     req: OllamaEmbeddingsRequest = validate(OllamaEmbeddingsRequest, await _json(request))
     if not req.model:
         raise InvalidRequest("model is required", param="model")
-    model = _model_name(request, req.model)
+    route = await state.embeddings.route(_model_name(request, req.model), key)
     if not req.prompt:
-        await _check_servable(state, key, model)
         return json_response({"embedding": []})
-    work = state.embeddings.embed(model, [req.prompt], single=True, truncate=True, key=key)
+    work = state.embeddings.embed(route, [req.prompt], single=True, truncate=True, key=key)
     result = await unless_disconnected(request, work)
     return json_response(orjson.dumps({"embedding": l2_normalize(result.vectors)[0]}, option=orjson.OPT_SERIALIZE_NUMPY))
 
@@ -94,15 +92,10 @@ async def tags(request: Request) -> Response:
     return json_response({"models": models})
 
 
-async def _check_servable(state, key: ApiKey | None, model: str) -> None:
-    """What embedding would check, for an empty input that needs no worker: scope, then model."""
-    state.auth.check_model(key, model)
-    await state.workers.resolve(model)
-
-
 async def _json(request: Request) -> dict[str, Any]:
-    body = await read_body(request, request.app.state.settings.max_body_bytes)
-    return parse_body(body, request.headers.get("content-type", ""))
+    # Ollama's own documented examples post JSON with curl's default form type, or none at all.
+    body = await read_json(request, also=("application/x-www-form-urlencoded", ""))
+    return await off_loop(len(body), parse_body, body)
 
 
 def _model_name(request: Request, name: str) -> str:

@@ -19,20 +19,21 @@ from starlette.routing import Route
 from contract.messages import JobInput
 from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, preview, validate
 from gateway.errors import InvalidRequest, WrongType
-from gateway.http import json_response, read_body, unless_disconnected
+from gateway.http import json_response, off_loop, read_json, unless_disconnected
 
 MAX_TOKEN_ID = 2**31 - 1
+MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
 INPUT_SHAPES = "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
 
 
 async def create_embeddings(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)  # before reading the body: strangers cost us nothing
-    body = await read_body(request, state.settings.max_body_bytes)
-    req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body, request.headers.get("content-type", "")))
-    inputs, single = parse_inputs(req.input, state.settings.max_inputs)
+    body = await read_json(request)
+    req, inputs, single = await off_loop(len(body), _parse, body, state.settings.max_inputs)
+    route = await state.embeddings.route(req.model, key, frozenset(req.tags or ()))
     work = state.embeddings.embed(
-        req.model,
+        route,
         inputs,
         single=single,
         dimensions=req.dimensions,
@@ -55,8 +56,15 @@ async def list_models(request: Request) -> Response:
     return json_response({"object": "list", "data": data})
 
 
+def _parse(body: bytes, max_inputs: int) -> tuple[EmbeddingsRequest, list[JobInput], bool]:
+    req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body))
+    return req, *parse_inputs(req.input, max_inputs)
+
+
 def parse_inputs(raw: Any, max_inputs: int) -> tuple[list[JobInput], bool]:
-    """The inputs of a request as texts or token-id lists, and whether it was a single input."""
+    """The inputs of a request as texts or token-id lists, and whether it was a single input.
+    Token-id lists are bounded before their ids are looked at (MAX_TOKEN_IDS each); the model's
+    own context bounds them again before any job is built (embeddings.py)."""
     if isinstance(raw, str):
         _check_text(raw, "input")
         return [raw], True
@@ -64,7 +72,7 @@ def parse_inputs(raw: Any, max_inputs: int) -> tuple[list[JobInput], bool]:
         raise WrongType(f"'input' must be {INPUT_SHAPES}, got {json_type(raw)}", param="input")
     if not raw:
         raise InvalidRequest("'input' must not be an empty array", param="input", code="invalid_value")
-    if all(_is_int(x) for x in raw):
+    if _all_ints(raw):
         _check_ids(raw, "input")
         return [raw], True
     if len(raw) > max_inputs:
@@ -81,11 +89,13 @@ def parse_inputs(raw: Any, max_inputs: int) -> tuple[list[JobInput], bool]:
             f"'input[0]' must be a string, a token id or an array of token ids, got {json_type(raw[0])}", param="input[0]"
         )
     texts = isinstance(raw[0], str)
+    if not texts:
+        _check_lengths(raw)
     for i, item in enumerate(raw):
         where = f"input[{i}]"
         if texts and isinstance(item, str):
             _check_text(item, where)
-        elif not texts and isinstance(item, list) and all(_is_int(x) for x in item):
+        elif not texts and isinstance(item, list) and (not item or _all_ints(item)):
             _check_ids(item, where)
         else:
             expected = "a string like input[0]" if texts else "an array of token ids"
@@ -98,18 +108,36 @@ def _check_text(text: str, where: str) -> None:
         raise InvalidRequest(f"'{where}' must not be an empty string", param=where, code="invalid_value")
 
 
+def _check_lengths(items: list) -> None:
+    for i, item in enumerate(items):
+        if isinstance(item, list) and len(item) > MAX_TOKEN_IDS:
+            raise InvalidRequest(
+                f"'input[{i}]' has {len(item)} token ids; no model takes more than {MAX_TOKEN_IDS}",
+                param=f"input[{i}]",
+                code="context_length_exceeded",
+            )
+
+
 def _check_ids(ids: list[int], where: str) -> None:
     if not ids:
         raise InvalidRequest(f"'{where}' must not be an empty array of token ids", param=where, code="invalid_value")
-    for j, token in enumerate(ids):
-        if not 0 <= token <= MAX_TOKEN_ID:
-            raise InvalidRequest(
-                f"'{where}[{j}]' is not a valid token id (got {preview(token)})", param=where, code="invalid_value"
-            )
+    if len(ids) > MAX_TOKEN_IDS:
+        raise InvalidRequest(
+            f"'{where}' has {len(ids)} token ids; no model takes more than {MAX_TOKEN_IDS}",
+            param=where,
+            code="context_length_exceeded",
+        )
+    if min(ids) < 0 or max(ids) > MAX_TOKEN_ID:  # min and max run in C: no per-id Python
+        j = next(j for j, token in enumerate(ids) if not 0 <= token <= MAX_TOKEN_ID)
+        raise InvalidRequest(f"'{where}[{j}]' is not a valid token id (got {preview(ids[j])})", param=where, code="invalid_value")
 
 
 def _is_int(x: Any) -> bool:
     return type(x) is int  # bool is an int subclass, and not a token id
+
+
+def _all_ints(items: list) -> bool:
+    return bool(items) and set(map(type, items)) == {int}  # in C: no per-item Python
 
 
 def render_embeddings(model: str, vectors: np.ndarray, prompt_tokens: int, encoding_format: str) -> bytes:

@@ -140,12 +140,11 @@ class OllamaError(BaseModel):
     error: str
 
 
-def parse_body(body: bytes, content_type: str) -> dict[str, Any]:
+def parse_body(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        hint = "" if "json" in content_type else f" (Content-Type was {content_type or 'missing'!r}; send application/json)"
-        raise InvalidRequest(f"the request body is not valid JSON{hint}: {exc}") from None
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {json_type(data)}")
     return data

@@ -2,11 +2,12 @@
 (``memory.py``) or in Redis, shared by replicas (``redis.py``). The store's contract and the
 order it keeps are in ``store.py``; the data that passes through, in ``jobs.py``."""
 
-from gateway.queue.core import JobQueue
+from gateway.queue.core import Expect, JobQueue, Settled
 from gateway.queue.jobs import (
     BATCH,
     DEFAULT,
     INTERACTIVE,
+    Answer,
     JobDone,
     JobFailed,
     JobFailure,
@@ -24,6 +25,8 @@ __all__ = [
     "BATCH",
     "DEFAULT",
     "INTERACTIVE",
+    "Answer",
+    "Expect",
     "JobDone",
     "JobFailed",
     "JobFailure",
@@ -37,4 +40,5 @@ __all__ = [
     "Reason",
     "Reclaimed",
     "RedisStore",
+    "Settled",
 ]

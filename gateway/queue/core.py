@@ -7,6 +7,10 @@ queued. Worker side, ``lease`` hands out batches (the fill window below), ``answ
 ``release`` take them back, ``release_worker`` returns a departed worker's leases at once, and
 an upkeep loop expires leases that outlived what their worker asked for.
 
+Answers are checked before any client sees them (``answer``): vectors of the model's size, every
+value finite, token counts within the model's context, a row per input, an error index within
+the job. An answer that fails is refused, and its job goes back in line for another worker.
+
 Lease length: a worker says how long it needs (``hold_s``, from its engine's measured pace);
 the core bounds that by ``lease_ttl_s`` (and uses the bound for a worker that has not measured
 yet). So a worker that hangs loses its jobs to another worker after about one batch time, not
@@ -21,7 +25,10 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from contract.messages import Job
 from gateway.queue.jobs import (
@@ -37,7 +44,7 @@ from gateway.queue.jobs import (
     QueueUnavailable,
     all_answered,
 )
-from gateway.queue.store import Ask, Reason, Reclaimed, Store
+from gateway.queue.store import Ask, Reason, Reclaimed, Store, Verdict
 
 log = logging.getLogger(__name__)
 ANYONE = Placement()  # the default class, the anonymous tenant
@@ -47,7 +54,39 @@ _REASONS: dict[Reason, str] = {
     "expired": "its last lease expired",
     "released": "its last worker gave it back",
     "departed": "its last worker went away",
+    "refused": "its last worker's answer was refused",
 }
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What every answer of a worker must look like: its model card's sizes."""
+
+    dimensions: int
+    max_input_tokens: int
+
+
+@dataclass
+class Settled:
+    """What became of a worker's post."""
+
+    accepted: int = 0
+    stale: int = 0
+    refused: dict[str, str] = field(default_factory=dict)  # job id -> what was wrong with its answer
+
+
+def problem(outcome: Outcome, expect: Expect) -> str | None:
+    """What is wrong with an answer on its own (its fit to the job is the store's to check)."""
+    if isinstance(outcome, JobFailed):
+        return None
+    rows, dims = outcome.vectors.shape
+    if dims != expect.dimensions:
+        return f"{dims}-dimensional vectors from a {expect.dimensions}-dimensional model"
+    if not np.isfinite(outcome.vectors).all():
+        return "non-finite values (NaN or infinity)"
+    if any(not 0 < count <= expect.max_input_tokens for count in outcome.prompt_tokens):
+        return f"prompt_tokens outside 1..{expect.max_input_tokens}"
+    return None
 
 
 class JobQueue:
@@ -173,9 +212,22 @@ class JobQueue:
             await self._inputs_after(key, seen, needed, min(until - now, WAKE_POLL_S))
         return []
 
-    async def answer(self, worker_id: str, answers: list[Answer]) -> int:
-        """Record a worker's answers; how many were under its current leases."""
-        return await self._store.settle(worker_id, answers)
+    async def answer(self, worker_id: str, answers: list[Answer], expect: Expect) -> Settled:
+        """Record a worker's answers: those under its current leases that are right reach their
+        clients; those that are wrong are refused, and their jobs go back in line."""
+        wrong = {job_id: found for job_id, _, outcome in answers if (found := problem(outcome, expect))}
+        verdicts = await self._store.settle(worker_id, answers, set(wrong))
+        settled = Settled()
+        for (job_id, _, outcome), verdict in zip(answers, verdicts):
+            if verdict is Verdict.ACCEPTED:
+                settled.accepted += 1
+            elif verdict is Verdict.STALE:
+                settled.stale += 1
+            else:
+                settled.refused[job_id] = wrong.get(job_id) or (
+                    "not one row per input" if isinstance(outcome, JobDone) else "an input index outside the job"
+                )
+        return settled
 
     async def release(self, worker_id: str, refs: list[tuple[str, str]]) -> int:
         """Jobs the worker gives back go back in line now; how many were its own."""

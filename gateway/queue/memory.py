@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.queue.jobs import CLASSES, Answer, Pending, QueueStats
-from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, fair_tag
+from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, Verdict, fair_tag, fits
 
 
 @dataclass(eq=False)
@@ -105,13 +105,19 @@ class MemoryStore(Store):
             self._held.setdefault(ask.worker_id, set()).add(entry.job.job_id)
         return Taken([e.job.spec.as_job(e.job.job_id, e.lease_id) for e in taken], available)
 
-    async def settle(self, worker_id: str, answers: list[Answer]) -> int:
-        accepted = 0
+    async def settle(self, worker_id: str, answers: list[Answer], refused: set[str]) -> list[Verdict]:
+        verdicts = []
         for job_id, lease_id, outcome in answers:
-            if self._unlease(job_id, lease_id, worker_id) is not None:
+            entry = self._unlease(job_id, lease_id, worker_id)
+            if entry is None:
+                verdicts.append(Verdict.STALE)
+            elif job_id in refused or not fits(len(entry.job.spec.inputs), outcome):
+                self._requeue_or_fail(entry, "refused", Reclaimed())
+                verdicts.append(Verdict.REFUSED)
+            else:
                 self.core.resolve(job_id, outcome)
-                accepted += 1
-        return accepted
+                verdicts.append(Verdict.ACCEPTED)
+        return verdicts
 
     async def give_back(self, worker_id: str, refs: list[tuple[str, str]]) -> int:
         given = [entry for job_id, lease_id in refs if (entry := self._unlease(job_id, lease_id, worker_id))]

@@ -33,7 +33,7 @@ from contract.frames import decode_results, encode_results
 from contract.messages import Job, JobResult, ResultsHeader
 from gateway.queue.jobs import CLASSES, Answer, JobDone, JobFailed, Outcome, Pending, QueueStats, QueueUnavailable
 from gateway.queue.redis_scripts import ANSWER, ENQUEUE, EXPIRE, GIVE_BACK, LEASE, RELEASE_WORKER, WITHDRAW
-from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken
+from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, Verdict
 from gateway.redis_link import DOWN, RedisLink, text, unless_cancelled
 
 log = logging.getLogger(__name__)
@@ -124,22 +124,24 @@ class RedisStore(Store):
             task = asyncio.ensure_future(self.give_back(worker_id, refs))
             task.add_done_callback(_best_effort)
 
-    async def settle(self, worker_id: str, answers: list[Answer]) -> int:
+    async def settle(self, worker_id: str, answers: list[Answer], refused: set[str]) -> list[Verdict]:
         """One round trip for a worker's whole post: an ANSWER script call per job, pipelined."""
         script = self._scripts["ANSWER"]
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id, lease_id, outcome in answers:
+                wrong = job_id in refused
                 # Our own client's job needs no payload in Redis: the script says so, and we deliver it here.
-                payload = b"" if job_id in self.core.pending else _encode(job_id, lease_id, worker_id, outcome)
-                await script(
-                    args=[self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica, worker_id], client=pipe
-                )
+                payload = b"" if wrong or job_id in self.core.pending else _encode(job_id, lease_id, worker_id, outcome)
+                kind, count = _shape(outcome)
+                args: list[Any] = [self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica, worker_id,
+                        "1" if wrong else "0", kind, count, self.max_attempts]  # fmt: skip
+                await script(args=args, client=pipe)
             with _unavailable():
                 stored = await pipe.execute()
         for (job_id, _, outcome), result in zip(answers, stored):
             if result == 2:
                 self.core.resolve(job_id, outcome)
-        return sum(result != 0 for result in stored)
+        return [Verdict.REFUSED if r == 3 else Verdict.STALE if r == 0 else Verdict.ACCEPTED for r in stored]
 
     async def give_back(self, worker_id: str, refs: list[tuple[str, str]]) -> int:
         script = self._scripts["GIVE_BACK"]
@@ -278,6 +280,13 @@ def _unavailable() -> Iterator[None]:
         yield
     except DOWN as exc:
         raise QueueUnavailable(f"the job queue (Redis) is unreachable: {exc}") from None
+
+
+def _shape(outcome: Outcome) -> tuple[str, int]:
+    """What the ANSWER script checks against the job (see store.fits)."""
+    if isinstance(outcome, JobDone):
+        return "D", outcome.vectors.shape[0]
+    return "F", -1 if outcome.input_index is None else outcome.input_index
 
 
 def _encode(job_id: str, lease_id: str, worker_id: str, outcome: Outcome) -> bytes:

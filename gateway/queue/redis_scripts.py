@@ -171,16 +171,25 @@ return out
 """
 )
 
-# ARGV: P, job id, lease id, payload, result_ttl_ms, this replica, worker id.
+# ARGV: P, job id, lease id, payload, result_ttl_ms, this replica, worker id, refused ('1': the
+# gateway found the answer wrong), kind ('D' vectors, 'F' a failure), count (rows of vectors, or
+# the failure's input index, -1 for none), max_attempts.
 # 0: not the worker's current lease (nothing changes); 1: stored for its owner; 2: the owner is
-# this replica, which delivers the outcome itself (the job is gone from Redis).
+# this replica, which delivers the outcome itself (the job is gone from Redis); 3: refused, or it
+# does not fit the job (store.fits: a row per input, an index within the inputs): back in line.
 ANSWER = (
     _PRELUDE
     + """
 local j = k('j', ARGV[2])
-local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker')
+local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker', 'n')
 if f[2] ~= 'l' or f[1] ~= ARGV[3] or f[5] ~= ARGV[7] then return 0 end
 unlease(ARGV[2], f[3], f[5])
+local n, count = tonumber(f[6]), tonumber(ARGV[10])
+local fits = (ARGV[9] == 'D' and count == n) or (ARGV[9] == 'F' and count < n)
+if ARGV[8] == '1' or not fits then
+  requeue_or_fail(ARGV[2], tonumber(ARGV[11]), 'refused', ARGV[5])
+  return 3
+end
 if f[4] == ARGV[6] then
   redis.call('DEL', j)
   return 2

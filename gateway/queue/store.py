@@ -15,21 +15,40 @@ flood's backlog. A job that comes back (expired, given back, its worker gone) ta
 of its class: ``tag = min(its own tag, the lowest waiting tag)``.
 
 A lease belongs to the worker that took it: answers and give-backs count only from that worker
-under the current lease id. When a job comes back, it keeps its attempts; past ``max_attempts``
-leases its client is told so instead (``Core.exhausted``).
+under the current lease id. An answer that does not fit its job (``fits``: a row per input, an
+error index within the inputs) is *refused*: the job goes back in line, as if given back. When a
+job comes back, it keeps its attempts; past ``max_attempts`` leases its client is told so instead
+(``Core.exhausted``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Literal, Protocol
 
 from contract.messages import Job
-from gateway.queue.jobs import Answer, Outcome, Pending, QueueStats
+from gateway.queue.jobs import Answer, JobDone, Outcome, Pending, QueueStats
 
 # Why a lease ended without an answer.
-Reason = Literal["expired", "released", "departed"]
+Reason = Literal["expired", "released", "departed", "refused"]
+
+
+class Verdict(IntEnum):
+    """What became of one answer."""
+
+    STALE = 0  # not the worker's current lease: ignored
+    ACCEPTED = 1
+    REFUSED = 2  # under the worker's lease, but not an answer to that job: back in line
+
+
+def fits(inputs: int, outcome: Outcome) -> bool:
+    """Whether an outcome can be the answer to a job of ``inputs`` inputs (the Redis store's ANSWER
+    script checks the same in Lua)."""
+    if isinstance(outcome, JobDone):
+        return outcome.vectors.shape[0] == inputs == len(outcome.prompt_tokens)
+    return outcome.input_index is None or 0 <= outcome.input_index < inputs
 
 
 def fair_tag(clock: float, last: float, cost: int, weight: float) -> float:
@@ -101,9 +120,10 @@ class Store(ABC):
         ``ask.min_inputs`` eligible inputs wait."""
 
     @abstractmethod
-    async def settle(self, worker_id: str, answers: list[Answer]) -> int:
+    async def settle(self, worker_id: str, answers: list[Answer], refused: set[str]) -> list[Verdict]:
         """Record the answers of the jobs this worker holds under these leases (others are
-        stale: ignored) and deliver them to their clients; how many were accepted."""
+        stale: ignored) and deliver them to their clients; but refuse those whose job id is in
+        ``refused`` (the core found them wrong) or that do not ``fit`` their job."""
 
     @abstractmethod
     async def give_back(self, worker_id: str, refs: list[tuple[str, str]]) -> int:

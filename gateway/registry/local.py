@@ -1,13 +1,18 @@
-"""Which workers are alive, which are stuck, and which models they serve: the view one gateway
-keeps (``redis.py`` shares it between replicas).
+"""Which workers are alive, in what state, and which models they serve: the view one gateway keeps
+(``redis.py`` shares it between replicas).
+
+A worker is who it says it is only with the session secret it registered with: every later call
+must carry it, so no other holder of a worker token can answer, give back or leave in its name.
+A model's card (dimensions, context) is pinned by its serving workers: a worker claiming a model
+that another checkpoint serves, or with another card, is refused.
 
 A worker is alive while it heart-beats (any worker call counts) within ``worker_ttl_s``; when it
 stops, or says it is gone, ``on_departed`` is called at once, so that the queue puts its jobs
 back in line. A worker that is stopping is *draining*: it gets no more jobs but keeps those it
-holds, to answer or give back. A worker whose lease expired unanswered is *stuck* for
-``stuck_s`` (or until it posts anything): it gets no leases meanwhile. Neither serves a model.
-A model is listed while at least one serving worker has it; a model that was served once but has
-no serving worker left answers 503, not 404: it may come back.
+holds, to answer or give back. A worker sits out (no leases, no model) for ``stuck_s`` when it is
+*stuck* (it let a lease expire; answering anything ends it) or *faulty* (its answers were refused
+in ``FAULTY_AFTER`` posts in a row). A model is listed while at least one serving worker has it;
+a model that was served once but has no serving worker left answers 503, not 404: it may come back.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from contract.messages import ModelCard, WorkerHello
-from gateway.errors import InvalidRequest, ModelNotFound, NoLiveWorker
+from gateway.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, NoLiveWorker
 
 log = logging.getLogger(__name__)
 Departed = Callable[[str], Awaitable[None]]
+State = Literal["serving", "draining", "stuck", "faulty"]
+FAULTY_AFTER = 3  # posts in a row with refused answers
 
 
 class UnknownWorker(Exception):
@@ -32,11 +40,19 @@ class UnknownWorker(Exception):
 @dataclass
 class _Worker:
     hello: WorkerHello
+    session: str  # the SHA-256 of the secret it registered with
     last_seen: float
-    leaving: asyncio.Event = field(default_factory=asyncio.Event)  # set when it leaves
+    leaving: asyncio.Event = field(default_factory=asyncio.Event)  # set when it drains or leaves
     own: bool = True  # its last heartbeat came to this replica (it counts in this replica's metrics)
-    stuck_until: float = 0.0  # monotonic
     draining: bool = False
+    out_until: float = 0.0  # monotonic: sitting out until then
+    out_why: State = "serving"  # stuck or faulty, while out_until is ahead
+    refused_posts: int = 0  # posts in a row with refused answers
+
+    def state(self, now: float) -> State:
+        if self.draining:
+            return "draining"
+        return self.out_why if self.out_until > now else "serving"
 
 
 @dataclass(frozen=True)
@@ -73,26 +89,66 @@ class WorkerRegistry:
         if self._sweeper is not None:
             self._sweeper.cancel()
 
-    async def heartbeat(self, hello: WorkerHello) -> None:
-        self._remember(hello)
+    # -- who a worker is -----------------------------------------------------------------------
 
-    def _remember(self, hello: WorkerHello, own: bool = True) -> None:
+    async def heartbeat(self, hello: WorkerHello, session: str) -> None:
+        self.check_claims(hello, session)
+        self._remember(hello, session)
+
+    def check_claims(self, hello: WorkerHello, session: str) -> None:
+        """Refuse a heartbeat under another worker's id, or for a model another checkpoint serves
+        or that is served with another card."""
+        known = self._live().get(hello.worker_id)
+        if known is not None and known.session != session:
+            raise Forbidden(f"worker id {hello.worker_id!r} is registered by another worker process", code="worker_session")
+        for model, card in hello.models.items():
+            for other in self._live().values():
+                theirs = other.hello.models.get(model)
+                if other.hello.worker_id == hello.worker_id or theirs is None:
+                    continue
+                same_card = (theirs.dimensions, theirs.max_input_tokens) == (card.dimensions, card.max_input_tokens)
+                if other.hello.checkpoint_name != hello.checkpoint_name or not same_card:
+                    log.warning(
+                        "refused worker %s: it claims model %s (checkpoint %s, %d dimensions) that worker %s serves "
+                        "(checkpoint %s, %d dimensions)",
+                        hello.worker_id,
+                        model,
+                        hello.checkpoint_name,
+                        card.dimensions,
+                        other.hello.worker_id,
+                        other.hello.checkpoint_name,
+                        theirs.dimensions,
+                    )
+                    raise Conflict(
+                        f"model {model!r} is served by checkpoint {other.hello.checkpoint_name!r} with {theirs.dimensions} "
+                        f"dimensions and {theirs.max_input_tokens} tokens; this worker (checkpoint {hello.checkpoint_name!r}, "
+                        f"{card.dimensions} dimensions, {card.max_input_tokens} tokens) cannot serve it too: "
+                        "give it another model name",
+                        code="model_conflict",
+                    )
+
+    def _remember(self, hello: WorkerHello, session: str, own: bool = True) -> None:
         known = self._workers.get(hello.worker_id)
         if known is None:
-            self._workers[hello.worker_id] = _Worker(hello, self._clock(), own=own)
+            self._workers[hello.worker_id] = _Worker(hello, session, self._clock(), own=own)
         else:
             known.hello, known.last_seen, known.own = hello, self._clock(), own
         for model in hello.models:
             self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
             self._first_seen.setdefault(model, time.time())
 
-    async def touch(self, worker_id: str) -> WorkerHello:
-        """Mark a worker alive and return what it registered; UnknownWorker if it is not."""
+    async def touch(self, worker_id: str, session: str) -> WorkerHello:
+        """Mark a worker alive and return what it registered; UnknownWorker if it is not, and 403
+        if the caller is not the worker that registered it."""
         worker = self._live().get(worker_id)
         if worker is None:
             raise UnknownWorker(worker_id)
+        if worker.session != session:
+            raise Forbidden(f"worker {worker_id!r} is registered by another worker process", code="worker_session")
         worker.last_seen = self._clock()
         return worker.hello
+
+    # -- its state -------------------------------------------------------------------------------
 
     async def drain(self, worker_id: str) -> None:
         """It is stopping: no more jobs for it (its pending long-poll ends now)."""
@@ -122,25 +178,46 @@ class WorkerRegistry:
         return worker.leaving
 
     async def mark_stuck(self, worker_id: str) -> None:
-        """Its lease expired unanswered: out of rotation for stuck_s, or until it posts."""
+        """Its lease expired unanswered: out of rotation for stuck_s, or until it answers."""
+        await self._sit_out(worker_id, "stuck")
+
+    async def note_post(self, worker_id: str, refused: bool) -> None:
+        """It answered: a stuck worker is moving again; one whose answers keep being refused is faulty."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        worker.refused_posts = worker.refused_posts + 1 if refused else 0
+        if worker.refused_posts >= FAULTY_AFTER:
+            worker.refused_posts = 0
+            await self._sit_out(worker_id, "faulty")
+        elif worker.state(self._clock()) == "stuck":
+            await self._back_in(worker_id)
+
+    async def _sit_out(self, worker_id: str, why: State) -> None:
         worker = self._workers.get(worker_id)
         if worker is not None:
-            if not self.is_stuck(worker_id):
+            if worker.state(self._clock()) != why:
                 log.warning(
-                    "worker %s let a lease expire: no leases for it for %gs, or until it answers", worker_id, self._stuck_s
+                    "worker %s is %s: no leases for it for %gs%s",
+                    worker_id,
+                    why,
+                    self._stuck_s,
+                    ", or until it answers" if why == "stuck" else "",
                 )
-            worker.stuck_until = self._clock() + self._stuck_s
+            worker.out_until, worker.out_why = self._clock() + self._stuck_s, why
 
-    async def mark_serving(self, worker_id: str) -> None:
-        """It answered: back in rotation (a no-op unless it was stuck)."""
-        worker = self._workers.get(worker_id)
-        if worker is not None and worker.stuck_until:
-            worker.stuck_until = 0.0
-            log.info("worker %s answered again: back in rotation", worker_id)
+    async def _back_in(self, worker_id: str) -> None:
+        worker = self._workers[worker_id]
+        worker.out_until, worker.out_why = 0.0, "serving"
+        log.info("worker %s answered again: back in rotation", worker_id)
 
-    def is_stuck(self, worker_id: str) -> bool:
+    def state(self, worker_id: str) -> State:
         worker = self._workers.get(worker_id)
-        return worker is not None and worker.stuck_until > self._clock()
+        if worker is None:
+            raise UnknownWorker(worker_id)
+        return worker.state(self._clock())
+
+    # -- what it serves --------------------------------------------------------------------------
 
     def routes(self, own_only: bool = False) -> dict[str, Route]:
         """Every model with a serving worker; the newest registration describes the model.
@@ -154,15 +231,16 @@ class WorkerRegistry:
                 routes[name] = Route(name, worker.hello.checkpoint_name, card, count, self._first_seen[name])
         return routes
 
-    async def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
-        """Where a request for ``model`` goes: a serving worker of it that carries all ``tags``."""
+    async def resolve(self, model: str, tags: frozenset[str] = frozenset(), visible: Callable[[str], bool] = bool) -> Route:
+        """Where a request for ``model`` goes: a serving worker of it that carries all ``tags``.
+        ``visible``: which models the caller may be told of, when it names an unknown one."""
         matching = [w for w in self._serving() if model in w.hello.models and tags <= set(w.hello.tags)]
         if matching:
             newest = matching[-1].hello
             return Route(model, newest.checkpoint_name, newest.models[model], len(matching), self._first_seen[model])
         served_with = self._ever_served.get(model)
         if served_with is None:
-            served = ", ".join(sorted(self.routes())) or "none right now"
+            served = ", ".join(sorted(filter(visible, self.routes()))) or "none right now"
             raise ModelNotFound(f"model {model!r} not found; served models: {served}", param="model")
         if any(tags <= seen for seen in served_with):
             raise NoLiveWorker(f"model {model!r} has no live worker right now; try again later", param="model")
@@ -185,10 +263,9 @@ class WorkerRegistry:
         return len(self._live())
 
     def _serving(self) -> list[_Worker]:
-        """Live workers that are neither stuck nor draining, oldest heartbeat first."""
+        """Live workers that are neither draining nor sitting out, oldest heartbeat first."""
         now = self._clock()
-        serving = (w for w in self._live().values() if w.stuck_until <= now and not w.draining)
-        return sorted(serving, key=lambda w: w.last_seen)
+        return sorted((w for w in self._live().values() if w.state(now) == "serving"), key=lambda w: w.last_seen)
 
     def _live(self) -> dict[str, _Worker]:
         cutoff = self._clock() - self._ttl_s

@@ -2,11 +2,11 @@
 
 Each replica keeps the view of ``local.py`` for the request path and syncs it:
 
-    P:w:<worker>     string  the worker's WorkerHello, the replica its last heartbeat came to, and
-                             whether it drains; expiring worker_ttl_s after its last call (any
-                             replica refreshes it)
+    P:w:<worker>     string  the worker's WorkerHello, the SHA-256 of its session secret, the replica
+                             its last heartbeat came to, and whether it drains; expiring
+                             worker_ttl_s after its last call (any replica refreshes it)
     P:workers        set     worker ids, pruned of those whose record expired
-    P:stuck:<worker> string  present (holding until when, wall clock) while the worker is stuck
+    P:out:<worker>   string  present while the worker sits out: until when (wall clock), and why
     P:first_seen     hash    model -> wall-clock time a worker first served it
     P:tagsets:<m>    set     tag sets (JSON) model m was ever served with
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -30,7 +31,7 @@ from contract.messages import WorkerHello
 from gateway.errors import ApiError
 from gateway.queue import QueueUnavailable
 from gateway.redis_link import DOWN, RedisLink, text, unless_cancelled
-from gateway.registry.local import Route, UnknownWorker, WorkerRegistry
+from gateway.registry.local import Route, State, UnknownWorker, WorkerRegistry
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
@@ -55,13 +56,18 @@ class RedisRegistry(WorkerRegistry):
             if task is not None:
                 task.cancel()
 
-    async def heartbeat(self, hello: WorkerHello) -> None:
+    def _record(self, hello: WorkerHello, session: str, draining: bool) -> bytes:
+        return orjson.dumps({"hello": hello.model_dump(), "session": session, "via": self._link.replica, "draining": draining})
+
+    async def heartbeat(self, hello: WorkerHello, session: str) -> None:
+        if hello.worker_id not in self._workers:
+            await self._refresh_on_miss()  # its claims are checked against every replica's workers
+        self.check_claims(hello, session)
         new_models = [m for m in hello.models if frozenset(hello.tags) not in self._ever_served.get(m, set())]
-        self._remember(hello)
+        self._remember(hello, session)
         link = self._link
         async with link.redis.pipeline(transaction=False) as pipe:
-            record = orjson.dumps({"hello": hello.model_dump(), "via": link.replica, "draining": False})
-            pipe.set(link.key("w", hello.worker_id), record, px=self._ttl_ms)
+            pipe.set(link.key("w", hello.worker_id), self._record(hello, session, draining=False), px=self._ttl_ms)
             pipe.sadd(link.key("workers"), hello.worker_id)
             for model in new_models:
                 pipe.hsetnx(link.key("first_seen"), model, time.time())
@@ -69,12 +75,12 @@ class RedisRegistry(WorkerRegistry):
             await _or_503(pipe.execute())
         self._written[hello.worker_id] = time.monotonic()
 
-    async def touch(self, worker_id: str) -> WorkerHello:
+    async def touch(self, worker_id: str, session: str) -> WorkerHello:
         try:
-            hello = await super().touch(worker_id)
+            hello = await super().touch(worker_id, session)
         except UnknownWorker:
             await self._refresh_on_miss()  # it may have registered through another replica
-            hello = await super().touch(worker_id)
+            hello = await super().touch(worker_id, session)
         now = time.monotonic()
         if now - self._written.get(worker_id, 0.0) > self._ttl_s / 4:
             if not await _or_503(self._link.redis.pexpire(self._link.key("w", worker_id), self._ttl_ms)):
@@ -88,7 +94,7 @@ class RedisRegistry(WorkerRegistry):
         self._written.pop(worker_id, None)
         link = self._link
         async with link.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(link.key("w", worker_id), link.key("stuck", worker_id))
+            pipe.delete(link.key("w", worker_id), link.key("out", worker_id))
             pipe.srem(link.key("workers"), worker_id)
             link.event_command(pipe, "leave", worker_id)
             await _or_503(pipe.execute())
@@ -100,29 +106,27 @@ class RedisRegistry(WorkerRegistry):
         if worker is None:
             return
         link = self._link
-        record = orjson.dumps({"hello": worker.hello.model_dump(), "via": link.replica, "draining": True})
         async with link.redis.pipeline(transaction=False) as pipe:
-            pipe.set(link.key("w", worker_id), record, xx=True, keepttl=True)
+            pipe.set(link.key("w", worker_id), self._record(worker.hello, worker.session, draining=True), xx=True, keepttl=True)
             link.event_command(pipe, "drain", worker_id)
             await _or_503(pipe.execute())
 
-    async def mark_stuck(self, worker_id: str) -> None:
-        await super().mark_stuck(worker_id)
-        until = time.time() + self._stuck_s
-        await _or_503(self._link.redis.set(self._link.key("stuck", worker_id), until, px=int(self._stuck_s * 1000)))
+    async def _sit_out(self, worker_id: str, why: State) -> None:
+        await super()._sit_out(worker_id, why)
+        out = orjson.dumps({"until": time.time() + self._stuck_s, "why": why})
+        await _or_503(self._link.redis.set(self._link.key("out", worker_id), out, px=int(self._stuck_s * 1000)))
 
-    async def mark_serving(self, worker_id: str) -> None:
-        if self.is_stuck(worker_id):
-            await super().mark_serving(worker_id)
-            await _or_503(self._link.redis.delete(self._link.key("stuck", worker_id)))
+    async def _back_in(self, worker_id: str) -> None:
+        await super()._back_in(worker_id)
+        await _or_503(self._link.redis.delete(self._link.key("out", worker_id)))
 
-    async def resolve(self, model: str, tags: frozenset[str] = frozenset()) -> Route:
+    async def resolve(self, model: str, tags: frozenset[str] = frozenset(), visible: Callable[[str], bool] = bool) -> Route:
         try:
-            return await super().resolve(model, tags)
+            return await super().resolve(model, tags, visible)
         except ApiError:
             if not await self._refresh_on_miss():  # "not found" would be a guess: say what is wrong
                 raise QueueUnavailable("the worker registry (Redis) is unreachable") from None
-            return await super().resolve(model, tags)
+            return await super().resolve(model, tags, visible)
 
     async def _refresh_on_miss(self) -> bool:
         """Reload the view from Redis, by a refresh that started after this call (concurrent
@@ -155,7 +159,7 @@ class RedisRegistry(WorkerRegistry):
         started, started_at = self._clock(), time.monotonic()
         ids = sorted(text(i) for i in await link.redis.smembers(link.key("workers")))
         records = await link.redis.mget([link.key("w", i) for i in ids]) if ids else []
-        stuck = await link.redis.mget([link.key("stuck", i) for i in ids]) if ids else []
+        outs = await link.redis.mget([link.key("out", i) for i in ids]) if ids else []
         first_seen = await link.redis.hgetall(link.key("first_seen"))
         async with link.redis.pipeline(transaction=False) as pipe:
             for model in first_seen:
@@ -165,14 +169,16 @@ class RedisRegistry(WorkerRegistry):
         if gone:
             await link.redis.srem(link.key("workers"), *gone)
         live: set[str] = set()
-        for record, until in zip(records, stuck):
+        for record, out in zip(records, outs):
             if record is None:
                 continue
             found = orjson.loads(record)
             hello = WorkerHello.model_validate(found["hello"])
-            self._remember(hello, own=found["via"] == link.replica)
+            self._remember(hello, found["session"], own=found["via"] == link.replica)
             worker = self._workers[hello.worker_id]
-            worker.stuck_until = started + float(until) - time.time() if until else 0.0
+            sitting = orjson.loads(out) if out else None
+            worker.out_until = started + sitting["until"] - time.time() if sitting else 0.0
+            worker.out_why = sitting["why"] if sitting else "serving"
             if found.get("draining"):
                 self._draining(hello.worker_id)
             live.add(hello.worker_id)

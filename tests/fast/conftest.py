@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from contract.frames import encode_results
+from contract.messages import RESULTS_CONTENT_TYPE, SESSION_HEADER, JobResult, ResultsHeader
 from gateway.app import create_app
 from gateway.settings import load_settings
 from tests.fakes import fake_worker_config
@@ -23,7 +27,7 @@ from worker.engines import FakeEngine
 from worker.metrics import WorkerMetrics
 from worker.runner import Worker
 
-URL = "http://gateway"
+URL = "http://127.0.0.1:8080"  # a loopback name: the dev-mode gateway answers only those
 
 
 @pytest.fixture
@@ -109,11 +113,42 @@ class Gateway:
     async def close(self) -> None:
         for fake in self.workers:
             fake.stop.set()
+            fake.engine.close()  # a hung engine's thread ends, or the loop could not shut down
         for fake in self.workers:
             if fake.task is not None and not fake.task.done():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(fake.task, 5)
         await self.client.aclose()
+
+
+class HandWorker:
+    """A worker that speaks the protocol by hand, and says whatever a test wants it to."""
+
+    def __init__(self, gateway: Gateway, worker_id: str = "hand", checkpoint: str = "fake-model", dims: int = 16,
+                 model: str = "fake-model", session: str | None = None):  # fmt: skip
+        self.gateway, self.id, self.checkpoint, self.dims, self.model = gateway, worker_id, checkpoint, dims, model
+        self.session = session or secrets.token_hex(16)
+
+    async def call(self, path: str, **kwargs):
+        headers = {SESSION_HEADER: self.session, **kwargs.pop("headers", {})}
+        return await self.gateway.client.post("/internal/v1" + path, headers=headers, **kwargs)
+
+    async def register(self, **card):
+        hello = {"worker_id": self.id, "checkpoint_name": self.checkpoint, "max_batch_items": 64,
+                 "models": {self.model: {"max_input_tokens": 64, "dimensions": self.dims, **card}}}  # fmt: skip
+        return await self.call("/workers/heartbeat", json=hello)
+
+    async def lease(self, wait_s: float = 5, hold_s: float = 1.0):
+        request = {"worker_id": self.id, "max_items": 64, "wait_s": wait_s, "hold_s": hold_s}
+        response = await self.call("/lease", json=request)
+        assert response.status_code == 200, response.text
+        return response.json()["jobs"]
+
+    async def post(self, answers: list[tuple[dict, np.ndarray, list[int]]], worker_id: str | None = None):
+        results = [JobResult(job_id=job["job_id"], lease_id=job["lease_id"], rows=m.shape[0], dims=m.shape[1],
+                             prompt_tokens=tokens) for job, m, tokens in answers]  # fmt: skip
+        frame = encode_results(ResultsHeader(worker_id=worker_id or self.id, results=results), [m for _, m, _ in answers])
+        return await self.call("/results", content=frame, headers={"Content-Type": RESULTS_CONTENT_TYPE})
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from gateway.app import create_app
 from gateway.keys import SqliteKeyStore
 from gateway.settings import load_settings
 from tests.fakes import fake_worker_config, metric
-from tests.fast.conftest import running
+from tests.fast.conftest import HandWorker, running
 from worker.__main__ import serve
 from worker.config import parse_config
 
@@ -63,16 +63,10 @@ async def test_errors_are_answered_without_a_worker_thread():
 async def test_retry_after_follows_the_setting_when_draining_and_when_attempts_run_out():
     env = {"EMBEDQ_RETRY_AFTER_S": "7", "EMBEDQ_MAX_ATTEMPTS": "1", "EMBEDQ_LEASE_TTL_S": "1"}
     async with running(env) as gateway:
-        hello = {
-            "worker_id": "w-silent",
-            "checkpoint_name": "fake-model",
-            "max_batch_items": 8,
-            "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}},
-        }
-        assert (await gateway.client.post("/internal/v1/workers/heartbeat", json=hello)).status_code == 200
+        silent = HandWorker(gateway, "w-silent")
+        assert (await silent.register()).status_code == 200
         request = asyncio.create_task(gateway.embed("taken and never answered"))
-        leased = await gateway.client.post("/internal/v1/lease", json={"worker_id": "w-silent", "max_items": 8, "wait_s": 5})
-        assert len(leased.json()["jobs"]) == 1
+        assert len(await silent.lease()) == 1
         exhausted = await request
         gateway.app.state.draining = True
         draining = await gateway.embed("too late")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.fakes import expected, metric
-from tests.fast.conftest import Gateway, running
+from tests.fast.conftest import Gateway, HandWorker, running
 from worker.pace import HOLD_MARGIN_S, HOLD_SLACK, EnginePace
 
 pytestmark = pytest.mark.anyio
@@ -54,18 +54,12 @@ async def test_a_vanished_workers_jobs_are_answered_by_another_once_the_registry
 
 async def test_a_leaving_workers_leases_go_back_at_once():
     async with running() as gateway:
-        hello = {
-            "worker_id": "w-leaving",
-            "checkpoint_name": "fake-model",
-            "max_batch_items": 8,
-            "models": {"fake-model": {"max_input_tokens": 64, "dimensions": 16}},
-        }
-        await gateway.client.post("/internal/v1/workers/heartbeat", json=hello)
+        leaving = HandWorker(gateway, "w-leaving")
+        await leaving.register()
         request = asyncio.create_task(gateway.embed(["held, then given up"]))
-        leased = await gateway.client.post("/internal/v1/lease", json={"worker_id": "w-leaving", "max_items": 8, "wait_s": 5})
-        assert len(leased.json()["jobs"]) == 1
+        assert len(await leaving.lease(hold_s=30)) == 1
         await gateway.worker()  # a healthy worker, for when the job comes back
-        await gateway.client.post("/internal/v1/workers/leave", json={"worker_id": "w-leaving"})
+        await leaving.call("/workers/leave", json={"worker_id": "w-leaving"})
         response = await asyncio.wait_for(request, 3)  # not the 30 s of its lease
     assert response.status_code == 200
 
@@ -78,7 +72,7 @@ async def test_a_worker_whose_engine_hangs_loses_its_jobs_and_sits_out():
         await gateway.worker(delay_s=0.05)
         outcomes = await _load(gateway, clients=8, requests_each=4)
         models = (await gateway.client.get("/v1/models")).json()
-        stuck = gateway.app.state.workers.is_stuck(hung.id)
+        stuck = gateway.app.state.workers.state(hung.id) == "stuck"
         metrics = await gateway.metrics()
         hung.engine.close()  # lets its thread end
     expired = metric(metrics, 'embedq_gateway_leases_reclaimed_total{action="requeued",reason="expired"}')

@@ -73,6 +73,8 @@ def test_the_four_input_shapes(raw, expected, single):
         ([[1], "a"], WrongType, "input[1]"),
         ([[1], []], InvalidRequest, "input[1]"),
         ([[1, -1]], InvalidRequest, "input[0]"),
+        ([[1] * 131_073], InvalidRequest, "input[0]"),  # beyond any model's context: refused before its ids are read
+        ([1] * 131_073, InvalidRequest, "input"),
         ([2**40], InvalidRequest, "input"),
         ([True, False], WrongType, "input[0]"),
         ([None], WrongType, "input[0]"),

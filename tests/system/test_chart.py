@@ -127,6 +127,23 @@ def test_selectors_select_what_they_should(helm, values):
         assert "replicas" not in target["spec"]  # KEDA owns the replica count
 
 
+def test_the_ingress_routes_the_client_api_and_never_metrics_or_the_worker_protocol(helm):
+    (ingress,) = of_kind(render(helm, "ci/multi-model-gpu-values.yaml"), "Ingress")
+    paths = {p["path"]: p["pathType"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths["/v1/"] == "Prefix" and paths["/api/"] == "Prefix" and paths["/embeddings"] == "Exact"
+    assert not [p for p in paths if p.startswith(("/metrics", "/internal"))], paths
+    assert paths.get("/") == "Exact"  # Ollama's probe of the root, not everything under it
+
+
+def test_a_metrics_token_is_given_to_the_gateway_and_its_monitor_from_a_secret(helm):
+    docs = render(helm, "ci/autoscaling-monitoring-values.yaml")
+    gateway = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway")
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EMBEDQ_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "embedq-metrics-token"
+    monitor = next(m for m in of_kind(docs, "ServiceMonitor") if "gateway" in m["metadata"]["name"])
+    assert monitor["spec"]["endpoints"][0]["bearerTokenSecret"]["name"] == "embedq-metrics-token"
+
+
 def test_gpu_count_is_tensor_times_pipeline_parallel_size(helm):
     values = "ci/multi-model-gpu-values.yaml"
     deployments = {d["metadata"]["name"]: d for d in of_kind(render(helm, values), "Deployment")}

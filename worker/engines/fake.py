@@ -27,6 +27,7 @@ class FakeEngine(Engine):
         self._delay_s = generator.delay_s
         self._dead_after = generator.dead_after_batches
         self._hang_after = generator.hang_after_batches
+        self._wrong_kind = generator.wrong
         self._closed = threading.Event()  # a hung call ends when the engine is closed
         self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
         self.batches = 0  # how many engine calls were made
@@ -56,6 +57,15 @@ class FakeEngine(Engine):
         x ^= x >> np.uint64(31)
         out = (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23) - np.float32(1.0)  # uniform in [-1, 1)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return self._wrong(out)
+
+    def _wrong(self, out: np.ndarray) -> np.ndarray:
+        if self._wrong_kind == "nan":
+            out[:, 0] = np.nan
+        elif self._wrong_kind == "dims":
+            out = out[:, : max(1, out.shape[1] // 2)]
+        elif self._wrong_kind == "rows" and len(out) > 1:
+            out = out[:-1]
         return out
 
     def close(self) -> None:
