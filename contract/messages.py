@@ -23,6 +23,10 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@+-]{1,64}$")]
 
 # A job input is text or a list of token ids.
 JobInput = str | list[int]
+# What a model's worker does natively: embed (an embedding model), score (a cross-encoder), and
+# tokenize (every model: its own tokenizer).
+Task = Literal["embed", "score", "tokenize"]
+JobKind = Literal["embed", "score", "tokenize", "detokenize"]
 
 
 class _Strict(BaseModel):
@@ -37,6 +41,11 @@ class ModelCard(_Strict):
     dimensions: int = Field(gt=0, le=65536)
     matryoshka_dimensions: list[int] = []  # smaller sizes the vectors may be cut to
     truncate: bool = False  # truncate over-long inputs unless a request says otherwise
+    tasks: list[Task] = ["embed", "tokenize"]
+    # Named prompts (e.g. "query": "query: "): the gateway puts one before each text a request asks
+    # it for (input_type, prompt_name); their tokens count in prompt_tokens.
+    prompts: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=4096)]] = {}
+    chunked: bool = False  # over-long inputs are embedded in context-sized chunks and averaged, not refused
 
 
 class WorkerHello(_Strict):
@@ -78,11 +87,17 @@ class LeaseRequest(_Strict):
 
 
 class Job(_Strict):
+    """embed: ``inputs`` are texts or token ids; tokenize: texts; detokenize: token ids; score:
+    ``inputs`` are the first text of each pair, ``pairs_with`` the second."""
+
     job_id: str
     lease_id: str
     model: str
+    kind: JobKind = "embed"
     inputs: list[JobInput] = Field(min_length=1)
+    pairs_with: list[str] = []
     truncate: bool = False  # cut over-long inputs to the model's limit instead of failing
+    special_tokens: bool = True  # tokenize: with the model's special tokens (as embedding counts them)
 
 
 class LeaseReply(_Strict):
@@ -93,13 +108,17 @@ class JobResult(_Strict):
     job_id: str
     lease_id: str
     rows: int = Field(gt=0)
-    dims: int = Field(gt=0)
+    dims: int = Field(ge=0)  # embed: the vectors' size; score: 1; (de)tokenize: 0, no matrix
     prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]
+    token_ids: list[list[Annotated[int, Field(ge=0, lt=2**31)]]] | None = None  # tokenize
+    texts: list[str] | None = None  # detokenize
 
     @model_validator(mode="after")
-    def _one_count_per_row(self) -> JobResult:
-        if len(self.prompt_tokens) != self.rows:
-            raise ValueError(f"{self.rows} rows but {len(self.prompt_tokens)} prompt_tokens")
+    def _one_per_row(self) -> JobResult:
+        for name in ("prompt_tokens", "token_ids", "texts"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.rows:
+                raise ValueError(f"{self.rows} rows but {len(values)} {name}")
         return self
 
 

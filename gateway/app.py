@@ -18,8 +18,7 @@ from starlette.routing import Route
 
 from gateway import worker_endpoints
 from gateway.auth import Auth
-from gateway.dialects import ollama, openai
-from gateway.embeddings import EmbeddingService
+from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError, QueueDown
 from gateway.guard import BrowserGuard
 from gateway.http import ClientGone, error_response, json_response, render_error
@@ -31,6 +30,7 @@ from gateway.queue import JobQueue, MemoryStore, QueueUnavailable, Reason, Recla
 from gateway.queue.store import Store
 from gateway.redis_link import RedisLink, safe_url
 from gateway.registry import RedisRegistry, WorkerRegistry
+from gateway.service import Service
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -106,7 +106,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     workers.on_departed = departed
     registry.register(LiveStateCollector(queue, workers))
     keys = _key_store(settings)
-    embeddings = EmbeddingService(settings, queue, workers, gateway_metrics)
+    service = Service(settings, queue, workers, gateway_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -126,7 +126,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await link.start()
         await queue.start()
         await workers.start()
-        background = [asyncio.create_task(embeddings.fail_orphans_forever())]
+        background = [asyncio.create_task(service.fail_orphans_forever())]
         if keys is not None:
             background.append(asyncio.create_task(keys.run()))
         try:
@@ -144,6 +144,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
     routes = [
         *openai.routes,
         *ollama.routes,
+        *vllm.routes,
+        *cohere.routes,
         *worker_endpoints.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -166,7 +168,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.queue = queue
     app.state.workers = workers
     app.state.auth = Auth(settings, keys)
-    app.state.embeddings = embeddings
+    app.state.service = service
     app.state.draining = False  # set by the server on SIGTERM (server.py)
     app.state.in_flight = 0
     app.router.redirect_slashes = False  # Starlette's would send the client to the Host it named (http.render_error)

@@ -37,11 +37,11 @@ class Auth:
             return None
         presented = bearer(request)
         if not presented:
-            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+            raise Unauthorized("Incorrect API key provided: none was sent; send 'Authorization: Bearer <key>'")
         now = time.time()
         key = self._keys.lookup(presented)
         if key is None or not key.usable(now):
-            raise Unauthorized("the API key is not valid (unknown, revoked or expired)")
+            raise Unauthorized("Incorrect API key provided: it is unknown, revoked or expired")
         self._keys.touch(key, now)
         return key
 

@@ -26,11 +26,14 @@ class InvalidRequest(ApiError):
 
 
 class Unauthorized(ApiError):
+    # OpenAI's type and code; its message starts "Incorrect API key provided", which clients such as
+    # LiteLLM read to tell a bad key (AuthenticationError) from a bad request.
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
 class Forbidden(ApiError):
-    status, type, code = 403, "invalid_request_error", "forbidden"
+    # Not "invalid_request_error": clients (LiteLLM) read that as a bad request, not a refusal.
+    status, type, code = 403, "permission_error", "forbidden"
 
 
 class NotFound(ApiError):
@@ -62,9 +65,10 @@ class UnsupportedMediaType(ApiError):
 
 
 class WrongType(ApiError):
-    """A field is present but of the wrong JSON type."""
+    """A field is present but of the wrong JSON type: a 400, as OpenAI and Ollama answer (clients
+    catch it as a bad request), the ``code`` says which kind."""
 
-    status, type, code = 422, "invalid_request_error", "invalid_type"
+    status, type, code = 400, "invalid_request_error", "invalid_type"
 
 
 class Overloaded(ApiError):

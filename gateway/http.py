@@ -1,8 +1,8 @@
 """HTTP plumbing shared by all routes: capped bodies, disconnects, and error rendering.
 
 Errors are rendered in one place, in the shape of the dialect the client called: OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` everywhere except Ollama's ``/api/``
-paths, which answer ``{"error": "..."}``.
+``{"error": {"message", "type", "param", "code"}}`` everywhere except Ollama's ``/api/`` paths,
+which answer ``{"error": "..."}``, and Cohere's ``/v2/`` ones, ``{"message": "..."}``.
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def error_response(path: str, error: ApiError) -> Response:
     """The error in the shape of the dialect that was called."""
     if path.startswith("/api/"):
         body: dict = {"error": error.message}
+    elif path.startswith("/v2/"):
+        body = {"message": error.message}  # Cohere's
     else:
         body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
     return json_response(body, status=error.status, headers=error.headers)

@@ -10,10 +10,12 @@ from pydantic.json_schema import models_json_schema
 from gateway.dialects import schemas as p
 
 ERRORS = {
-    400: "invalid request",
+    400: "invalid request: a missing field, a wrong type or value",
+    401: "no valid API key",
+    403: "a model outside the key's scope, or a cross-site origin",
     404: "unknown model or path",
     413: "body too large",
-    422: "a field of the wrong type",
+    415: "not JSON",
     429: "overloaded",
     500: "the engine failed",
     503: "no live worker",
@@ -45,51 +47,58 @@ def _operation(
 
 
 def openapi_document(version: str) -> dict[str, Any]:
-    requests: list[type[BaseModel]] = [p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest]
+    requests: list[type[BaseModel]] = [
+        p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest, p.RerankRequest, p.ScoreRequest,
+        p.TokenizeRequest, p.DetokenizeRequest,
+    ]  # fmt: skip
     responses: list[type[BaseModel]] = [
-        p.EmbeddingsResponse,
-        p.ModelList,
-        p.ErrorResponse,
-        p.OllamaEmbedResponse,
-        p.OllamaEmbeddingsResponse,
-        p.OllamaTags,
-        p.OllamaError,
-    ]
+        p.EmbeddingsResponse, p.ModelList, p.ModelObject, p.ErrorResponse, p.OllamaEmbedResponse, p.OllamaEmbeddingsResponse,
+        p.OllamaTags, p.OllamaError, p.RerankResponse, p.CohereRerankResponse, p.ScoreResponse, p.TokenizeResponse,
+        p.DetokenizeResponse,
+    ]  # fmt: skip
     modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         *((m, "validation") for m in requests),
         *((m, "serialization") for m in responses),
     ]
-    _, schemas = models_json_schema(
-        modes,
-        ref_template="#/components/schemas/{model}",
-    )
+    _, schemas = models_json_schema(modes, ref_template="#/components/schemas/{model}")
     embeddings = _operation("Create embeddings (OpenAI)", p.EmbeddingsResponse, p.ErrorResponse, p.EmbeddingsRequest)
     models = _operation("Models with a live worker (OpenAI)", p.ModelList, p.ErrorResponse)
+    model = _operation("One model (OpenAI)", p.ModelObject, p.ErrorResponse)
+    rerank = _operation("Rerank documents (Jina, vLLM)", p.RerankResponse, p.ErrorResponse, p.RerankRequest)
+    score = _operation("Score pairs of texts (vLLM)", p.ScoreResponse, p.ErrorResponse, p.ScoreRequest)
+    cohere = _operation("Rerank documents (Cohere v2)", p.CohereRerankResponse, p.ErrorResponse, p.RerankRequest)
+    tokenize = _operation("Tokenize (vLLM)", p.TokenizeResponse, p.ErrorResponse, p.TokenizeRequest)
+    detokenize = _operation("Detokenize (vLLM)", p.DetokenizeResponse, p.ErrorResponse, p.DetokenizeRequest)
+    embed = _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)
+    legacy = _operation("One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError, p.OllamaEmbeddingsRequest)
+    health = {"summary": "Liveness", "responses": {"200": {"description": "the gateway is up"}}}
+    metrics = {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "embedq gateway",
             "version": version,
-            "description": "OpenAI, Ollama and Aleph Alpha embeddings in front of a queue of vLLM workers.",
+            "description": "OpenAI, Ollama, Aleph Alpha, Jina, Cohere and vLLM calls in front of a queue of vLLM workers.",
         },
         "paths": {
             "/v1/embeddings": {"post": embeddings},
             "/embeddings": {"post": {**embeddings, "summary": "Create embeddings (OpenAI; the Aleph Alpha client's path)"}},
             "/v1/models": {"get": models},
             "/models": {"get": models},
-            "/api/embed": {
-                "post": _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)
-            },
-            "/api/embeddings": {
-                "post": _operation(
-                    "One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError, p.OllamaEmbeddingsRequest
-                )
-            },
+            "/v1/models/{id}": {"get": model},
+            "/v1/rerank": {"post": rerank},
+            "/rerank": {"post": rerank},
+            "/v2/rerank": {"post": cohere},
+            "/score": {"post": score},
+            "/v1/score": {"post": score},
+            "/tokenize": {"post": tokenize},
+            "/detokenize": {"post": detokenize},
+            "/api/embed": {"post": embed},
+            "/api/embeddings": {"post": legacy},
             "/api/tags": {"get": _operation("Served models (Ollama)", p.OllamaTags, p.OllamaError)},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "the gateway is up"}}}},
-            "/metrics": {
-                "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}
-            },
+            "/api/ps": {"get": _operation("Loaded models (Ollama): every served one", p.OllamaTags, p.OllamaError)},
+            "/health": {"get": health},
+            "/metrics": {"get": metrics},
         },
         "components": {"schemas": schemas.get("$defs", {})},
-    }
+    }  # fmt: skip

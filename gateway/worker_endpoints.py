@@ -146,7 +146,9 @@ async def results(request: Request) -> Response:
         header, matrices = decode_results(frame)
     except (FrameError, ValidationError) as exc:
         raise InvalidRequest(f"bad results frame: {exc}") from None
-    answers: list[Answer] = [(r.job_id, r.lease_id, JobDone(m, r.prompt_tokens)) for r, m in zip(header.results, matrices)]
+    answers: list[Answer] = [
+        (r.job_id, r.lease_id, JobDone(m, r.prompt_tokens, r.token_ids, r.texts)) for r, m in zip(header.results, matrices)
+    ]
     return await _answered(request, header.worker_id, answers)
 
 
@@ -159,8 +161,8 @@ async def errors(request: Request) -> Response:
 async def _answered(request: Request, worker_id: str, answers: list[Answer]) -> Response:
     state = request.app.state
     hello = await _touch(request, worker_id)
-    card = next(iter(hello.models.values()))  # a worker's models share one engine: one size
-    settled = await state.queue.answer(worker_id, answers, Expect(card.dimensions, card.max_input_tokens))
+    card = next(iter(hello.models.values()))  # a worker's models share one engine: one context
+    settled = await state.queue.answer(worker_id, answers, Expect(None if card.chunked else card.max_input_tokens))
     if settled.refused:
         problems = sorted(set(settled.refused.values()))
         log.warning("refused %d answers from worker %s: %s", len(settled.refused), worker_id, "; ".join(problems))

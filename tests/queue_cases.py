@@ -63,14 +63,14 @@ def done(rows: int, value: float = 1.0) -> JobDone:
 
 
 def specs(*sizes: int, tokens: int = 0) -> list[JobSpec]:
-    return [JobSpec("m", [f"text {i}" for i in range(n)], tokens=tokens) for n in sizes]
+    return [JobSpec("m", [f"text {i}" for i in range(n)], tokens=tokens, width=2) for n in sizes]  # what done() answers
 
 
 async def lease(queue: JobQueue, worker: str = W, max_items: int = 10, wait_s: float = 1.0, **options):
     return await queue.lease("k", worker, max_items=max_items, wait_s=wait_s, **options)
 
 
-EXPECT = Expect(dimensions=2, max_input_tokens=64)  # what done() answers
+EXPECT = Expect(max_tokens=64)
 
 
 async def answer(queue: JobQueue, job, outcome, worker: str = W) -> bool:
@@ -345,7 +345,7 @@ async def test_an_answer_that_does_not_fit_its_job_is_refused_and_the_job_goes_b
     run = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
     (job,) = await lease(queue)
     settled = await queue.answer(W, [(job.job_id, job.lease_id, done(1))], EXPECT)  # one row for two inputs
-    assert (settled.accepted, settled.refused) == (0, {job.job_id: "not one row per input"})
+    assert (settled.accepted, settled.refused) == (0, {job.job_id: "not one row per input, of the job's width"})
     (again,) = await lease(queue, OTHER, wait_s=0)  # back in line at once
     assert again.job_id == job.job_id
     nan = JobDone(np.full((2, 2), np.nan, dtype=np.float32), [3, 3])

@@ -38,8 +38,9 @@ class VllmGenerator(_Table):
     max_num_seqs: int = Field(default=64, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
     tensor_parallel_size: int = Field(default=1, gt=0)
-    # vLLM >= 0.10 calls this runner="pooling"; "embed" is the only task an embedding service runs.
-    task: Literal["embed"] = "embed"
+    # vLLM >= 0.10 runs both on its pooling runner: "embed" an embedding model, "score" a
+    # cross-encoder (LLM.score; its models serve rerank and score, not embeddings).
+    task: Literal["embed", "score"] = "embed"
     # Additions. "auto": bfloat16 on a CPU that computes it natively, float32 on other CPUs, the
     # model's own on a GPU (worker/machine.py); an explicit value is honoured.
     dtype: DtypeName = "auto"
@@ -67,13 +68,14 @@ class FakeGenerator(_Table):
     # Wrong answers, as a broken engine or worker would give: a NaN in every vector, vectors of half
     # the size, or one row fewer than inputs asked for (the gateway must refuse each).
     wrong: Literal["", "nan", "dims", "rows"] = ""
+    task: Literal["embed", "score"] = "embed"  # "score": a fake cross-encoder
 
 
 Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]
 
 
 class EmbeddingTask(_Table):
-    supported: bool = True
+    supported: bool | None = None  # not said: as the generator's task (an embedding model embeds)
 
 
 class ModelEntry(_Table):
@@ -85,6 +87,11 @@ class ModelEntry(_Table):
     # Additions.
     matryoshka_dimensions: list[Annotated[int, Field(gt=0)]] = []  # sizes a request may ask for
     truncate: bool = False  # OpenAI requests truncate over-long inputs by default
+    # Named prompts a request picks by input_type or prompt_name, e.g. query = "query: "
+    prompts: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=4096)]] = {}
+    # Over-long inputs embedded in context-sized chunks and averaged (weighted by tokens), not
+    # refused: costs an engine input per chunk.
+    chunk_long_inputs: bool = False
 
 
 class QueueConfig(_Table):
@@ -158,9 +165,14 @@ class WorkerConfig(_Table):
     monitoring: MonitoringConfig = MonitoringConfig()
 
     @model_validator(mode="after")
-    def _embedding_models_only(self) -> WorkerConfig:
-        if not any(m.embedding_task.supported for m in self.queue.models.values()):
+    def _models_fit_the_task(self) -> WorkerConfig:
+        """An embedding model's entries may turn embedding off; a cross-encoder's cannot turn it on."""
+        supported = [m.embedding_task.supported for m in self.queue.models.values()]
+        if self.generator.task == "embed" and not any(s is not False for s in supported):
             raise ValueError("queue.models: no model has embedding_task.supported = true")
+        if self.generator.task == "score" and any(s is True for s in supported):
+            raise ValueError('queue.models: a cross-encoder (generator.task = "score") does not embed: '
+                             "set embedding_task.supported = false, or leave it out")  # fmt: skip
         return self
 
     def redacted(self) -> dict[str, Any]:

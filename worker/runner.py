@@ -76,6 +76,7 @@ class Worker:
         self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
         self._pace = EnginePace(self._lease_max_tokens or generator.max_num_seqs * engine.info.max_input_tokens)
         self._models = _model_cards(config, engine)  # what we serve never changes: built once
+        self._chunked = frozenset(name for name, model in config.queue.models.items() if model.chunk_long_inputs)
 
     def hello(self) -> WorkerHello:
         queue = self._config.queue
@@ -253,7 +254,7 @@ class Worker:
     async def _compute(self, jobs: list[Job]) -> BatchOutcome:
         self._pace.started()
         try:
-            outcome = await asyncio.to_thread(run_batch, self._engine, jobs)  # EngineDead: run() gives them back
+            outcome = await asyncio.to_thread(run_batch, self._engine, jobs, self._chunked)  # EngineDead: run() gives them back
         except BaseException:
             self._pace.finished(0)
             raise
@@ -304,25 +305,25 @@ class Worker:
 
 
 def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
-    """The embedding models of [queue.models], as the gateway is told of them."""
+    """The models of [queue.models], as the gateway is told of them: an embedding model's (those
+    not turned off), or a cross-encoder's, which scores pairs."""
     info, cards = engine.info, {}
     for name, model in config.queue.models.items():
-        if not model.embedding_task.supported:
+        if info.task == "embed" and model.embedding_task.supported is False:
             continue
         too_big = [d for d in model.matryoshka_dimensions if d >= info.dimensions]
         if too_big:
-            log.warning(
-                "queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
-                name,
-                too_big,
-                info.dimensions,
-            )
+            log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
+                        name, too_big, info.dimensions)  # fmt: skip
         cards[name] = ModelCard(
             description=model.description,
             max_input_tokens=info.max_input_tokens,
             dimensions=info.dimensions,
             matryoshka_dimensions=[d for d in model.matryoshka_dimensions if d not in too_big],
             truncate=model.truncate,
+            tasks=[info.task, "tokenize"],
+            prompts=model.prompts,
+            chunked=model.chunk_long_inputs,
         )
     return cards
 

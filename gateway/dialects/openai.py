@@ -7,19 +7,21 @@ with ``hosting`` and ``tags`` added.
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import numpy as np
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from contract.messages import JobInput
 from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, preview, validate
-from gateway.errors import InvalidRequest, WrongType
+from gateway.errors import InvalidRequest, ModelNotFound, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
+from gateway.registry import Route as ModelRoute
+from gateway.service import serves
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
@@ -31,15 +33,16 @@ async def create_embeddings(request: Request) -> Response:
     key = state.auth.client(request)  # before reading the body: strangers cost us nothing
     body = await read_json(request)
     req, inputs, single = await off_loop(len(body), _parse, body, state.settings.max_inputs)
-    route = await state.embeddings.route(req.model, key, frozenset(req.tags or ()))
-    work = state.embeddings.embed(
+    route = await state.service.route(req.model, key, frozenset(req.tags or ()))
+    work = state.service.embed(
         route,
         inputs,
         single=single,
+        key=key,
         dimensions=req.dimensions,
         truncate=req.truncate,
+        prompt=req.prompt_name or req.input_type,
         tags=frozenset(req.tags or ()),
-        key=key,
     )
     result = await unless_disconnected(request, work)
     return json_response(render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format))
@@ -47,13 +50,28 @@ async def create_embeddings(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     key = request.app.state.auth.client(request)
-    created = int(time.time())
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "embedq"}
-        for name in sorted(request.app.state.workers.routes())
-        if key is None or key.allows(name)
-    ]
+    routes = request.app.state.workers.routes()
+    data = [_model(routes[name]) for name in sorted(routes) if key is None or key.allows(name)]
     return json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{id}``: what the openai client's ``models.retrieve`` asks."""
+    key = request.app.state.auth.client(request)
+    name = request.path_params["model"]
+    if not name:
+        raise HTTPException(404)  # "/v1/models/": the list, one slash too many (http.render_error redirects)
+    route = request.app.state.workers.routes().get(name)
+    if route is None or (key is not None and not key.allows(name)):
+        raise ModelNotFound(f"model {name!r} not found", param="model")
+    return json_response(_model(route))
+
+
+def _model(route: ModelRoute) -> dict[str, Any]:
+    """OpenAI's model object, with what a client must know to use the model."""
+    card = route.card
+    return {"id": route.model, "object": "model", "created": int(route.registered_at), "owned_by": "embedq",
+            "tasks": serves(route), "dimensions": card.dimensions, "max_input_tokens": card.max_input_tokens}  # fmt: skip
 
 
 def _parse(body: bytes, max_inputs: int) -> tuple[EmbeddingsRequest, list[JobInput], bool]:
@@ -162,4 +180,6 @@ routes = [
     Route("/embeddings", create_embeddings, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+    Route("/models/{model:path}", retrieve_model, methods=["GET"]),
 ]

@@ -1,8 +1,10 @@
-"""Public wire models, OpenAI's and Ollama's: what clients send and what they parse.
+"""Public wire models of every dialect (OpenAI, Ollama, Jina's and vLLM's rerank, score and
+tokenize, Cohere's rerank): what clients send and what they parse.
 
 Requests are tolerant (unknown fields ignored) but strict about types: a value of the wrong
-JSON type is a 422, a missing or invalid one a 400, each naming its field. Response models
-describe the answers for /openapi.json and for tests; handlers render answers with orjson.
+JSON type, a missing one or an invalid one is a 400 naming its field (``code`` says which:
+``invalid_type``, ``missing_field``, ``invalid_value``), as OpenAI and Ollama answer. Response
+models describe the answers for /openapi.json and for tests; handlers render answers with orjson.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class EmbeddingsRequest(_Request):
         default=None, description="Aleph Alpha: only workers carrying all these tags serve the request"
     )
     hosting: str | None = Field(default=None, description="Aleph Alpha: accepted and ignored")
+    input_type: str | None = Field(default=None, description="Cohere, vLLM: e.g. search_query picks the model's query prompt")
+    prompt_name: str | None = Field(default=None, description="TEI: the name of one of the model's prompts")
 
 
 class OllamaEmbedRequest(_Request):
@@ -50,6 +54,44 @@ class OllamaEmbedRequest(_Request):
     dimensions: int | None = Field(default=None, gt=0)
     keep_alive: Any = None  # accepted: workers keep their model loaded anyway
     options: dict[str, Any] | None = None  # accepted: sampling options mean nothing to an embedding
+
+
+class RerankRequest(_Request):
+    """Jina's and vLLM's ``POST /v1/rerank`` (and ``/rerank``); Cohere's ``POST /v2/rerank``
+    sends the same fields, less ``return_documents``."""
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    documents: list[Any] = Field(min_length=1, description='strings, or objects with a "text"')
+    top_n: int | None = Field(default=None, gt=0)
+    return_documents: bool = True
+    truncate: bool = Field(default=True, description="embedq extension: cut over-long documents; false: a 400")
+    max_tokens_per_doc: int | None = Field(default=None, gt=0, description="Cohere: accepted; documents are cut to the context")
+
+
+class ScoreRequest(_Request):
+    """vLLM's ``POST /score`` (and ``/v1/score``): one text against many, or pairwise."""
+
+    model: str = Field(min_length=1)
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate: bool = Field(default=True, description="embedq extension: cut over-long texts; false: a 400")
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``."""
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    add_special_tokens: bool = True
+    prompt_name: str | None = Field(default=None, description="TEI: tokenize with one of the model's prompts before it")
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str = Field(min_length=1)
+    tokens: list[int] = Field(min_length=1)
 
 
 class OllamaEmbeddingsRequest(_Request):
@@ -84,6 +126,9 @@ class ModelObject(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    tasks: list[str] = Field(description="embedq extension: embed, score (also rerank), tokenize")
+    dimensions: int = Field(description="embedq extension: the size of its vectors")
+    max_input_tokens: int = Field(description="embedq extension: its context")
 
 
 class ModelList(BaseModel):
@@ -134,6 +179,59 @@ class OllamaModel(BaseModel):
 
 class OllamaTags(BaseModel):
     models: list[OllamaModel]
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="most relevant first, top_n of them")
+    usage: RerankUsage
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[RerankResult]
+    meta: dict[str, Any]
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"]
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class OllamaError(BaseModel):

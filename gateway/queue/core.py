@@ -7,9 +7,9 @@ queued. Worker side, ``lease`` hands out batches (the fill window below), ``answ
 ``release`` take them back, ``release_worker`` returns a departed worker's leases at once, and
 an upkeep loop expires leases that outlived what their worker asked for.
 
-Answers are checked before any client sees them (``answer``): vectors of the model's size, every
-value finite, token counts within the model's context, a row per input, an error index within
-the job. An answer that fails is refused, and its job goes back in line for another worker.
+Answers are checked before any client sees them (``answer``): every value finite, token counts
+within the model's context, a row per input of the job's width (the model's size for vectors, one
+for scores), an error index within the job. An answer that fails is refused, and its job goes back in line for another worker.
 
 Lease length: a worker says how long it needs (``hold_s``, from its engine's measured pace);
 the core bounds that by ``lease_ttl_s`` (and uses the bound for a worker that has not measured
@@ -60,10 +60,10 @@ _REASONS: dict[Reason, str] = {
 
 @dataclass(frozen=True)
 class Expect:
-    """What every answer of a worker must look like: its model card's sizes."""
+    """What every answer of a worker must respect, whatever its job: the model's context (None:
+    the model embeds over-long inputs in chunks, so an input may count more tokens)."""
 
-    dimensions: int
-    max_input_tokens: int
+    max_tokens: int | None
 
 
 @dataclass
@@ -79,13 +79,11 @@ def problem(outcome: Outcome, expect: Expect) -> str | None:
     """What is wrong with an answer on its own (its fit to the job is the store's to check)."""
     if isinstance(outcome, JobFailed):
         return None
-    rows, dims = outcome.vectors.shape
-    if dims != expect.dimensions:
-        return f"{dims}-dimensional vectors from a {expect.dimensions}-dimensional model"
     if not np.isfinite(outcome.vectors).all():
         return "non-finite values (NaN or infinity)"
-    if any(not 0 < count <= expect.max_input_tokens for count in outcome.prompt_tokens):
-        return f"prompt_tokens outside 1..{expect.max_input_tokens}"
+    limit = expect.max_tokens if outcome.vectors.shape[1] > 0 else None  # a tokenizer counts beyond the context
+    if any(count <= 0 or (limit is not None and count > limit) for count in outcome.prompt_tokens):
+        return f"prompt_tokens outside 1..{limit}" if limit is not None else "prompt_tokens below 1"
     return None
 
 
@@ -224,9 +222,8 @@ class JobQueue:
             elif verdict is Verdict.STALE:
                 settled.stale += 1
             else:
-                settled.refused[job_id] = wrong.get(job_id) or (
-                    "not one row per input" if isinstance(outcome, JobDone) else "an input index outside the job"
-                )
+                misfit = "not one row per input, of the job's width" if isinstance(outcome, JobDone) else None
+                settled.refused[job_id] = wrong.get(job_id) or misfit or "an input index outside the job"
         return settled
 
     async def release(self, worker_id: str, refs: list[tuple[str, str]]) -> int:

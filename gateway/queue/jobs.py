@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from contract.messages import ErrorCode, Job, JobInput
+from contract.messages import ErrorCode, Job, JobInput, JobKind
 
 # Priority classes, served in this order; fair shares apply within a class.
 INTERACTIVE, DEFAULT, BATCH = 0, 1, 2
@@ -24,10 +24,15 @@ class JobSpec:
     truncate: bool = False
     tags: frozenset[str] = frozenset()  # only a worker carrying all of these may take the job
     tokens: int = 0  # estimated: a lease's token budget, and the job's cost in its tenant's share
+    kind: JobKind = "embed"
+    width: int = 0  # the columns its answer must have: the model's dimensions, 1 for scores, 0 for (de)tokenizing
+    pairs_with: list[str] = field(default_factory=list)  # score: the second text of each pair
+    special_tokens: bool = True  # tokenize: count the model's special tokens too
 
     def job_fields(self) -> dict[str, Any]:
         """What a worker is sent of this job, besides its ids."""
-        return {"model": self.model, "inputs": self.inputs, "truncate": self.truncate}
+        return {"model": self.model, "kind": self.kind, "inputs": self.inputs, "pairs_with": self.pairs_with,
+                "truncate": self.truncate, "special_tokens": self.special_tokens}  # fmt: skip
 
     def as_job(self, job_id: str, lease_id: str) -> Job:
         return Job.model_construct(job_id=job_id, lease_id=lease_id, **self.job_fields())  # built by us: no need to check
@@ -45,8 +50,10 @@ class Placement:
 
 @dataclass(frozen=True)
 class JobDone:
-    vectors: np.ndarray  # (len(inputs), dims) float32
+    vectors: np.ndarray  # (len(inputs), width) float32: embeddings, scores, or nothing (width 0)
     prompt_tokens: list[int]
+    token_ids: list[list[int]] | None = None  # tokenize
+    texts: list[str] | None = None  # detokenize
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ class MemoryStore(Store):
             entry = self._unlease(job_id, lease_id, worker_id)
             if entry is None:
                 verdicts.append(Verdict.STALE)
-            elif job_id in refused or not fits(len(entry.job.spec.inputs), outcome):
+            elif job_id in refused or not fits(len(entry.job.spec.inputs), entry.job.spec.width, outcome):
                 self._requeue_or_fail(entry, "refused", Reclaimed())
                 verdicts.append(Verdict.REFUSED)
             else:

@@ -87,6 +87,7 @@ class RedisStore(Store):
                 placement.priority,
                 placement.tenant,
                 placement.weight,
+                spec.width,
             ]
         with _unavailable():
             await self._scripts["ENQUEUE"](args=args)
@@ -134,7 +135,7 @@ class RedisStore(Store):
                 payload = b"" if wrong or job_id in self.core.pending else _encode(job_id, lease_id, worker_id, outcome)
                 kind, count = _shape(outcome)
                 args: list[Any] = [self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica, worker_id,
-                        "1" if wrong else "0", kind, count, self.max_attempts]  # fmt: skip
+                        "1" if wrong else "0", kind, count, self.max_attempts, _width(outcome)]  # fmt: skip
                 await script(args=args, client=pipe)
             with _unavailable():
                 stored = await pipe.execute()
@@ -282,6 +283,10 @@ def _unavailable() -> Iterator[None]:
         raise QueueUnavailable(f"the job queue (Redis) is unreachable: {exc}") from None
 
 
+def _width(outcome: Outcome) -> int:
+    return outcome.vectors.shape[1] if isinstance(outcome, JobDone) else 0
+
+
 def _shape(outcome: Outcome) -> tuple[str, int]:
     """What the ANSWER script checks against the job (see store.fits)."""
     if isinstance(outcome, JobDone):
@@ -293,7 +298,8 @@ def _encode(job_id: str, lease_id: str, worker_id: str, outcome: Outcome) -> byt
     if isinstance(outcome, JobFailed):
         return b"F" + orjson.dumps({"code": outcome.code, "message": outcome.message, "input_index": outcome.input_index})
     rows, dims = outcome.vectors.shape
-    result = JobResult(job_id=job_id, lease_id=lease_id, rows=rows, dims=dims, prompt_tokens=outcome.prompt_tokens)
+    result = JobResult(job_id=job_id, lease_id=lease_id, rows=rows, dims=dims, prompt_tokens=outcome.prompt_tokens,
+                       token_ids=outcome.token_ids, texts=outcome.texts)  # fmt: skip
     return b"D" + encode_results(ResultsHeader(worker_id=worker_id, results=[result]), [outcome.vectors])
 
 
@@ -302,4 +308,5 @@ def _decode(payload: bytes) -> Outcome:
         failure = orjson.loads(payload[1:])
         return JobFailed(failure["code"], failure["message"], failure.get("input_index"))
     header, (vectors,) = decode_results(payload[1:])
-    return JobDone(vectors, header.results[0].prompt_tokens)
+    result = header.results[0]
+    return JobDone(vectors, result.prompt_tokens, result.token_ids, result.texts)

@@ -78,14 +78,14 @@ end
 """
 
 # ARGV: P, queue, owner, front ('1': the jobs go first, Redis lost them), then per job: id, n,
-# tok, tags, job, cls, tenant, weight. Tags each job fairly, queues it, and publishes
+# tok, tags, job, cls, tenant, weight, w (the columns its answer must have). Tags each job fairly, queues it, and publishes
 # "jobs <inputs> <queue>" for waiting leases.
 ENQUEUE = (
     _PRELUDE
     + """
 local queue, owner, front = ARGV[2], ARGV[3], ARGV[4] == '1'
 local inputs = 0
-for i = 5, #ARGV, 8 do
+for i = 5, #ARGV, 9 do
   local id, tok, cls, tenant = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 5], 't:' .. ARGV[i + 6]
   local vt = k('vt', queue, cls)
   local tag = 0
@@ -95,7 +95,8 @@ for i = 5, #ARGV, 8 do
     redis.call('HSET', vt, tenant, num(tag))
   end
   redis.call('HSET', k('j', id), 'queue', queue, 'owner', owner, 'st', 'w', 'lease', '', 'worker', '', 'att', 0,
-             'n', ARGV[i + 1], 'tok', tok, 'tags', ARGV[i + 3], 'job', ARGV[i + 4], 'cls', cls, 'tag', num(tag))
+             'n', ARGV[i + 1], 'tok', tok, 'tags', ARGV[i + 3], 'job', ARGV[i + 4], 'cls', cls, 'tag', num(tag),
+             'w', ARGV[i + 8])
   redis.call('ZADD', k('q', queue, cls), num(tag), id)
   inputs = inputs + tonumber(ARGV[i + 1])
 end
@@ -173,7 +174,7 @@ return out
 
 # ARGV: P, job id, lease id, payload, result_ttl_ms, this replica, worker id, refused ('1': the
 # gateway found the answer wrong), kind ('D' vectors, 'F' a failure), count (rows of vectors, or
-# the failure's input index, -1 for none), max_attempts.
+# the failure's input index, -1 for none), max_attempts, width (columns of the vectors).
 # 0: not the worker's current lease (nothing changes); 1: stored for its owner; 2: the owner is
 # this replica, which delivers the outcome itself (the job is gone from Redis); 3: refused, or it
 # does not fit the job (store.fits: a row per input, an index within the inputs): back in line.
@@ -181,11 +182,11 @@ ANSWER = (
     _PRELUDE
     + """
 local j = k('j', ARGV[2])
-local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker', 'n')
+local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker', 'n', 'w')
 if f[2] ~= 'l' or f[1] ~= ARGV[3] or f[5] ~= ARGV[7] then return 0 end
 unlease(ARGV[2], f[3], f[5])
 local n, count = tonumber(f[6]), tonumber(ARGV[10])
-local fits = (ARGV[9] == 'D' and count == n) or (ARGV[9] == 'F' and count < n)
+local fits = (ARGV[9] == 'D' and count == n and ARGV[12] == f[7]) or (ARGV[9] == 'F' and count < n)
 if ARGV[8] == '1' or not fits then
   requeue_or_fail(ARGV[2], tonumber(ARGV[11]), 'refused', ARGV[5])
   return 3

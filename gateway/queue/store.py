@@ -15,8 +15,8 @@ flood's backlog. A job that comes back (expired, given back, its worker gone) ta
 of its class: ``tag = min(its own tag, the lowest waiting tag)``.
 
 A lease belongs to the worker that took it: answers and give-backs count only from that worker
-under the current lease id. An answer that does not fit its job (``fits``: a row per input, an
-error index within the inputs) is *refused*: the job goes back in line, as if given back. When a
+under the current lease id. An answer that does not fit its job (``fits``: a row per input of the
+job's width, an error index within the inputs) is *refused*: the job goes back in line, as if given back. When a
 job comes back, it keeps its attempts; past ``max_attempts`` leases its client is told so instead
 (``Core.exhausted``).
 """
@@ -43,11 +43,11 @@ class Verdict(IntEnum):
     REFUSED = 2  # under the worker's lease, but not an answer to that job: back in line
 
 
-def fits(inputs: int, outcome: Outcome) -> bool:
-    """Whether an outcome can be the answer to a job of ``inputs`` inputs (the Redis store's ANSWER
-    script checks the same in Lua)."""
+def fits(inputs: int, width: int, outcome: Outcome) -> bool:
+    """Whether an outcome can be the answer to a job of ``inputs`` inputs whose answer has
+    ``width`` columns (the Redis store's ANSWER script checks the same in Lua)."""
     if isinstance(outcome, JobDone):
-        return outcome.vectors.shape[0] == inputs == len(outcome.prompt_tokens)
+        return outcome.vectors.shape == (inputs, width) and len(outcome.prompt_tokens) == inputs
     return outcome.input_index is None or 0 <= outcome.input_index < inputs
 
 

@@ -176,13 +176,13 @@ def test_matryoshka_dimensions_cut_and_renormalise(gw, oai, oll):
     assert ollama_cut.shape == (2, 4) and np.allclose(np.linalg.norm(ollama_cut, axis=1), 1.0, atol=1e-6)
 
 
-def test_unsupported_dimensions_are_refused_in_every_dialect(gw, oai, oll):
+def test_unsupported_dimensions_are_refused_by_openais_dialect_and_cut_by_ollamas(gw, oai, oll):
     with pytest.raises(openai.BadRequestError, match="4, 8, 16"):
         _openai(oai, MRL, dimensions=5)
     with pytest.raises(openai.BadRequestError, match="not a Matryoshka model"):
         _openai(oai, MODEL, dimensions=8)
-    with pytest.raises(ollama.ResponseError, match="not a Matryoshka model"):
-        oll.embed(model=MODEL, input="x", dimensions=8)
+    (cut,) = oll.embed(model=MODEL, input="x", dimensions=8).embeddings  # as Ollama: any smaller size, re-normalised
+    assert len(cut) == 8 and np.linalg.norm(cut) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_truncation_per_request_and_per_model(gw, oai):
@@ -205,3 +205,64 @@ def test_openapi_document_describes_the_public_endpoints(gw):
     assert not any(path.startswith("/internal") for path in document["paths"])
     schema = document["components"]["schemas"]["EmbeddingsRequest"]
     assert {"model", "input"} <= set(schema["required"])
+
+
+# --- every call real clients make (issue: Ollama in full, OpenAI's edges, rerank) ---------------
+
+
+def test_langchain_ollama_embeds_3000_documents_in_one_call(gw):
+    from langchain_ollama import OllamaEmbeddings
+
+    texts = [f"document {i} of an index" for i in range(3000)]
+    embeddings = OllamaEmbeddings(model=MODEL, base_url=gw.url)
+    try:
+        vectors = embeddings.embed_documents(texts)
+    finally:
+        embeddings._client.close()  # it never closes its ollama client itself (a ResourceWarning here)
+    assert len(vectors) == 3000 and np.allclose(vectors[1234], expected_one(texts[1234]), atol=1e-6)
+
+
+def test_chromadb_adds_3000_documents_through_its_ollama_function(gw, tmp_path):
+    import chromadb
+    from chromadb.utils.embedding_functions import OllamaEmbeddingFunction
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"), settings=chromadb.Settings(anonymized_telemetry=False))
+    function = OllamaEmbeddingFunction(url=gw.url, model_name=MODEL)
+    collection = client.create_collection("docs", embedding_function=function)  # type: ignore[arg-type]
+    try:
+        collection.add(ids=[str(i) for i in range(3000)], documents=[f"passage {i} about things" for i in range(3000)])
+        found = collection.query(query_texts=["passage 42 about things"], n_results=1)
+    finally:
+        function._client.close()  # it never closes its ollama client itself (a ResourceWarning here)
+    assert collection.count() == 3000 and found["ids"] == [["42"]]
+
+
+def test_ollama_show_and_ps(gw, oll):
+    shown = oll.show(MODEL)
+    assert shown.modelinfo["bert.embedding_length"] == DIMS and "embedding" in (shown.capabilities or [])
+    assert MODEL + ":latest" in [m.model for m in oll.ps().models]
+
+
+def test_openai_retrieves_a_model_and_raises_bad_request_for_a_wrong_type(oai):
+    assert oai.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model")
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.embeddings.create(model=MODEL, input=TEXTS, dimensions="8")  # type: ignore[arg-type]
+    assert info.value.code == "invalid_type" and "dimensions" in info.value.message
+
+
+def test_cohere_client_v2_reranks(gw):
+    import cohere
+
+    documents = ["The weather is mild.", TEXTS[0], "Stocks fell."]
+    with cohere.ClientV2(api_key="unused", base_url=gw.url) as client:
+        ranked = client.rerank(model=MODEL, query=TEXTS[0], documents=documents, top_n=2)
+    assert [r.index for r in ranked.results] == [1, *[r.index for r in ranked.results][1:]] and len(ranked.results) == 2
+    assert ranked.results[0].relevance_score == pytest.approx(1.0, abs=1e-5)  # the query itself
+
+
+def expected_one(text: str) -> np.ndarray:
+    from tests.fakes import expected
+
+    return expected([text])[0]

@@ -32,6 +32,7 @@ def gateway(tmp_path_factory, request):
     config = re.sub(r"(?m)^url = .*$", f'url = "{gw.url}"', config)
     metrics_port = free_port()
     config = re.sub(r"(?m)^metrics_port = .*$", f"metrics_port = {metrics_port}", config)
+    config = config.replace('description = "sentence', 'prompts = { query = "query: " }\ndescription = "sentence')
     cluster.worker(config, env={"VLLM_CACHE_ROOT": str(cluster.tmp / "vllm-cache")})
     try:
         wait_until(lambda: MODEL in gw.models(), 300, "the vLLM worker to register", interval_s=1)
@@ -137,3 +138,42 @@ def test_a_worker_whose_engine_cannot_start_exits_1(tmp_path):
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "the engine failed to start" in result.stderr
+
+
+# -- every call real clients make: rerank, prompts, tokenize ---------------------------------------
+
+GUITAR = "A man is playing a guitar."
+DOCUMENTS = ["The stock market fell sharply today.", "Someone plays an acoustic guitar.", "A chef is cooking pasta."]
+
+
+def test_the_cohere_client_and_a_jina_request_rank_the_relevant_document_first(gateway):
+    import cohere
+
+    with cohere.ClientV2(api_key="unused", base_url=gateway.url) as client:
+        ranked = client.rerank(model=MODEL, query=GUITAR, documents=DOCUMENTS)
+    jina = httpx.post(gateway.url + "/v1/rerank", json={"model": MODEL, "query": GUITAR, "documents": DOCUMENTS}, timeout=60)
+    for order in ([r.index for r in ranked.results], [r["index"] for r in jina.json()["results"]]):
+        assert order[0] == 1 and order.index(0) > order.index(1), order  # guitar above stocks
+    scores = {r["index"]: r["relevance_score"] for r in jina.json()["results"]}
+    assert scores[1] > scores[0] + 0.2, scores
+
+
+def test_a_prompt_changes_the_vector_exactly_as_embedding_the_prefixed_text(gateway):
+    prompted = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "a fox", "input_type": "search_query"},
+                          timeout=60)  # fmt: skip
+    prefixed = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "query: a fox"}, timeout=60)
+    assert np.allclose(_vectors(prompted), _vectors(prefixed), atol=1e-6)
+    assert prompted.json()["usage"]["prompt_tokens"] == prefixed.json()["usage"]["prompt_tokens"]
+
+
+def test_tokenize_counts_what_embedding_counts(gateway):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_model.get_model_path()))
+    for text in TEXTS + ["Tokenizers split unusual words: antidisestablishmentarianism."]:
+        tokens = httpx.post(gateway.url + "/tokenize", json={"model": MODEL, "prompt": text}, timeout=60).json()
+        embedded = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": text}, timeout=60).json()
+        assert tokens["count"] == embedded["usage"]["prompt_tokens"] == len(tokens["tokens"]), text
+        assert tokens["max_model_len"] == 256
+        back = httpx.post(gateway.url + "/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}, timeout=60).json()
+        assert back["prompt"] == tokenizer.decode(tokens["tokens"], skip_special_tokens=True)  # the model's own reading

@@ -1,5 +1,7 @@
 """The deterministic fake engine, for fast tests and gateway load tests: same input, same vector,
-on every worker; with faults to inject (a poisoned input, a dying engine, a hanging one)."""
+on every worker; with faults to inject (a poisoned input, a dying engine, a hanging one, wrong
+answers). With ``task = "score"`` it is a fake cross-encoder: a pair's score is the cosine of its
+texts' fake vectors."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class FakeEngine(Engine):
     CLS, SEP = 101, 102
 
     def __init__(self, generator: FakeGenerator):
-        self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522)
+        self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task)
         self._delay_s = generator.delay_s
         self._dead_after = generator.dead_after_batches
         self._hang_after = generator.hang_after_batches
@@ -32,10 +34,25 @@ class FakeEngine(Engine):
         self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
         self.batches = 0  # how many engine calls were made
 
-    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
+    def tokenize(self, texts: list[str], truncate: bool = False, special_tokens: bool = True) -> list[list[int]]:
         vocab = self.info.vocab_size - 1000
         room = self.info.max_input_tokens - 2 if truncate else None
-        return [[self.CLS, *[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room], self.SEP] for text in texts]
+        words = [[1000 + zlib.crc32(w.encode()) % vocab for w in text.split()][:room] for text in texts]
+        return [[self.CLS, *ids, self.SEP] if special_tokens else ids for ids in words]
+
+    def detokenize(self, token_ids: list[list[int]]) -> list[str]:
+        """Its tokens are hashes: the "text" names them (enough to test the round trip's shape)."""
+        return [" ".join(f"t{i}" for i in ids if i not in (self.CLS, self.SEP)) for ids in token_ids]
+
+    def chunks(self, token_ids: list[int], size: int) -> list[list[int]]:
+        inner = token_ids[1:-1]
+        return [[self.CLS, *inner[i : i + size - 2], self.SEP] for i in range(0, len(inner), size - 2)]
+
+    def score(self, pairs: list[tuple[str, str]], truncate: bool = False) -> tuple[np.ndarray, list[int]]:
+        firsts = self.embed(self.tokenize([a for a, _ in pairs], truncate))
+        seconds = self.embed(self.tokenize([b for _, b in pairs], truncate))
+        tokens = [len(a) + len(b) - 1 for a, b in zip(self.tokenize([a for a, _ in pairs]), self.tokenize([b for _, b in pairs]))]
+        return np.einsum("ij,ij->i", firsts, seconds).astype(np.float32), tokens
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         if self._delay_s:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class VllmEngine(Engine):
 
         self._llm = LLM(
             model=str(generator.model_path),
-            runner="pooling",  # what task = "embed" means since vLLM 0.10
+            runner="pooling",  # what task = "embed" (and "score") means since vLLM 0.10
             dtype=dtype.dtype,
             max_model_len=generator.max_model_len,
             max_num_seqs=generator.max_num_seqs,
@@ -54,27 +55,52 @@ class VllmEngine(Engine):
             enforce_eager=generator.enforce_eager,
             trust_remote_code=generator.trust_remote_code,
         )
-        self._tokenizer = self._llm.get_tokenizer()
+        self._tokenizer: Any = cast(Any, self._llm.get_tokenizer())  # Hugging Face's: vLLM's protocol names less of it
         max_len = self._llm.llm_engine.model_config.max_model_len
-        probe = self._embed_unchecked(self.tokenize(["embedq warm-up"]))
-        self.info = EngineInfo(dimensions=probe.shape[1], max_input_tokens=max_len, vocab_size=len(self._tokenizer))
-        log.info("vLLM engine ready: %s, %d dims, %d tokens max", generator.model_path, *probe.shape[1:], max_len)
+        self._max_len = max_len
+        if generator.task == "score":
+            self.score([("embedq warm-up", "warm-up")])
+            dimensions = 1
+        else:
+            dimensions = self._embed_unchecked(self.tokenize(["embedq warm-up"])).shape[1]
+        self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task)
+        # The special tokens around an input's own ids (e.g. [CLS] ... [SEP]): what a chunk is framed with.
+        with_specials, bare = self.tokenize(["a"]), self.tokenize(["a"], special_tokens=False)
+        head = with_specials[0].index(bare[0][0])
+        self._frame = (with_specials[0][:head], with_specials[0][head + len(bare[0]) :])
+        log.info("vLLM engine ready: %s, %s, %d tokens max", generator.model_path,
+                 "a cross-encoder" if generator.task == "score" else f"{dimensions} dims", max_len)  # fmt: skip
 
-    def tokenize(self, texts: list[str], truncate: bool = False) -> list[list[int]]:
-        if truncate:
-            return self._tokenizer(texts, truncation=True, max_length=self.info.max_input_tokens)["input_ids"]
-        return self._tokenizer(texts)["input_ids"]
+    def tokenize(self, texts: list[str], truncate: bool = False, special_tokens: bool = True) -> list[list[int]]:
+        cut = {"truncation": True, "max_length": self._max_len} if truncate else {}
+        return self._tokenizer(texts, add_special_tokens=special_tokens, **cut)["input_ids"]
+
+    def detokenize(self, token_ids: list[list[int]]) -> list[str]:
+        return self._tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    def chunks(self, token_ids: list[int], size: int) -> list[list[int]]:
+        head, tail = self._frame
+        inner = token_ids[len(head) : len(token_ids) - len(tail)]
+        room = size - len(head) - len(tail)
+        return [[*head, *inner[i : i + room], *tail] for i in range(0, len(inner), room)]
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         return self._embed_unchecked(token_ids)
+
+    def score(self, pairs: list[tuple[str, str]], truncate: bool = False) -> tuple[np.ndarray, list[int]]:
+        cut = {"truncation": True, "max_length": self._max_len} if truncate else {}
+        firsts: list[Any] = [a for a, _ in pairs]
+        seconds: list[Any] = [b for _, b in pairs]
+        outputs = self._llm.score(firsts, seconds, use_tqdm=False, tokenization_kwargs=cut or None)
+        tokens = [len(ids) for ids in self._tokenizer(firsts, seconds, **cut)["input_ids"]]
+        return np.array([o.outputs.score for o in outputs], dtype=np.float32), tokens
 
     def _embed_unchecked(self, token_ids: list[list[int]]) -> np.ndarray:
         import torch
         from vllm.inputs import TokensPrompt
 
-        outputs = self._llm.encode(
-            [TokensPrompt(prompt_token_ids=ids) for ids in token_ids], use_tqdm=False, pooling_task="embed"
-        )
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
+        outputs = self._llm.encode(prompts, use_tqdm=False, pooling_task="embed")
         # .data is the pooled float tensor; .embedding would build a Python list of floats.
         return torch.stack([o.outputs.data for o in outputs]).to(torch.float32).numpy()
 

@@ -1,0 +1,34 @@
+"""Cohere's rerank, ``POST /v2/rerank``: what the ``cohere`` client's ``ClientV2(base_url=...).rerank``
+sends. Ranked as vLLM's rerank is (``dialects/vllm.py``); answered in Cohere's shape, which has no
+documents and counts search units. Errors are Cohere's shape, ``{"message": "..."}`` (``http.py``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.dialects.schemas import RerankRequest, parse_body, validate
+from gateway.dialects.vllm import documents_of, ranked
+from gateway.http import json_response, off_loop, read_json, unless_disconnected
+from gateway.service import Scores
+
+
+async def rerank(request: Request) -> Response:
+    state = request.app.state
+    key = state.auth.client(request)
+    body = await read_json(request)
+    req: RerankRequest = validate(RerankRequest, await off_loop(len(body), parse_body, body))
+    documents = documents_of(req.documents)
+    route = await state.service.route(req.model, key, task="score")
+    work = state.service.score(route, [req.query] * len(documents), documents, key=key, names=("query", "documents"))
+    scored: Scores = await unless_disconnected(request, work)
+    results = [{"index": i, "relevance_score": score} for i, score in ranked(scored.scores, req.top_n)]
+    meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1, "input_tokens": scored.prompt_tokens}}
+    return json_response({"id": str(uuid.uuid4()), "results": results, "meta": meta})
+
+
+routes = [Route("/v2/rerank", rerank, methods=["POST"])]

@@ -1,0 +1,359 @@
+"""A request without its dialect: route it to a model's queue, split it into jobs, admit them,
+wait, put the answers together. Every capability (embed, score, tokenize, detokenize) runs its
+jobs through ``_run``, the one place where a request's jobs meet the queue.
+
+Requests are split into jobs of ``job_max_inputs`` so that several workers share a large
+request; workers batch jobs from many requests together. A failed job fails its request with
+the error translated back to the request's own input index.
+
+Each model's queue is bounded by requests and by (estimated) tokens: beyond, a 429 with
+Retry-After, so memory stays bounded under any load. A model whose workers all went away gets
+``worker_wait_s`` for one to come back, for new requests and queued jobs alike, then a 503.
+
+Prompts: a model may name prompts in its config (``query = "query: "``); a request picks one by
+``prompt_name`` (TEI's field: it must exist) or ``input_type`` (Cohere's and vLLM's:
+``search_query`` means ``query``, ``search_document`` means ``document``; a model without that
+prompt embeds the text as it is). The prompt goes before each text, and its tokens count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from contract.messages import JobInput, JobKind, Task
+from gateway.auth import Auth
+from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
+from gateway.keys import ApiKey
+from gateway.metrics import GatewayMetrics
+from gateway.queue import JobDone, JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout, QueueUnavailable
+from gateway.registry import Route, WorkerRegistry
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+WORKER_POLL_S = 0.25
+INPUT_TYPES = {"search_query": "query", "search_document": "document", "passage": "document"}
+
+
+@dataclass
+class _Load:
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    model: str
+    vectors: np.ndarray  # (n, dims) float32, L2-normalised rows
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    model: str
+    scores: list[float]  # one per pair
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    model: str
+    token_ids: list[list[int]]
+    max_input_tokens: int
+
+
+def serves(route: Route) -> list[str]:
+    """What a client may ask of the model: a cross-encoder scores; an embedding model also scores
+    and reranks, by the cosine of its embeddings; every model tokenizes."""
+    tasks: set[str] = set(route.card.tasks)
+    if "embed" in tasks:
+        tasks.add("score")
+    return sorted(tasks)
+
+
+class Service:
+    def __init__(self, settings: GatewaySettings, queue: JobQueue, workers: WorkerRegistry, metrics: GatewayMetrics):
+        self._settings = settings
+        self._queue = queue
+        self._workers = workers
+        self._metrics = metrics
+        self._load: dict[str, _Load] = {}  # per queue key: admitted, not yet answered
+
+    async def route(self, model: str, key: ApiKey | None, tags: frozenset[str] = frozenset(), task: Task = "embed") -> Route:
+        """Where ``model``'s jobs go for ``key`` (None: anonymous), waiting up to worker_wait_s for
+        a worker that went away; 400 if the model does not do ``task``."""
+        Auth.check_model(key, model)  # before resolving: a key out of scope learns nothing of the model
+        visible = key.allows if key is not None else bool  # an unknown name lists only the key's models
+        deadline = time.monotonic() + self._settings.worker_wait_s
+        while True:
+            try:
+                route = await self._workers.resolve(model, tags, visible)
+                break
+            except NoLiveWorker as exc:
+                if time.monotonic() >= deadline:
+                    exc.headers["Retry-After"] = str(self._settings.retry_after_s)
+                    raise
+            await asyncio.sleep(WORKER_POLL_S)
+        if task not in serves(route):
+            raise InvalidRequest(
+                f"model {model!r} does not {task}: it serves {', '.join(serves(route))}", param="model", code="unsupported_task"
+            )
+        return route
+
+    # -- what clients ask for ----------------------------------------------------------------
+
+    async def embed(
+        self,
+        route: Route,
+        inputs: list[JobInput],
+        *,
+        single: bool,
+        key: ApiKey | None,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        prompt: str | None = None,
+        tags: frozenset[str] = frozenset(),
+    ) -> Embeddings:
+        """Embed ``inputs``; ``truncate=None``: not said (a chunking model chunks, else the model's
+        default); ``prompt``: a prompt's name (see the module's docstring)."""
+        _check_dimensions(route, dimensions)
+        cut = route.card.truncate if truncate is None and not route.card.chunked else bool(truncate)
+        if not cut and not route.card.chunked:
+            _check_context(route, inputs)
+        inputs = with_prompt(route, inputs, prompt)
+        done = await self._run(route, "embed", inputs, key, single=single, truncate=cut, tags=tags)
+        vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
+        if dimensions is not None and dimensions < vectors.shape[1]:
+            vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding
+        return Embeddings(route.model, vectors, _tokens(done))
+
+    async def score(
+        self,
+        route: Route,
+        first: Sequence[str],
+        second: Sequence[str],
+        *,
+        key: ApiKey | None,
+        names: tuple[str, str] = ("text_1", "text_2"),
+        truncate: bool = True,
+    ) -> Scores:
+        """A score per pair (first[i], second[i]): a cross-encoder's own, or the cosine of an
+        embedding model's vectors (the first texts with its "query" prompt, the second with its
+        "document" prompt, where it has them; each distinct text embedded once). An error names
+        the text by the request's own fields (``names``)."""
+        if "score" in route.card.tasks:
+            try:
+                done = await self._run(route, "score", list(first), key, single=False, truncate=truncate,
+                                       pairs_with=list(second))  # fmt: skip
+            except InvalidRequest as exc:
+                raise _renamed(exc, lambda i: f"{names[0]}[{i}] + {names[1]}[{i}]") from None
+            return Scores(route.model, [float(row[0]) for d in done for row in d.vectors], _tokens(done))
+        queries, documents = list(dict.fromkeys(first)), list(dict.fromkeys(second))
+        inputs = with_prompt(route, list(queries), "search_query") + with_prompt(route, list(documents), "search_document")
+        try:
+            done = await self._run(route, "embed", inputs, key, single=False, truncate=truncate)
+        except InvalidRequest as exc:
+            raise _renamed(exc, lambda i: f"{names[0]}[{i}]" if i < len(queries) else f"{names[1]}[{i - len(queries)}]") from None
+        vectors = np.concatenate([d.vectors for d in done])
+        query_row = {text: i for i, text in enumerate(queries)}
+        document_row = {text: len(queries) + i for i, text in enumerate(documents)}
+        cosines = [float(vectors[query_row[a]] @ vectors[document_row[b]]) for a, b in zip(first, second)]  # unit vectors
+        return Scores(route.model, cosines, _tokens(done))
+
+    async def tokenize(
+        self, route: Route, texts: list[str], *, key: ApiKey | None, special_tokens: bool = True, prompt: str | None = None
+    ) -> Tokens:
+        done = await self._run(route, "tokenize", with_prompt(route, list(texts), prompt), key, single=len(texts) == 1,
+                               special_tokens=special_tokens)  # fmt: skip
+        return Tokens(route.model, [ids for d in done for ids in d.token_ids or []], route.card.max_input_tokens)
+
+    async def detokenize(self, route: Route, ids: list[list[int]], *, key: ApiKey | None) -> list[str]:
+        done = await self._run(route, "detokenize", list(ids), key, single=len(ids) == 1)
+        return [text for d in done for text in d.texts or []]
+
+    # -- the one way jobs go ------------------------------------------------------------------
+
+    async def _run(
+        self,
+        route: Route,
+        kind: JobKind,
+        inputs: list[JobInput],
+        key: ApiKey | None,
+        *,
+        single: bool,
+        truncate: bool = False,
+        tags: frozenset[str] = frozenset(),
+        pairs_with: list[str] | None = None,
+        special_tokens: bool = True,
+    ) -> list[JobDone]:
+        size = self._settings.job_max_inputs
+        width = {"embed": route.card.dimensions, "score": 1}.get(kind, 0)
+        specs = [
+            JobSpec(
+                route.model,
+                inputs[i : i + size],
+                truncate,
+                tags,
+                _estimate(inputs[i : i + size], pairs_with, i, size),
+                kind,
+                width,
+                (pairs_with or [])[i : i + size],
+                special_tokens,
+            )  # fmt: skip
+            for i in range(0, len(inputs), size)
+        ]
+        self._metrics.request_inputs.observe(len(inputs))
+        try:
+            with self._admitted(route, sum(spec.tokens for spec in specs)):
+                done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
+        except asyncio.CancelledError:
+            self._metrics.jobs.labels("client_gone").inc(len(specs))
+            raise
+        except QueueTimeout:
+            self._metrics.jobs.labels("timeout").inc(len(specs))
+            raise GatewayTimeout(f"model {route.model!r} did not answer within {self._settings.request_timeout_s:g}s") from None
+        except JobFailure as failure:
+            self._metrics.jobs.labels(failure.failure.code).inc()
+            raise _client_error(failure, size, single, self._settings.retry_after_s) from None
+        self._count_served(route.model, key, jobs=len(specs), inputs=len(inputs), tokens=_tokens(done))
+        return done
+
+    def _count_served(self, model: str, key: ApiKey | None, *, jobs: int, inputs: int, tokens: int) -> None:
+        metrics = self._metrics
+        metrics.child(metrics.jobs, "ok").inc(jobs)
+        metrics.child(metrics.inputs, model).inc(inputs)
+        metrics.child(metrics.tokens, model).inc(tokens)
+        if key is not None:
+            metrics.child(metrics.key_requests, key.name).inc()
+            metrics.child(metrics.key_tokens, key.name).inc(tokens)
+
+    @contextmanager
+    def _admitted(self, route: Route, tokens: int) -> Iterator[None]:
+        load = self._load.setdefault(route.checkpoint, _Load())
+        settings = self._settings
+        # A single request larger than the token bound is let in alone, or it could never run.
+        if load.requests >= settings.max_queued_requests or (load.requests and load.tokens + tokens > settings.max_queued_tokens):
+            self._metrics.rejected.labels(route.model).inc()
+            raise Overloaded(
+                f"model {route.model!r} is at capacity ({load.requests} requests, ~{load.tokens} tokens queued); "
+                f"retry after {settings.retry_after_s}s",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        load.requests += 1
+        load.tokens += tokens
+        try:
+            yield
+        finally:
+            load.requests -= 1
+            load.tokens -= tokens
+
+    async def fail_orphans_forever(self, period_s: float = 1.0) -> None:
+        """Fail the queued jobs of a checkpoint that had no live worker for worker_wait_s."""
+        orphaned_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(period_s)
+            live, now = self._workers.live_checkpoints(), time.monotonic()
+            for key, stats in self._queue.stats().items():
+                if key in live or not stats.depth:
+                    orphaned_since.pop(key, None)
+                    continue
+                since = orphaned_since.setdefault(key, now)
+                if now - since >= self._settings.worker_wait_s:
+                    message = f"no live worker for {key!r} came back within {self._settings.worker_wait_s:g}s"
+                    try:
+                        count = await self._queue.abandon(key, JobFailed("no_live_worker", message))
+                    except QueueUnavailable:
+                        continue  # next round
+                    log.warning("failed %d queued jobs: %s", count, message)
+                    orphaned_since.pop(key)
+
+
+def with_prompt(route: Route, inputs: list[JobInput], name: str | None) -> list[JobInput]:
+    """The inputs with the named prompt before each text (see the module's docstring)."""
+    if name is None:
+        return inputs
+    prompts = route.card.prompts
+    prompt = prompts.get(INPUT_TYPES.get(name, name))
+    if prompt is None:
+        if name in INPUT_TYPES or name in ("query", "document", "classification", "clustering"):
+            return inputs  # an input_type the model has no prompt for: its texts as they are
+        known = ", ".join(sorted(prompts)) or "none"
+        raise InvalidRequest(f"model {route.model!r} has no prompt {name!r} (its prompts: {known})", param="prompt_name")
+    if any(not isinstance(item, str) for item in inputs):
+        raise InvalidRequest("a prompt applies to texts, not to token ids", param="input", code="invalid_value")
+    return [prompt + str(item) for item in inputs]
+
+
+def _renamed(exc: InvalidRequest, name: Callable[[int], str]) -> InvalidRequest:
+    """The error of input[i] of a scoring's jobs, naming the text by the request's own field."""
+    match = re.fullmatch(r"input\[(\d+)\]", exc.param or "")
+    if match is None:
+        return exc
+    where = name(int(match.group(1)))
+    return InvalidRequest(exc.message.replace(f"'{exc.param}'", f"'{where}'"), param=where, code=exc.code)
+
+
+def _tokens(done: list[JobDone]) -> int:
+    return sum(sum(d.prompt_tokens) for d in done)
+
+
+def _estimate(inputs: list[JobInput], pairs_with: list[str] | None, start: int, size: int) -> int:
+    """Tokens of these inputs, about: text bytes / 4, or the token ids."""
+    texts = [*inputs, *(pairs_with or [])[start : start + size]]
+    return sum(len(item) // 4 + 2 if isinstance(item, str) else len(item) for item in texts)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _check_context(route: Route, inputs: list[JobInput]) -> None:
+    """Token-id inputs longer than the model takes are refused here, before any job is built (texts
+    are counted by the worker, which holds the tokenizer)."""
+    limit = route.card.max_input_tokens
+    for i, item in enumerate(inputs):
+        if isinstance(item, list) and len(item) > limit:
+            where = "input" if len(inputs) == 1 else f"input[{i}]"
+            raise InvalidRequest(
+                f"'{where}' has {len(item)} tokens; model {route.model!r} accepts at most {limit} "
+                "(send truncate: true to cut it)",
+                param=where,
+                code="context_length_exceeded",
+            )
+
+
+def _check_dimensions(route: Route, dimensions: int | None) -> None:
+    card = route.card
+    if dimensions is None or dimensions == card.dimensions or dimensions in card.matryoshka_dimensions:
+        return
+    if card.matryoshka_dimensions:
+        allowed = ", ".join(map(str, sorted([*card.matryoshka_dimensions, card.dimensions])))
+        message = f"model {route.model!r} supports 'dimensions' of {allowed} (got {dimensions})"
+    else:
+        message = (
+            f"model {route.model!r} returns {card.dimensions}-dimensional vectors and is not a Matryoshka "
+            f"model: 'dimensions' must be omitted or {card.dimensions} (got {dimensions})"
+        )
+    raise InvalidRequest(message, param="dimensions", code="unsupported_dimensions")
+
+
+def _client_error(failure: JobFailure, job_size: int, single: bool, retry_after_s: int) -> ApiError:
+    failed = failure.failure
+    where = "input"
+    if failed.input_index is not None and not single:
+        where = f"input[{failure.job_index * job_size + failed.input_index}]"
+    if failed.code == "input_too_long":
+        return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="context_length_exceeded")
+    if failed.code == "invalid_input":
+        return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="invalid_value")
+    if failed.code in ("attempts_exhausted", "no_live_worker"):
+        return NoLiveWorker(failed.message, code=failed.code, headers={"Retry-After": str(retry_after_s)})
+    return EngineFailed(f"the engine failed on '{where}'", param=where)
