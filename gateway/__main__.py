@@ -1,6 +1,7 @@
 """``python -m gateway [--host H] [--port P]``; every other setting from EMBEDQ_* variables.
 
-``python -m gateway keys ...`` manages client API keys (see keys_cli.py).
+``python -m gateway keys ...`` manages client API keys, ``python -m gateway usage ...`` reports
+what they used (see tenancy/cli.py).
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ import logging
 import os
 import sys
 
-from gateway import keys_cli
 from gateway.app import create_app
 from gateway.server import DrainingServer, server_config
 from gateway.settings import SettingsError, load_settings
+from gateway.tenancy import cli as tenancy_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
-        return keys_cli.main(argv[1:])
+        return tenancy_cli.main(argv[1:])
+    if argv[:1] == ["usage"]:
+        return tenancy_cli.usage_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway", description="embedq gateway")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1, or EMBEDQ_HOST)")
     parser.add_argument("--port", type=int, help="port to bind (default 8080, or EMBEDQ_PORT)")

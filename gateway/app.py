@@ -22,7 +22,6 @@ from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError, QueueDown
 from gateway.guard import BrowserGuard
 from gateway.http import ClientGone, error_response, json_response, render_error
-from gateway.keys import FileKeyStore, SqliteKeyStore
 from gateway.metrics import GatewayMetrics, LiveStateCollector
 from gateway.middleware import CLIENT_CLOSED, RequestMetrics
 from gateway.openapi import openapi_document
@@ -32,6 +31,11 @@ from gateway.redis_link import RedisLink, safe_url
 from gateway.registry import RedisRegistry, WorkerRegistry
 from gateway.service import Service
 from gateway.settings import GatewaySettings
+from gateway.tenancy import admin
+from gateway.tenancy.calls import CallLedger
+from gateway.tenancy.keys import FileKeyStore, KeyStore, RedisKeyStore, SqliteKeyStore
+from gateway.tenancy.limits import Limiter, MemoryLimiter, RedisLimiter
+from gateway.tenancy.usage import MemoryUsage, RedisUsage, SqliteUsage, UsageLedger, UsageStore
 
 log = logging.getLogger("gateway")
 
@@ -69,12 +73,24 @@ async def _queue_down(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, QueueDown(f"{exc}; retry shortly", headers={"Retry-After": retry_after}))
 
 
-def _key_store(settings: GatewaySettings) -> SqliteKeyStore | FileKeyStore | None:
+def _key_store(settings: GatewaySettings) -> KeyStore | None:
     if settings.keys_db:
         return SqliteKeyStore(settings.keys_db)
     if settings.keys_file:
         return FileKeyStore(settings.keys_file)
+    if settings.keys_redis:
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        return RedisKeyStore(settings.redis_url, password, settings.redis_prefix)
     return None
+
+
+def _tenancy(settings: GatewaySettings, link: RedisLink | None) -> tuple[Limiter, UsageStore]:
+    """Where limits count and usage is kept: in Redis with replicas; else in this process, and
+    usage in the key database's file when there is one."""
+    lapse_s = settings.request_timeout_s + 10  # a concurrency slot a crashed replica never freed
+    if link is not None:
+        return RedisLimiter(link, lapse_s), RedisUsage(link, settings.usage_retention_days * 86400)
+    return MemoryLimiter(lapse_s), SqliteUsage(settings.keys_db) if settings.keys_db else MemoryUsage()
 
 
 def _backend(settings: GatewaySettings) -> tuple[RedisLink | None, Store, WorkerRegistry]:
@@ -106,7 +122,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
     workers.on_departed = departed
     registry.register(LiveStateCollector(queue, workers))
     keys = _key_store(settings)
-    service = Service(settings, queue, workers, gateway_metrics)
+    limiter, usage_store = _tenancy(settings, link)
+    usage = UsageLedger(usage_store, settings.usage_retention_days)
+    service = Service(settings, queue, workers, gateway_metrics, limiter)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -126,7 +144,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await link.start()
         await queue.start()
         await workers.start()
-        background = [asyncio.create_task(service.fail_orphans_forever())]
+        background = [asyncio.create_task(service.fail_orphans_forever()), asyncio.create_task(usage.run())]
         if keys is not None:
             background.append(asyncio.create_task(keys.run()))
         try:
@@ -134,6 +152,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         finally:
             for task in background:
                 task.cancel()
+            await usage.flush()
             await workers.stop()
             await queue.stop()
             if link is not None:
@@ -147,6 +166,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         *vllm.routes,
         *cohere.routes,
         *worker_endpoints.routes,
+        *admin.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -169,9 +189,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.workers = workers
     app.state.auth = Auth(settings, keys)
     app.state.service = service
+    app.state.keys = keys
+    app.state.usage = usage
     app.state.draining = False  # set by the server on SIGTERM (server.py)
     app.state.in_flight = 0
     app.router.redirect_slashes = False  # Starlette's would send the client to the Host it named (http.render_error)
+    app.add_middleware(CallLedger, usage=usage)
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)  # outermost: counts all
     return app

@@ -1,7 +1,10 @@
-"""Who may call what: client API keys on the client endpoints, worker tokens on the worker ones.
+"""Who may call what: client API keys on the client endpoints, worker tokens on the worker ones,
+admin tokens on the admin API.
 
-The two credentials never cross: a worker token is no client key (401 on the client API), and
-a client key is no worker token (401 on the worker API, or 403 where workers need no token).
+The three credentials never cross: a worker or admin token is no client key (401 on the client
+API, even where clients need no key), a client key or admin token is no worker token (401 on the
+worker API, or 403 for a client key where workers need no token), and only an admin token opens
+the admin API (401 for anything else, and for everything while no admin token is configured).
 Secrets are compared in constant time and never logged, labelled or echoed in an error.
 """
 
@@ -14,8 +17,9 @@ import time
 from starlette.requests import Request
 
 from gateway.errors import Forbidden, Unauthorized
-from gateway.keys import ApiKey, FileKeyStore, SqliteKeyStore
 from gateway.settings import GatewaySettings
+from gateway.tenancy import calls
+from gateway.tenancy.keys import ApiKey, KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +30,19 @@ def bearer(request: Request) -> str:
 
 
 class Auth:
-    def __init__(self, settings: GatewaySettings, keys: SqliteKeyStore | FileKeyStore | None):
+    def __init__(self, settings: GatewaySettings, keys: KeyStore | None):
         self._worker_tokens = [t.encode() for t in settings.worker_tokens]
+        self._admin_tokens = [t.encode() for t in settings.admin_tokens]
         self._metrics_token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
         self._keys = keys
 
     def client(self, request: Request) -> ApiKey | None:
         """The caller's API key (None when the gateway serves anonymously); 401 if it has none."""
+        presented = bearer(request)
+        if presented and (_matches(presented, self._admin_tokens) or _matches(presented, self._worker_tokens)):
+            raise Unauthorized("Incorrect API key provided: a worker or admin token is no API key")
         if self._keys is None:
             return None
-        presented = bearer(request)
         if not presented:
             raise Unauthorized("Incorrect API key provided: none was sent; send 'Authorization: Bearer <key>'")
         now = time.time()
@@ -43,6 +50,9 @@ class Auth:
         if key is None or not key.usable(now):
             raise Unauthorized("Incorrect API key provided: it is unknown, revoked or expired")
         self._keys.touch(key, now)
+        call = calls.current()
+        if call is not None:
+            call.key = key
         return key
 
     @staticmethod
@@ -60,16 +70,30 @@ class Auth:
     def worker(self, request: Request) -> None:
         """401 unless the caller presents a worker token (or, with none configured, is no client)."""
         presented = bearer(request).encode()
+        if _matches(presented.decode(), self._admin_tokens):
+            raise Unauthorized("an admin token is no worker token")
         if not self._worker_tokens:
             if presented and self._keys is not None and self._keys.lookup(presented.decode()) is not None:
                 raise Forbidden("client API keys cannot call worker endpoints")
             return
-        # Compare against every token, always, so timing says nothing about which one nearly matched.
-        matches = [hmac.compare_digest(presented, token) for token in self._worker_tokens]
-        if not any(matches):
+        if not _matches(presented.decode(), self._worker_tokens):
             log.warning(
                 "refused a worker call to %s from %s: missing or wrong worker token",
                 request.url.path,
                 request.client.host if request.client else "?",
             )
             raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")
+
+    def admin(self, request: Request) -> None:
+        """401 unless the caller presents an admin token."""
+        if not self._admin_tokens:
+            raise Unauthorized("the admin API is off: no admin token is configured (EMBEDQ_ADMIN_TOKENS)")
+        if not _matches(bearer(request), self._admin_tokens):
+            log.warning("refused an admin call to %s: missing or wrong admin token", request.url.path)
+            raise Unauthorized("the admin API needs an admin token (Authorization: Bearer <token>)")
+
+
+def _matches(presented: str, tokens: list[bytes]) -> bool:
+    """Compared against every token, always, so timing says nothing about which one nearly matched."""
+    matches = [hmac.compare_digest(presented.encode(), token) for token in tokens]
+    return any(matches)

@@ -75,6 +75,18 @@ class Overloaded(ApiError):
     status, type, code = 429, "rate_limit_error", "overloaded"
 
 
+class RateLimited(ApiError):
+    """A key over one of its limits (OpenAI's code; the message says which limit)."""
+
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
+
+class QuotaExceeded(ApiError):
+    """A key whose token budget for the day or month is spent (OpenAI's type and code)."""
+
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
 class EngineFailed(ApiError):
     status, type, code = 500, "server_error", "engine_error"
 

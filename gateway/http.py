@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from gateway.tenancy import calls
 
 T = TypeVar("T")
 OFF_LOOP_BYTES = 256 * 1024
@@ -126,7 +127,9 @@ async def render_error(request: Request, exc: Exception) -> Response:
         if path.rstrip("/") in known:
             query = request.url.query
             return Response(status_code=307, headers={"Location": path.rstrip("/") + (f"?{query}" if query else "")})
-    return error_response(path, _as_api_error(request, exc))
+    error = _as_api_error(request, exc)
+    calls.note_error(error.code)
+    return error_response(path, error)
 
 
 def error_response(path: str, error: ApiError) -> Response:

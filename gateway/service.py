@@ -6,9 +6,13 @@ Requests are split into jobs of ``job_max_inputs`` so that several workers share
 request; workers batch jobs from many requests together. A failed job fails its request with
 the error translated back to the request's own input index.
 
-Each model's queue is bounded by requests and by (estimated) tokens: beyond, a 429 with
-Retry-After, so memory stays bounded under any load. A model whose workers all went away gets
-``worker_wait_s`` for one to come back, for new requests and queued jobs alike, then a 503.
+Before a request's jobs are queued: its key's limits (``tenancy/limits.py``: 429
+``rate_limit_exceeded`` or ``insufficient_quota``, with Retry-After and OpenAI's rate-limit
+headers), then its model's queue: bounded by requests and by (estimated) tokens, and by time: a
+request predicted to wait longer than ``max_queue_wait_s`` is refused at once
+(``admission.py``). Its jobs go in line by its priority class and its key's fair share
+(``Placement``). A model whose workers all went away gets ``worker_wait_s`` for one to come
+back, for new requests and queued jobs alike, then a 503.
 
 Prompts: a model may name prompts in its config (``query = "query: "``); a request picks one by
 ``prompt_name`` (TEI's field: it must exist) or ``input_type`` (Cohere's and vLLM's:
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,23 +34,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.messages import JobInput, JobKind, Task
+from gateway.admission import QueueLoad
 from gateway.auth import Auth
-from gateway.errors import ApiError, EngineFailed, GatewayTimeout, InvalidRequest, NoLiveWorker, Overloaded
-from gateway.keys import ApiKey
+from gateway.errors import (
+    ApiError,
+    EngineFailed,
+    GatewayTimeout,
+    InvalidRequest,
+    NoLiveWorker,
+    Overloaded,
+    QuotaExceeded,
+    RateLimited,
+)
 from gateway.metrics import GatewayMetrics
-from gateway.queue import JobDone, JobFailed, JobFailure, JobQueue, JobSpec, QueueTimeout, QueueUnavailable
+from gateway.queue import DEFAULT, JobDone, JobFailed, JobFailure, JobQueue, JobSpec, Placement, QueueTimeout, QueueUnavailable
 from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
+from gateway.tenancy import calls
+from gateway.tenancy.keys import ApiKey
+from gateway.tenancy.limits import Decision, Limiter
 
 log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.25
 INPUT_TYPES = {"search_query": "query", "search_document": "document", "passage": "document"}
-
-
-@dataclass
-class _Load:
-    requests: int = 0
-    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,16 @@ def serves(route: Route) -> list[str]:
 
 
 class Service:
-    def __init__(self, settings: GatewaySettings, queue: JobQueue, workers: WorkerRegistry, metrics: GatewayMetrics):
+    def __init__(
+        self, settings: GatewaySettings, queue: JobQueue, workers: WorkerRegistry, metrics: GatewayMetrics, limiter: Limiter
+    ):
         self._settings = settings
         self._queue = queue
         self._workers = workers
         self._metrics = metrics
-        self._load: dict[str, _Load] = {}  # per queue key: admitted, not yet answered
+        self._limiter = limiter
+        self._load: dict[str, QueueLoad] = {}  # per queue key: admitted, not yet answered
+        self._background: set[asyncio.Task] = set()
 
     async def route(self, model: str, key: ApiKey | None, tags: frozenset[str] = frozenset(), task: Task = "embed") -> Route:
         """Where ``model``'s jobs go for ``key`` (None: anonymous), waiting up to worker_wait_s for
@@ -210,9 +225,20 @@ class Service:
             for i in range(0, len(inputs), size)
         ]
         self._metrics.request_inputs.observe(len(inputs))
+        call = calls.current()
+        if call is not None:
+            call.model = route.model
+        placement = Placement(
+            call.priority if call is not None else DEFAULT,
+            key.name if key is not None else "",
+            key.limits.weight if key is not None else 1.0,
+        )
+        tokens = sum(spec.tokens for spec in specs)
+        decision = await self._limit(key, tokens, call)
+        done: list[JobDone] = []
         try:
-            with self._admitted(route, sum(spec.tokens for spec in specs)):
-                done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s)
+            with self._admitted(route, tokens, placement):
+                done = await self._queue.run(route.checkpoint, specs, self._settings.request_timeout_s, placement)
         except asyncio.CancelledError:
             self._metrics.jobs.labels("client_gone").inc(len(specs))
             raise
@@ -222,8 +248,58 @@ class Service:
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
             raise _client_error(failure, size, single, self._settings.retry_after_s) from None
+        finally:
+            if decision is not None:
+                self._finish(key, decision, _tokens(done))
         self._count_served(route.model, key, jobs=len(specs), inputs=len(inputs), tokens=_tokens(done))
+        if call is not None:
+            call.inputs += len(inputs)
+            call.tokens += _tokens(done)
         return done
+
+    async def _limit(self, key: ApiKey | None, tokens: int, call: calls.Call | None) -> Decision | None:
+        """The key's limits on a request of ``tokens`` (estimated): 429 over one of them."""
+        if key is None or not key.limits.enforced:
+            return None
+        decision = await self._limiter.admit(key.name, key.limits, tokens)
+        headers = calls.rate_headers(decision, key)
+        if call is not None:
+            call.headers = headers
+        if decision.refused is None:
+            return decision
+        wait = max(1, math.ceil(decision.retry_after_s))
+        refusal = {**headers, "Retry-After": str(wait), "retry-after-ms": str(max(1, round(decision.retry_after_s * 1000)))}
+        limits = key.limits
+        if decision.refused == "budget":
+            raise QuotaExceeded(
+                f"API key {key.name!r} has spent its budget of {limits.budget} tokens per {limits.budget_period}; "
+                f"it renews in {calls.duration(decision.retry_after_s)}",
+                headers={**refusal, "x-should-retry": "false"},
+            )
+        what = {
+            "rpm": f"requests per minute ({limits.rpm})",
+            "tpm": f"tokens per minute ({limits.tpm}; this request ~{tokens})",
+            "concurrency": f"requests at once ({limits.concurrency})",
+            "too_large": f"tokens per minute ({limits.tpm}): this request alone has ~{tokens}",
+        }[decision.refused]
+        if decision.refused == "too_large":
+            refusal["x-should-retry"] = "false"
+        raise RateLimited(
+            f"API key {key.name!r} is over its limit of {what}; retry after {calls.duration(decision.retry_after_s)}",
+            headers=refusal,
+        )
+
+    def _finish(self, key: ApiKey | None, decision: Decision, used: int) -> None:
+        """Tell the limiter a request ended (in the background: the client need not wait)."""
+        assert key is not None
+        task = asyncio.get_running_loop().create_task(self._limiter.finish(key.name, key.limits, decision, used))
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record the end of a limited request: %s", task.exception())
 
     def _count_served(self, model: str, key: ApiKey | None, *, jobs: int, inputs: int, tokens: int) -> None:
         metrics = self._metrics
@@ -235,9 +311,10 @@ class Service:
             metrics.child(metrics.key_tokens, key.name).inc(tokens)
 
     @contextmanager
-    def _admitted(self, route: Route, tokens: int) -> Iterator[None]:
-        load = self._load.setdefault(route.checkpoint, _Load())
+    def _admitted(self, route: Route, tokens: int, placement: Placement) -> Iterator[None]:
+        load = self._load.setdefault(route.checkpoint, QueueLoad())
         settings = self._settings
+        now = time.monotonic()
         # A single request larger than the token bound is let in alone, or it could never run.
         if load.requests >= settings.max_queued_requests or (load.requests and load.tokens + tokens > settings.max_queued_tokens):
             self._metrics.rejected.labels(route.model).inc()
@@ -246,13 +323,22 @@ class Service:
                 f"retry after {settings.retry_after_s}s",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
-        load.requests += 1
-        load.tokens += tokens
+        wait = load.predicted_wait_s(placement, tokens, now)
+        if wait is not None and wait > settings.queue_wait_s:
+            self._metrics.rejected.labels(route.model).inc()
+            retry = max(settings.retry_after_s, math.ceil(wait - settings.queue_wait_s))
+            raise Overloaded(
+                f"model {route.model!r} is busy: this request would wait ~{wait:.0f}s in line (at most "
+                f"{settings.queue_wait_s:g}s are allowed); retry after {retry}s",
+                headers={"Retry-After": str(retry)},
+            )
+        load.enter(placement, tokens, now)
+        answered = False
         try:
             yield
+            answered = True
         finally:
-            load.requests -= 1
-            load.tokens -= tokens
+            load.leave(placement, tokens, time.monotonic(), answered)
 
     async def fail_orphans_forever(self, period_s: float = 1.0) -> None:
         """Fail the queued jobs of a checkpoint that had no live worker for worker_wait_s."""

@@ -31,6 +31,13 @@ class GatewaySettings(BaseModel):
     allow_open_workers: bool = False
     keys_db: str | None = None  # SQLite file of client API keys (python -m gateway keys ...)
     keys_file: str | None = None  # read-only JSON of keys (keys export), e.g. a mounted Secret
+    keys_redis: bool = False  # keys in Redis, shared by the replicas (EMBEDQ_QUEUE=redis)
+    # Bearer tokens for the admin API (/admin/v1/...) and nothing else.
+    admin_tokens: tuple[str, ...] = ()
+    usage_retention_days: float = Field(default=400.0, gt=0)  # hourly usage kept this long
+    # A request whose predicted wait in its model's queue is longer gets 429 at once (see
+    # service.py); None: half the request timeout.
+    max_queue_wait_s: float | None = Field(default=None, gt=0)
     # Serve clients without API keys on a non-loopback address. Only for trusted networks.
     allow_anonymous_clients: bool = False
     request_timeout_s: float = Field(default=60.0, gt=0)
@@ -67,7 +74,7 @@ class GatewaySettings(BaseModel):
     redis_password: SecretStr | None = None
     redis_prefix: str = Field(default="embedq", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
-    @field_validator("worker_tokens", "allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("worker_tokens", "admin_tokens", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -86,7 +93,11 @@ class GatewaySettings(BaseModel):
     @property
     def clients_open(self) -> bool:
         """Whether client endpoints accept anyone (no key store configured)."""
-        return not (self.keys_db or self.keys_file)
+        return not (self.keys_db or self.keys_file or self.keys_redis)
+
+    @property
+    def queue_wait_s(self) -> float:
+        return self.max_queue_wait_s or self.request_timeout_s / 2
 
     @property
     def workers_open(self) -> bool:
@@ -121,14 +132,17 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySet
         )
         raise SettingsError(problems) from None
     _check_recovery_fits(settings)
-    if settings.keys_db and settings.keys_file:
-        raise SettingsError("set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE, not both")
+    if sum(map(bool, (settings.keys_db, settings.keys_file, settings.keys_redis))) > 1:
+        raise SettingsError("set one of EMBEDQ_KEYS_DB, EMBEDQ_KEYS_FILE and EMBEDQ_KEYS_REDIS, not more")
+    if settings.keys_redis and settings.queue != "redis":
+        raise SettingsError("EMBEDQ_KEYS_REDIS=true keeps the keys in the queue's Redis: it needs EMBEDQ_QUEUE=redis")
     if settings.queue == "redis" and not settings.redis_url:
         raise SettingsError("EMBEDQ_QUEUE=redis needs EMBEDQ_REDIS_URL (e.g. redis://redis:6379/0)")
     if settings.queue == "redis" and settings.keys_db:
         raise SettingsError(
             "EMBEDQ_KEYS_DB is one replica's SQLite file; with EMBEDQ_QUEUE=redis every replica must see the same "
-            "keys: export them (python -m gateway keys export) and set EMBEDQ_KEYS_FILE to the shared file"
+            "keys: set EMBEDQ_KEYS_REDIS=true to keep them in Redis, or export them "
+            "(python -m gateway keys export) and set EMBEDQ_KEYS_FILE to the shared file"
         )
     if settings.workers_open and not settings.loopback and not settings.allow_open_workers:
         raise SettingsError(
@@ -137,7 +151,7 @@ def load_settings(environ: Mapping[str, str], **overrides: object) -> GatewaySet
         )
     if settings.clients_open and not settings.loopback and not settings.allow_anonymous_clients:
         raise SettingsError(
-            f"bound to {settings.host} with no API keys: set EMBEDQ_KEYS_DB or EMBEDQ_KEYS_FILE "
+            f"bound to {settings.host} with no API keys: set EMBEDQ_KEYS_DB, EMBEDQ_KEYS_FILE or EMBEDQ_KEYS_REDIS "
             "(or EMBEDQ_ALLOW_ANONYMOUS_CLIENTS=true to serve anyone, on a trusted network)"
         )
     return settings

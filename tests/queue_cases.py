@@ -242,20 +242,23 @@ async def test_stats_report_depth_and_age(backend):
     await backend.close()
 
 
-async def test_a_lease_with_fill_waits_for_a_full_batch_but_no_longer_than_fill(backend):
+async def test_a_lease_takes_nothing_while_its_engine_is_busy_so_urgent_work_arriving_meanwhile_goes_first(backend):
+    """Jobs are chosen when the engine can start them: a full batch waiting does not make the
+    lease take it early, and an interactive job that arrives meanwhile is in the batch."""
     queue = await backend.queue()
-    first = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
-    filling = asyncio.create_task(lease(queue, max_items=3, fill_s=1.0))
+    loop = asyncio.get_running_loop()
+    flood = asyncio.create_task(queue.run("k", specs(1, 1, 1), timeout_s=5))
     await asyncio.sleep(0.05)
-    assert not filling.done()  # one input is there, but the lease waits to fill
-    second = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
-    jobs = await asyncio.wait_for(filling, 0.5)
-    assert sum(len(j.inputs) for j in jobs) == 3
-    started = asyncio.get_running_loop().time()
-    third = asyncio.create_task(queue.run("k", specs(1), timeout_s=5))
-    assert len(await lease(queue, fill_s=0.2)) == 1  # gave up filling
-    assert asyncio.get_running_loop().time() - started >= 0.19
-    for task in (first, second, third):
+    started = loop.time()
+    leasing = asyncio.create_task(lease(queue, max_items=2, fill_s=0.6))
+    await asyncio.sleep(0.3)
+    assert not leasing.done()  # a full batch waits, but the engine is busy
+    urgent_spec = JobSpec("m", ["urgent"], width=2)
+    urgent = asyncio.create_task(queue.run("k", [urgent_spec], 5, Placement(INTERACTIVE)))
+    jobs = await asyncio.wait_for(leasing, 1)
+    assert 0.55 <= loop.time() - started < 0.9
+    assert [j.inputs for j in jobs][0] == ["urgent"] and len(jobs) == 2
+    for task in (flood, urgent):
         task.cancel()
     await backend.close()
 

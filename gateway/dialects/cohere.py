@@ -15,6 +15,7 @@ from gateway.dialects.schemas import RerankRequest, parse_body, validate
 from gateway.dialects.vllm import documents_of, ranked
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.service import Scores
+from gateway.tenancy import calls
 
 
 async def rerank(request: Request) -> Response:
@@ -22,6 +23,7 @@ async def rerank(request: Request) -> Response:
     key = state.auth.client(request)
     body = await read_json(request)
     req: RerankRequest = validate(RerankRequest, await off_loop(len(body), parse_body, body))
+    calls.ask_priority(req.priority)
     documents = documents_of(req.documents)
     route = await state.service.route(req.model, key, task="score")
     work = state.service.score(route, [req.query] * len(documents), documents, key=key, names=("query", "documents"))

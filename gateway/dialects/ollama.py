@@ -26,6 +26,7 @@ from gateway.errors import InvalidRequest, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.registry import Route as ModelRoute
 from gateway.service import l2_normalize
+from gateway.tenancy import calls
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API these endpoints follow; tools gate features on it
 KEEP_ALIVE = timedelta(minutes=5)  # what /api/ps says of a model's expiry: workers keep it loaded
@@ -36,6 +37,7 @@ async def embed(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)
     req: OllamaEmbedRequest = validate(OllamaEmbedRequest, await _json(request))
+    calls.ask_priority(req.priority)
     inputs = _parse_inputs(req.input)
     route = await state.service.route(_model_name(request, req.model), key)
     if not inputs:  # Ollama answers an empty input with no vectors (it "loads the model")

@@ -22,6 +22,7 @@ from gateway.errors import InvalidRequest, ModelNotFound, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.registry import Route as ModelRoute
 from gateway.service import serves
+from gateway.tenancy import calls
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
@@ -33,6 +34,7 @@ async def create_embeddings(request: Request) -> Response:
     key = state.auth.client(request)  # before reading the body: strangers cost us nothing
     body = await read_json(request)
     req, inputs, single = await off_loop(len(body), _parse, body, state.settings.max_inputs)
+    calls.ask_priority(req.priority)
     route = await state.service.route(req.model, key, frozenset(req.tags or ()))
     work = state.service.embed(
         route,

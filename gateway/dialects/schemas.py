@@ -24,6 +24,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+Priority = int | str | None  # a class's name is checked with the key (tenancy/calls.py)
+PRIORITY = Field(
+    default=None,
+    description="vLLM's field: lower runs first (below 0 interactive, 0 default, above 0 batch), or a class's name; "
+    "within what the API key allows",
+)
+
+
 class EmbeddingsRequest(_Request):
     """OpenAI ``POST /v1/embeddings``; also what the Aleph Alpha client sends to ``/embeddings``."""
 
@@ -43,6 +51,7 @@ class EmbeddingsRequest(_Request):
     hosting: str | None = Field(default=None, description="Aleph Alpha: accepted and ignored")
     input_type: str | None = Field(default=None, description="Cohere, vLLM: e.g. search_query picks the model's query prompt")
     prompt_name: str | None = Field(default=None, description="TEI: the name of one of the model's prompts")
+    priority: Priority = PRIORITY
 
 
 class OllamaEmbedRequest(_Request):
@@ -54,6 +63,7 @@ class OllamaEmbedRequest(_Request):
     dimensions: int | None = Field(default=None, gt=0)
     keep_alive: Any = None  # accepted: workers keep their model loaded anyway
     options: dict[str, Any] | None = None  # accepted: sampling options mean nothing to an embedding
+    priority: Priority = PRIORITY
 
 
 class RerankRequest(_Request):
@@ -67,6 +77,7 @@ class RerankRequest(_Request):
     return_documents: bool = True
     truncate: bool = Field(default=True, description="embedq extension: cut over-long documents; false: a 400")
     max_tokens_per_doc: int | None = Field(default=None, gt=0, description="Cohere: accepted; documents are cut to the context")
+    priority: Priority = PRIORITY
 
 
 class ScoreRequest(_Request):
@@ -76,6 +87,7 @@ class ScoreRequest(_Request):
     text_1: str | list[str]
     text_2: str | list[str]
     truncate: bool = Field(default=True, description="embedq extension: cut over-long texts; false: a 400")
+    priority: Priority = PRIORITY
 
 
 class TokenizeRequest(_Request):

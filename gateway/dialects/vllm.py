@@ -29,12 +29,14 @@ from gateway.dialects.schemas import (
 from gateway.errors import InvalidRequest, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.service import Scores
+from gateway.tenancy import calls
 
 
 async def rerank(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)
     req: RerankRequest = validate(RerankRequest, await _json(request))
+    calls.ask_priority(req.priority)
     documents = documents_of(req.documents)
     route = await state.service.route(req.model, key, task="score")
     work = state.service.score(route, [req.query] * len(documents), documents, key=key, names=("query", "documents"),
@@ -50,6 +52,7 @@ async def score(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)
     req: ScoreRequest = validate(ScoreRequest, await _json(request))
+    calls.ask_priority(req.priority)
     first, second = _pairs(req.text_1, req.text_2)
     route = await state.service.route(req.model, key, task="score")
     work = state.service.score(route, first, second, key=key, names=("text_1", "text_2"), truncate=req.truncate)

@@ -20,6 +20,7 @@ after a fixed minute; one that dies loses them when the registry drops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 ANYONE = Placement()  # the default class, the anonymous tenant
 WAKE_POLL_S = 1.0  # a waiting lease looks again this often, should an arrival be missed
 MIN_HOLD_S = 1.0  # the shortest lease, whatever a worker asks for
+JUST_IN_TIME_S = 0.01  # a lease takes its jobs this long before its engine is free (the reply's way back)
 _REASONS: dict[Reason, str] = {
     "expired": "its last lease expired",
     "released": "its last worker gave it back",
@@ -109,6 +111,7 @@ class JobQueue:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._closing = self._stopped = False
+        self._closed = asyncio.Event()  # set with _closing
         store.bind(self, max_attempts)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -127,6 +130,7 @@ class JobQueue:
     async def close_leases(self) -> None:
         """From now on lease calls return at once, empty (the gateway is about to exit)."""
         self._closing = True
+        self._closed.set()
         self._wake_all()
 
     # -- client side -------------------------------------------------------------------------
@@ -187,27 +191,26 @@ class JobQueue:
         estimated tokens (but at least one job), waiting up to wait_s for the first.
 
         ``fill_s`` is how long the worker's engine stays busy, counted from this call: until
-        then, a lease that has jobs waits for max_items (the engine could not start them sooner
-        anyway); from then on it takes what there is, so a free engine never waits for a batch."""
+        just before then (``JUST_IN_TIME_S``) the lease takes nothing, however much waits, and
+        then takes what there is. Jobs are chosen when the engine can start them, not a batch
+        time earlier: an interactive request, or a light tenant's, that arrives meanwhile goes
+        into the next batch ahead of the flood (a batch taken early would be the flood's)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        engine_free_at = loop.time() + fill_s
+        take_at = min(loop.time() + fill_s - JUST_IN_TIME_S, deadline)
         hold = min(max(hold_s or self._lease_ttl_s, MIN_HOLD_S), self._lease_ttl_s)
+        if loop.time() < take_at:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), take_at - loop.time())
         while not self._closing:
             seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
-            filling = loop.time() < engine_free_at
-            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens, max_items if filling else 1, hold))
+            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens, 1, hold))
             if taken.jobs:
                 return taken.jobs
             now = loop.time()
-            if taken.available and now >= engine_free_at:
-                continue  # the engine is free by now: take what there is
-            until = engine_free_at if taken.available else deadline
-            if now >= until:
+            if now >= deadline:
                 return []
-            # Look again once enough inputs may have arrived: one, or what a full batch lacks.
-            needed = max_items - taken.available if taken.available else 1
-            await self._inputs_after(key, seen, needed, min(until - now, WAKE_POLL_S))
+            await self._inputs_after(key, seen, 1, min(deadline - now, WAKE_POLL_S))
         return []
 
     async def answer(self, worker_id: str, answers: list[Answer], expect: Expect) -> Settled:

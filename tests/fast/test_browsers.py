@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.keys import SqliteKeyStore
 from gateway.redis_link import safe_url
+from gateway.tenancy.keys import SqliteKeyStore
 from tests.fast.conftest import running
 
 pytestmark = pytest.mark.anyio

@@ -89,7 +89,7 @@ async def test_a_field_of_the_wrong_type_is_a_400_naming_it(path, body):
 
 
 async def test_credentials_refused_in_openais_words(tmp_path):
-    from gateway.keys import SqliteKeyStore
+    from gateway.tenancy.keys import SqliteKeyStore
 
     store = SqliteKeyStore(tmp_path / "keys.db")
     scoped, _ = store.create("scoped", ["other"], None)

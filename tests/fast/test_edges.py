@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.app import create_app
-from gateway.keys import SqliteKeyStore
 from gateway.settings import load_settings
+from gateway.tenancy.keys import SqliteKeyStore
 from tests.fakes import fake_worker_config, metric
 from tests.fast.conftest import HandWorker, running
 from worker.__main__ import serve

@@ -1,0 +1,86 @@
+"""Admission by time, not by count: a request that would wait in its model's queue longer than it
+can is refused at once (429 with an honest Retry-After), not admitted to time out.
+
+``QueueLoad`` is one model queue as this process sees it: the estimated tokens of its admitted,
+unanswered requests per priority class and tenant, and how fast they drain: the tokens answered
+per second over the last ``RATE_WINDOW_S``, counted only while requests were waiting (an idle
+queue says nothing about speed). With no measure yet (a queue that filled less than
+``MIN_MEASURE_S`` ago, or fewer than ``MIN_ANSWERED`` requests answered since), it admits: a
+rate from a handful of answers is noise (a worker that hung a moment looks like a dead queue).
+
+A new request's wait is predicted as the queue would serve it (``queue/store.py``): everything
+of the higher classes first; in its own class, each other tenant's waiting tokens up to what that
+tenant gets while this one's are served (weighted fair shares); then its tenant's own, its own
+included. So shedding falls first on a tenant over its share: a flooding key's requests see its
+own long line and are refused, while a light key's see a short one.
+
+With replicas, each measures its own requests: they share the queue's line and its speed alike.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from gateway.queue import Placement
+
+RATE_WINDOW_S = 10.0
+MIN_MEASURE_S = 2.0  # a rate over a shorter backlog is no measure
+MIN_ANSWERED = 16  # nor one over fewer answers
+
+
+@dataclass
+class QueueLoad:
+    requests: int = 0
+    tokens: int = 0
+    waiting: dict[tuple[int, str], int] = field(default_factory=dict)  # (class, tenant) -> estimated tokens
+    weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight, while it has tokens waiting
+    _answered: deque[tuple[float, int]] = field(default_factory=deque)  # (when, estimated tokens)
+    _backlogged_since: float | None = None
+
+    def enter(self, placement: Placement, tokens: int, now: float) -> None:
+        if self.requests == 0:
+            self._backlogged_since = now
+        self.requests += 1
+        self.tokens += tokens
+        where = (placement.priority, placement.tenant)
+        self.waiting[where] = self.waiting.get(where, 0) + tokens
+        self.weights[placement.tenant] = placement.weight
+
+    def leave(self, placement: Placement, tokens: int, now: float, answered: bool) -> None:
+        self.requests -= 1
+        self.tokens -= tokens
+        where = (placement.priority, placement.tenant)
+        self.waiting[where] -= tokens
+        if not self.waiting[where]:
+            del self.waiting[where]
+            if not any(tenant == placement.tenant for _, tenant in self.waiting):
+                self.weights.pop(placement.tenant, None)
+        if answered:
+            self._answered.append((now, tokens))
+        if self.requests == 0:
+            self._backlogged_since = None
+
+    def rate(self, now: float) -> float | None:
+        """Estimated tokens answered per second while backlogged; None if not measured."""
+        while self._answered and self._answered[0][0] < now - RATE_WINDOW_S:
+            self._answered.popleft()
+        if self._backlogged_since is None:
+            return None
+        since = max(now - RATE_WINDOW_S, self._backlogged_since)
+        answered = [tokens for when, tokens in self._answered if when >= since]
+        drained = sum(answered)
+        if now - since < MIN_MEASURE_S or len(answered) < MIN_ANSWERED or not drained:
+            return None
+        return drained / (now - since)
+
+    def predicted_wait_s(self, placement: Placement, tokens: int, now: float) -> float | None:
+        rate = self.rate(now)
+        if rate is None:
+            return None
+        mine = self.waiting.get((placement.priority, placement.tenant), 0) + tokens
+        ahead: float = sum(n for (cls, _), n in self.waiting.items() if cls < placement.priority)
+        for (cls, tenant), n in self.waiting.items():
+            if cls == placement.priority and tenant != placement.tenant:
+                ahead += min(n, mine * self.weights.get(tenant, 1.0) / placement.weight)
+        return (ahead + mine) / rate

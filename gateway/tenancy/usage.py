@@ -1,0 +1,242 @@
+"""Usage you can bill: per key, per model, per hour, what each key's requests came to.
+
+Every client request that names a key or reaches a model is one ``record``: requests, inputs,
+prompt tokens (the tokens its client was told in ``usage.prompt_tokens``), errors by code, and
+``rejected`` (429s: limits and overload). The ledger sums records in memory and adds the sums
+to its store every second (and on shutdown), so a request costs no write of its own:
+- ``SqliteUsage``: the key database's file (one gateway, ``EMBEDQ_KEYS_DB``);
+- ``RedisUsage``: one hash per hour in Redis, shared by the replicas;
+- ``MemoryUsage``: this process only (no key database, no Redis): lost on restart.
+Rows older than ``usage_retention_days`` are dropped.
+
+A stored row is (hour, key, model, source, field) -> count, ``field`` one of requests, inputs,
+prompt_tokens, rejected or ``error:<code>``; ``source`` is ``api`` or ``batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections import Counter
+from datetime import UTC, datetime
+
+from gateway.redis_link import DOWN, RedisLink, text
+
+log = logging.getLogger(__name__)
+ANONYMOUS = "(anonymous)"  # the key name of loopback dev mode's clients (no key name has brackets)
+FLUSH_EVERY_S = 1.0
+HOUR_S = 3600
+Row = tuple[int, str, str, str]  # hour (epoch seconds), key, model, source
+Totals = dict[Row, Counter[str]]
+
+
+class UsageStore:
+    async def add(self, totals: Totals) -> None:
+        raise NotImplementedError
+
+    async def read(self, first_hour: int, last_hour: int) -> Totals:
+        """Every row of the hours first_hour..last_hour (epoch seconds, inclusive)."""
+        raise NotImplementedError
+
+    async def prune(self, before_hour: int) -> None:
+        """Drop the hours before before_hour."""
+
+
+class MemoryUsage(UsageStore):
+    def __init__(self) -> None:
+        self._rows: Totals = {}
+
+    async def add(self, totals: Totals) -> None:
+        for row, counts in totals.items():
+            self._rows.setdefault(row, Counter()).update(counts)
+
+    async def read(self, first_hour: int, last_hour: int) -> Totals:
+        return {row: Counter(c) for row, c in self._rows.items() if first_hour <= row[0] <= last_hour}
+
+    async def prune(self, before_hour: int) -> None:
+        self._rows = {row: c for row, c in self._rows.items() if row[0] >= before_hour}
+
+
+class SqliteUsage(UsageStore):
+    """In the key database's file; each call on a thread with its own connection."""
+
+    def __init__(self, path: str):
+        self._path = path
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS usage (hour INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,"
+                " source TEXT NOT NULL, field TEXT NOT NULL, n INTEGER NOT NULL,"
+                " PRIMARY KEY (hour, key, model, source, field))"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self._path, timeout=10)
+
+    async def add(self, totals: Totals) -> None:
+        rows = [(*row, field, n) for row, counts in totals.items() for field, n in counts.items() if n]
+        await asyncio.to_thread(self._add, rows)
+
+    def _add(self, rows: list[tuple]) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.executemany(
+                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (hour, key, model, source, field) DO UPDATE SET n = n + excluded.n",
+                    rows,
+                )
+        finally:
+            db.close()
+
+    async def read(self, first_hour: int, last_hour: int) -> Totals:
+        return await asyncio.to_thread(self._read, first_hour, last_hour)
+
+    def _read(self, first_hour: int, last_hour: int) -> Totals:
+        db = self._connect()
+        try:
+            rows = db.execute("SELECT * FROM usage WHERE hour BETWEEN ? AND ?", (first_hour, last_hour)).fetchall()
+        finally:
+            db.close()
+        totals: Totals = {}
+        for hour, key, model, source, field, n in rows:
+            totals.setdefault((hour, key, model, source), Counter())[field] += n
+        return totals
+
+    async def prune(self, before_hour: int) -> None:
+        await asyncio.to_thread(self._prune, before_hour)
+
+    def _prune(self, before_hour: int) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.execute("DELETE FROM usage WHERE hour < ?", (before_hour,))
+        finally:
+            db.close()
+
+
+class RedisUsage(UsageStore):
+    """``P:usage:<hour>``: a hash of "key<TAB>model<TAB>source<TAB>field" -> count, which
+    expires after the retention; every replica adds its sums with HINCRBY."""
+
+    def __init__(self, link: RedisLink, retention_s: float):
+        self._link = link
+        self._retention_s = int(retention_s)
+
+    async def add(self, totals: Totals) -> None:
+        async with self._link.redis.pipeline(transaction=False) as pipe:
+            for (hour, key, model, source), counts in totals.items():
+                name = self._link.key("usage", str(hour))
+                for field, n in counts.items():
+                    if n:
+                        pipe.hincrby(name, "\t".join((key, model, source, field)), n)
+                pipe.expireat(name, hour + HOUR_S + self._retention_s)
+            await pipe.execute()
+
+    async def read(self, first_hour: int, last_hour: int) -> Totals:
+        hours = list(range(first_hour, last_hour + 1, HOUR_S))
+        async with self._link.redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(self._link.key("usage", str(hour)))
+            replies = await pipe.execute()
+        totals: Totals = {}
+        for hour, fields in zip(hours, replies):
+            for name, n in fields.items():
+                key, model, source, field = text(name).split("\t")
+                totals.setdefault((hour, key, model, source), Counter())[field] += int(n)
+        return totals
+
+
+def hour_of(timestamp: float) -> int:
+    return int(timestamp // HOUR_S * HOUR_S)
+
+
+class UsageLedger:
+    def __init__(self, store: UsageStore, retention_days: float, clock=time.time):
+        self._store = store
+        self._retention_s = retention_days * 86400
+        self._clock = clock
+        self._pending: Totals = {}
+        self._lock = asyncio.Lock()
+
+    def record(
+        self,
+        key: str | None,
+        model: str,
+        source: str = "api",
+        *,
+        inputs: int = 0,
+        tokens: int = 0,
+        code: str | None = None,
+        rejected: bool = False,
+    ) -> None:
+        counts = self._pending.setdefault((hour_of(self._clock()), key or ANONYMOUS, model, source), Counter())
+        counts["requests"] += 1
+        counts["inputs"] += inputs
+        counts["prompt_tokens"] += tokens
+        if rejected:
+            counts["rejected"] += 1
+        if code is not None:
+            counts[f"error:{code}"] += 1
+
+    async def run(self) -> None:
+        pruned_at = 0.0
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            await self.flush()
+            if self._clock() - pruned_at > HOUR_S:
+                pruned_at = self._clock()
+                try:
+                    await self._store.prune(hour_of(pruned_at - self._retention_s))
+                except (sqlite3.Error, *DOWN) as exc:
+                    log.warning("could not drop old usage: %s", exc)
+
+    async def flush(self) -> None:
+        """Add what was recorded to the store (kept for the next try if the store fails)."""
+        async with self._lock:
+            if not self._pending:
+                return
+            pending, self._pending = self._pending, {}
+            try:
+                await self._store.add(pending)
+            except (sqlite3.Error, *DOWN) as exc:
+                log.warning("could not store usage (kept for the next try): %s", exc)
+                for row, counts in pending.items():
+                    self._pending.setdefault(row, Counter()).update(counts)
+
+    async def report(
+        self,
+        start: float,
+        end: float,
+        *,
+        by: str = "key",
+        granularity: str = "hour",
+        key: str | None = None,
+        model: str | None = None,
+    ) -> list[dict[str, object]]:
+        """Sums over [start, end) per period (hour or day, UTC) and per key or model, oldest first."""
+        await self.flush()
+        if end <= start:
+            return []
+        totals = await self._store.read(hour_of(start), hour_of(end - 1))
+        sums: dict[tuple[int, str], Counter[str]] = {}
+        for (hour, k, m, _source), counts in totals.items():
+            if (key is not None and k != key) or (model is not None and m != model):
+                continue
+            period = hour if granularity == "hour" else hour - hour % 86400
+            sums.setdefault((period, k if by == "key" else m), Counter()).update(counts)
+        return [_row(period, by, name, counts) for (period, name), counts in sorted(sums.items())]
+
+
+def _row(period: int, by: str, name: str, counts: Counter[str]) -> dict[str, object]:
+    errors = {field.removeprefix("error:"): n for field, n in sorted(counts.items()) if field.startswith("error:")}
+    return {
+        "start": datetime.fromtimestamp(period, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        by: name,
+        "requests": counts["requests"],
+        "inputs": counts["inputs"],
+        "prompt_tokens": counts["prompt_tokens"],
+        "rejected": counts["rejected"],
+        "errors": errors,
+    }
