@@ -36,7 +36,8 @@ class GatewaySettings(BaseModel):
     admin_tokens: tuple[str, ...] = ()
     usage_retention_days: float = Field(default=400.0, gt=0)  # hourly usage kept this long
     # A request whose predicted wait in its model's queue is longer gets 429 at once (see
-    # service.py); None: half the request timeout.
+    # admission.py); None: 10 s, or half the request timeout if that is shorter. Short, so that
+    # an overloaded queue holds little and serves fresh requests again soon after a burst.
     max_queue_wait_s: float | None = Field(default=None, gt=0)
     # Serve clients without API keys on a non-loopback address. Only for trusted networks.
     allow_anonymous_clients: bool = False
@@ -97,7 +98,7 @@ class GatewaySettings(BaseModel):
 
     @property
     def queue_wait_s(self) -> float:
-        return self.max_queue_wait_s or self.request_timeout_s / 2
+        return self.max_queue_wait_s or min(10.0, self.request_timeout_s / 2)
 
     @property
     def workers_open(self) -> bool:

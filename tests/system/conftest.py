@@ -91,7 +91,10 @@ class Gateway:
         return [m["id"] for m in httpx.get(self.url + "/v1/models").json()["data"]]
 
     def wait_for_model(self, model: str, timeout_s: float = 30) -> None:
-        wait_until(lambda: model in self.models(), timeout_s, f"model {model!r} to be listed\n{self.proc.log()}")
+        def listed() -> bool:  # /health lists the models to anyone; /v1/models may need a key
+            return model in httpx.get(self.url + "/health").json()["models"]
+
+        wait_until(listed, timeout_s, f"model {model!r} to be listed\n{self.proc.log()}")
 
 
 class RedisServer:

@@ -7,6 +7,7 @@ serves); here a fake-engine worker serves "all-minilm" on a gateway at an epheme
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -63,3 +64,36 @@ def test_python_example(gateway, code):
     )
     assert result.returncode == 0, result.stderr
     assert "384" in result.stdout or "all-minilm" in result.stdout, result.stdout
+
+
+TENANCY = (REPO / "docs" / "tenancy.md").read_text()
+TENANCY_BLOCKS = re.findall(r"```(sh|python)\n(.*?)```", TENANCY, flags=re.S)
+ADMIN_TOKEN = "admin-token-of-the-docs-test"
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tenancy-docs")
+    cluster = Cluster(tmp)
+    gw = cluster.gateway(env={"EMBEDQ_KEYS_DB": str(tmp / "keys.db"), "EMBEDQ_ADMIN_TOKENS": ADMIN_TOKEN})
+    cluster.worker(fake_worker_config(gw.url, "all-minilm", dimensions=384, max_model_len=256))
+    gw.wait_for_model("all-minilm")
+    yield gw
+    cluster.stop_all()
+
+
+def test_the_tenancy_pages_examples_run(keyed_gateway):
+    """docs/tenancy.md: the admin API by curl, then a key's use and its usage from Python."""
+    assert {lang for lang, _ in TENANCY_BLOCKS} == {"sh", "python"}
+    env = {**os.environ, "ADMIN_TOKEN": ADMIN_TOKEN}
+    for lang, code in TENANCY_BLOCKS:
+        command = ["bash", "-c", _here(code, keyed_gateway).strip() + " --fail-with-body"] if lang == "sh" else [
+            sys.executable, "-W", "error", "-c", _here(code, keyed_gateway)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        if lang == "sh":
+            assert json.loads(result.stdout)["key"].startswith("eq-")
+        else:
+            lines = result.stdout.splitlines()
+            assert lines[0] == "59 of 60 left this minute" and lines[1].endswith(" tokens"), result.stdout
+            assert "'docs-team'" in lines[2] and "'prompt_tokens': " + lines[1].split()[0] in lines[2], result.stdout
