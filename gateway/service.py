@@ -18,6 +18,9 @@ Prompts: a model may name prompts in its config (``query = "query: "``); a reque
 ``prompt_name`` (TEI's field: it must exist) or ``input_type`` (Cohere's and vLLM's:
 ``search_query`` means ``query``, ``search_document`` means ``document``; a model without that
 prompt embeds the text as it is). The prompt goes before each text, and its tokens count.
+
+Longer than most modules on purpose: everything between a parsed request and its queue is here,
+in the order it happens, so that no path of a request can skip a limit, a bound or a count.
 """
 
 from __future__ import annotations

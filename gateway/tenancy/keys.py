@@ -14,6 +14,9 @@ Three stores behind one lookup:
 
 A key is random (256 bits), so a plain SHA-256 of it is as good as a slow password hash, and
 looking it up by digest reveals nothing about the secret through timing.
+
+The three stores are side by side here (hence the length): one lookup, one key format, one set of
+operations for the CLI and the admin API.
 """
 
 from __future__ import annotations
