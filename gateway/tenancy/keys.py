@@ -104,6 +104,21 @@ def key_from_json(raw: dict[str, Any]) -> ApiKey:
     )
 
 
+def changed(key: ApiKey, changes: dict[str, Any]) -> ApiKey:
+    """The key with new limits (and models, under "models")."""
+    models = changes.get("models", key.models)
+    limits = replace(key.limits, **{k: v for k, v in changes.items() if k != "models"})
+    return replace(key, limits=limits, models=tuple(models) if models else None)
+
+
+def export_json(keys: list[ApiKey]) -> str:
+    """The usable keys, hashes only, as the JSON FileKeyStore reads."""
+    now = time.time()
+    hidden = ("last_used_at", "revoked_at")
+    usable = [{k: v for k, v in key_to_json(key).items() if k not in hidden} for key in keys if key.usable(now)]
+    return json.dumps({"keys": usable}, indent=2)
+
+
 def _duplicate(name: str) -> KeysError:
     return KeysError(f"a key named {name!r} exists already (names are never reused); choose another, e.g. {name + '-2'!r}")
 
@@ -214,15 +229,13 @@ class SqliteKeyStore(_Lookup):
 
     def update(self, name: str, **changes: Any) -> ApiKey:
         """Change a key's limits (and models); it holds from the key's next request."""
-        key = self.get(name)
-        limits = replace(key.limits, **{k: v for k, v in changes.items() if k != "models"})
-        models = changes.get("models", key.models)
+        key = changed(self.get(name), changes)
         self._db.execute(
             "UPDATE api_keys SET limits = ?, models = ? WHERE name = ?",
-            (json.dumps(limits.as_dict()), json.dumps(list(models)) if models else None, name),
+            (json.dumps(key.limits.as_dict()), json.dumps(list(key.models)) if key.models else None, name),
         )
         self._version = None
-        return replace(key, limits=limits, models=tuple(models) if models else None)
+        return key
 
     def revoke(self, name: str) -> None:
         cursor = self._db.execute("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (time.time(), name))
@@ -259,14 +272,7 @@ class SqliteKeyStore(_Lookup):
             self._touched[key.name] = self._unwritten[key.name] = now
 
     def export(self) -> str:
-        """The usable keys, hashes only, as the JSON FileKeyStore reads."""
-        now = time.time()
-        keys = [
-            {k: v for k, v in key_to_json(key).items() if k not in ("last_used_at", "revoked_at")}
-            for key in self.all()
-            if key.usable(now)
-        ]
-        return json.dumps({"keys": keys}, indent=2)
+        return export_json(self.all())
 
     def _refresh(self) -> None:
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
@@ -347,10 +353,7 @@ class RedisKeyStore(_Lookup):
         return secret, key
 
     def update(self, name: str, **changes: Any) -> ApiKey:
-        key = self.get(name)
-        limits = replace(key.limits, **{k: v for k, v in changes.items() if k != "models"})
-        models = changes.get("models", key.models)
-        return self._put(replace(key, limits=limits, models=tuple(models) if models else None))
+        return self._put(changed(self.get(name), changes))
 
     def revoke(self, name: str) -> None:
         key = self.get(name)
@@ -375,13 +378,7 @@ class RedisKeyStore(_Lookup):
         return sorted((replace(k, last_used_at=used.get(k.name, k.last_used_at)) for k in keys), key=lambda k: k.name)
 
     def export(self) -> str:
-        now = time.time()
-        keys = [
-            {k: v for k, v in key_to_json(key).items() if k not in ("last_used_at", "revoked_at")}
-            for key in self.all()
-            if key.usable(now)
-        ]
-        return json.dumps({"keys": keys}, indent=2)
+        return export_json(self.all())
 
 
 KeyStore = SqliteKeyStore | FileKeyStore | RedisKeyStore
