@@ -67,7 +67,8 @@ def test_a_flooding_key_gets_its_share_and_a_light_key_keeps_its_latency(cluster
     assert {status for status, _ in flooded} == {200, 429}, summary  # its share, the rest refused; never a 5xx
     # Measured here (2 cores shared by the gateway, the worker and 100 requests/s of load): B's p99
     # is B alone plus one to two batch times. First-in-first-out, it would be the queue's whole wait.
-    assert b_shared <= b_alone + 2 * 0.2 + 0.15, summary
+    # The bound leaves room for a loaded CI machine; what it guards against is FIFO (seconds).
+    assert b_shared <= b_alone + 3 * 0.2 + 0.2, summary
 
 
 def test_an_interactive_request_overtakes_a_saturated_queue(cluster: Cluster):
