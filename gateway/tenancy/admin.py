@@ -155,18 +155,23 @@ async def usage(request: Request) -> Response:
     return json_response({"object": "list", "from": _iso(start), "to": _iso(end), "by": by, "data": rows})
 
 
+def moment(text: str) -> float:
+    """An ISO 8601 date or time (UTC unless it says) as a timestamp; ValueError if it is none."""
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
 def _when(text: str | None, name: str, default: float) -> float:
     if not text:
         return default
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return moment(text)
     except ValueError:
         raise InvalidRequest(
             f"'{name}' must be an ISO 8601 date or time such as 2026-11-01 or 2026-11-01T12:00:00Z (got {text!r})",
             param=name,
             code="invalid_value",
         ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> Any:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.redis_link import RedisLink
-from gateway.tenancy.admin import DAY_S
+from gateway.tenancy.admin import DAY_S, moment
 from gateway.tenancy.keys import KeysError, RedisKeyStore, SqliteKeyStore, parse_duration
 from gateway.tenancy.limits import PRIORITY_NAMES, Limits, parse_budget
 from gateway.tenancy.usage import RedisUsage, SqliteUsage, UsageLedger, UsageStore
@@ -207,9 +207,5 @@ def _errors_text(errors: Any) -> str:
 
 
 def _period(args: argparse.Namespace) -> tuple[float, float]:
-    def moment(text: str) -> float:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-
     end = moment(args.end) if args.end else time.time()
     return (moment(args.start) if args.start else end - DAY_S), end
