@@ -75,7 +75,8 @@ class Stack:
 
     def gateway(self, env: dict[str, str] | None = None) -> str:
         port = free_port()
-        self.start("gateway", ["-m", "gateway", "--port", str(port)], {"EMBEDQ_LOG_LEVEL": "warning", **(env or {})})
+        own = {"EMBEDQ_LOG_LEVEL": "warning", "EMBEDQ_DATA_DIR": str(self.workdir / f"data-{port}")}
+        self.start("gateway", ["-m", "gateway", "--port", str(port)], {**own, **(env or {})})
         url = f"http://127.0.0.1:{port}"
         wait_for(url + "/health", "the gateway")
         return url

@@ -18,6 +18,10 @@ from starlette.routing import Route
 
 from gateway import worker_endpoints
 from gateway.auth import Auth
+from gateway.batches import api as batches_api
+from gateway.batches.runner import BatchRunner
+from gateway.batches.store import BatchStore, DirStore
+from gateway.batches.store import RedisStore as RedisBatchStore
 from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError, QueueDown
 from gateway.guard import BrowserGuard
@@ -125,6 +129,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
     limiter, usage_store = _tenancy(settings, link)
     usage = UsageLedger(usage_store, settings.usage_retention_days)
     service = Service(settings, queue, workers, gateway_metrics, limiter)
+    # Files and batches: in the queue's Redis with replicas (every replica reads them), else in the data directory.
+    batches: BatchStore = RedisBatchStore(link) if link is not None else DirStore(settings.data_dir)
+    runner = BatchRunner(batches, service, workers, keys, usage, gateway_metrics, settings,
+                         holder=link.replica if link is not None else "local")  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -142,9 +150,13 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 link.replica,
             )
             await link.start()
+        await batches.start()
+        if link is None:
+            log.info("files and batches in %s", settings.data_dir)
         await queue.start()
         await workers.start()
-        background = [asyncio.create_task(service.fail_orphans_forever()), asyncio.create_task(usage.run())]
+        background = [asyncio.create_task(service.fail_orphans_forever()), asyncio.create_task(usage.run()),
+                      asyncio.create_task(runner.run())]  # fmt: skip
         if keys is not None:
             background.append(asyncio.create_task(keys.run()))
         try:
@@ -152,9 +164,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
         finally:
             for task in background:
                 task.cancel()
+            await runner.stop()
             await usage.flush()
             await workers.stop()
             await queue.stop()
+            await batches.stop()
             if link is not None:
                 await link.stop()
             if keys is not None:
@@ -166,6 +180,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         *vllm.routes,
         *cohere.routes,
         *worker_endpoints.routes,
+        *batches_api.routes,
         *admin.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -191,6 +206,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.service = service
     app.state.keys = keys
     app.state.usage = usage
+    app.state.batches = batches
+    app.state.batch_runner = runner
     app.state.draining = False  # set by the server on SIGTERM (server.py)
     app.state.in_flight = 0
     app.router.redirect_slashes = False  # Starlette's would send the client to the Host it named (http.render_error)

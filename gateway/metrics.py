@@ -50,6 +50,16 @@ class GatewayMetrics:
         self.rejected = Counter(
             p + "rejected_total", "Requests refused with 429 because the model's queue was full", ["model"], registry=registry
         )
+        self.batch_lines = Counter(
+            p + "batch_lines_total",
+            "Batch lines put in their model's queue (queued), and answered (completed or failed), by model",
+            ["model", "state"],
+            registry=registry,
+        )
+        self.batch_backlog = Gauge(
+            p + "batch_backlog_lines", "Lines of the batches this replica drives still to answer, by model", ["model"],
+            registry=registry,
+        )  # fmt: skip
         self.in_flight = Gauge(p + "requests_in_flight", "Client requests being served", registry=registry)
         self.leases_reclaimed = Counter(
             p + "leases_reclaimed_total",

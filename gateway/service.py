@@ -55,7 +55,7 @@ from gateway.registry import Route, WorkerRegistry
 from gateway.settings import GatewaySettings
 from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey
-from gateway.tenancy.limits import Decision, Limiter
+from gateway.tenancy.limits import Decision, Limiter, Limits
 
 log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.25
@@ -253,7 +253,7 @@ class Service:
             raise _client_error(failure, size, single, self._settings.retry_after_s) from None
         finally:
             if decision is not None:
-                self._finish(key, decision, _tokens(done))
+                self._finish(key, call, decision, _tokens(done))
         self._count_served(route.model, key, jobs=len(specs), inputs=len(inputs), tokens=_tokens(done))
         if call is not None:
             call.inputs += len(inputs)
@@ -262,9 +262,10 @@ class Service:
 
     async def _limit(self, key: ApiKey | None, tokens: int, call: calls.Call | None) -> Decision | None:
         """The key's limits on a request of ``tokens`` (estimated): 429 over one of them."""
-        if key is None or not key.limits.enforced:
+        limits = _limits(key, call) if key is not None else None
+        if key is None or limits is None or not limits.enforced:
             return None
-        decision = await self._limiter.admit(key.name, key.limits, tokens)
+        decision = await self._limiter.admit(key.name, limits, tokens)
         headers = calls.rate_headers(decision, key)
         if call is not None:
             call.headers = headers
@@ -272,7 +273,6 @@ class Service:
             return decision
         wait = max(1, math.ceil(decision.retry_after_s))
         refusal = {**headers, "Retry-After": str(wait), "retry-after-ms": str(max(1, round(decision.retry_after_s * 1000)))}
-        limits = key.limits
         if decision.refused == "budget":
             raise QuotaExceeded(
                 f"API key {key.name!r} has spent its budget of {limits.budget} tokens per {limits.budget_period}; "
@@ -292,10 +292,10 @@ class Service:
             headers=refusal,
         )
 
-    def _finish(self, key: ApiKey | None, decision: Decision, used: int) -> None:
+    def _finish(self, key: ApiKey | None, call: calls.Call | None, decision: Decision, used: int) -> None:
         """Tell the limiter a request ended (in the background: the client need not wait)."""
         assert key is not None
-        task = asyncio.get_running_loop().create_task(self._limiter.finish(key.name, key.limits, decision, used))
+        task = asyncio.get_running_loop().create_task(self._limiter.finish(key.name, _limits(key, call), decision, used))
         self._background.add(task)
         task.add_done_callback(self._finished)
 
@@ -387,6 +387,11 @@ def _renamed(exc: InvalidRequest, name: Callable[[int], str]) -> InvalidRequest:
         return exc
     where = name(int(match.group(1)))
     return InvalidRequest(exc.message.replace(f"'{exc.param}'", f"'{where}'"), param=where, code=exc.code)
+
+
+def _limits(key: ApiKey, call: calls.Call | None) -> Limits:
+    """The key's limits on this call: a batch's line is held to its budget only."""
+    return key.limits.for_batch() if call is not None and call.source == "batch" else key.limits
 
 
 def _tokens(done: list[JobDone]) -> int:

@@ -35,6 +35,8 @@ class GatewaySettings(BaseModel):
     # Bearer tokens for the admin API (/admin/v1/...) and nothing else.
     admin_tokens: tuple[str, ...] = ()
     usage_retention_days: float = Field(default=400.0, gt=0)  # hourly usage kept this long
+    # Uploaded files and batches, kept across restarts (with EMBEDQ_QUEUE=redis they live in Redis).
+    data_dir: str = "~/.local/share/embedq"
     # A request whose predicted wait in its model's queue is longer gets 429 at once (see
     # admission.py); None: 10 s, or half the request timeout if that is shorter. Short, so that
     # an overloaded queue holds little and serves fresh requests again soon after a burst.

@@ -21,8 +21,9 @@ from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, p
 from gateway.errors import InvalidRequest, ModelNotFound, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.registry import Route as ModelRoute
-from gateway.service import serves
+from gateway.service import Service, serves
 from gateway.tenancy import calls
+from gateway.tenancy.keys import ApiKey
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
@@ -33,21 +34,19 @@ async def create_embeddings(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)  # before reading the body: strangers cost us nothing
     body = await read_json(request)
-    req, inputs, single = await off_loop(len(body), _parse, body, state.settings.max_inputs)
+    req, inputs, single = await off_loop(len(body), parse_request, body, state.settings.max_inputs)
     calls.ask_priority(req.priority)
-    route = await state.service.route(req.model, key, frozenset(req.tags or ()))
-    work = state.service.embed(
-        route,
-        inputs,
-        single=single,
-        key=key,
-        dimensions=req.dimensions,
-        truncate=req.truncate,
-        prompt=req.prompt_name or req.input_type,
-        tags=frozenset(req.tags or ()),
-    )
-    result = await unless_disconnected(request, work)
-    return json_response(render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format))
+    return json_response(await unless_disconnected(request, embeddings(state.service, key, req, inputs, single)))
+
+
+async def embeddings(service: Service, key: ApiKey | None, req: EmbeddingsRequest, inputs: list[JobInput], single: bool) -> bytes:
+    """The response body to a parsed request: what a client of ``/v1/embeddings`` gets, and what
+    a batch's line gets (``batches/runner.py``)."""
+    tags = frozenset(req.tags or ())
+    route = await service.route(req.model, key, tags)
+    result = await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
+                                 prompt=req.prompt_name or req.input_type, tags=tags)  # fmt: skip
+    return render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
 
 
 async def list_models(request: Request) -> Response:
@@ -76,7 +75,7 @@ def _model(route: ModelRoute) -> dict[str, Any]:
             "tasks": serves(route), "dimensions": card.dimensions, "max_input_tokens": card.max_input_tokens}  # fmt: skip
 
 
-def _parse(body: bytes, max_inputs: int) -> tuple[EmbeddingsRequest, list[JobInput], bool]:
+def parse_request(body: bytes, max_inputs: int) -> tuple[EmbeddingsRequest, list[JobInput], bool]:
     req: EmbeddingsRequest = validate(EmbeddingsRequest, parse_body(body))
     return req, *parse_inputs(req.input, max_inputs)
 

@@ -115,6 +115,15 @@ class OllamaEmbeddingsRequest(_Request):
     options: dict[str, Any] | None = None
 
 
+class BatchRequest(_Request):
+    """OpenAI ``POST /v1/batches``."""
+
+    input_file_id: str = Field(min_length=1)
+    endpoint: Literal["/v1/embeddings"] = Field(description="the one endpoint batches run here")
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
 class EmbeddingData(BaseModel):
     object: Literal["embedding"]
     embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")

@@ -22,7 +22,7 @@ from gateway.tenancy.limits import PRIORITY_NAMES, Decision
 from gateway.tenancy.usage import UsageLedger
 
 CLASS_OF_NAME = {"interactive": INTERACTIVE, "default": DEFAULT, "batch": BATCH}
-NOT_CLIENT_CALLS = ("/internal/", "/admin/", "/metrics", "/health", "/openapi.json", "/ui")
+NOT_CLIENT_CALLS = ("/internal/", "/admin/", "/metrics", "/health", "/openapi.json", "/ui", "/v1/files", "/v1/batches")
 
 
 @dataclass
@@ -42,6 +42,11 @@ _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("embedq_c
 
 def current() -> Call | None:
     return _CURRENT.get()
+
+
+def enter(call: Call) -> None:
+    """Make ``call`` current for the rest of this task (a batch's line, which has no ASGI request)."""
+    _CURRENT.set(call)
 
 
 def note_error(code: str | None) -> None:

@@ -145,6 +145,11 @@ class _Lookup:
         key = self._by_digest.get(wanted)
         return key if key is not None and hmac.compare_digest(key.sha256, wanted) else None
 
+    def named(self, name: str) -> ApiKey | None:
+        """The key called ``name`` (revoked and expired ones too), if any."""
+        self._refresh()
+        return next((key for key in self._by_digest.values() if key.name == name), None)
+
     def touch(self, key: ApiKey, now: float) -> None:
         """Note a use of the key (stores that cannot write ignore it)."""
 

@@ -20,7 +20,7 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -46,6 +46,10 @@ class Limits:
     def enforced(self) -> bool:
         """Whether any limit needs the limiter (weight and priority do not)."""
         return any(v is not None for v in (self.rpm, self.tpm, self.concurrency, self.budget))
+
+    def for_batch(self) -> Limits:
+        """What holds for a batch's lines: the budget (the batch's own window paces its lines)."""
+        return replace(self, rpm=None, tpm=None, concurrency=None)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

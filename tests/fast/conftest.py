@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -153,11 +154,13 @@ class HandWorker:
 
 @contextlib.asynccontextmanager
 async def running(env: dict[str, str] | None = None, app: Starlette | None = None) -> AsyncIterator[Gateway]:
-    """A gateway app on the given EMBEDQ_* settings (the defaults otherwise), lifespan and all."""
-    app = app or create_app(load_settings(env or {}))
-    async with app.router.lifespan_context(app):
-        gateway = Gateway(app)
-        try:
-            yield gateway
-        finally:
-            await gateway.close()
+    """A gateway app on the given EMBEDQ_* settings (the defaults otherwise, but for a data
+    directory of its own), lifespan and all."""
+    with tempfile.TemporaryDirectory(prefix="embedq-data-") as data_dir:
+        app = app or create_app(load_settings({"EMBEDQ_DATA_DIR": data_dir, **(env or {})}))
+        async with app.router.lifespan_context(app):
+            gateway = Gateway(app)
+            try:
+                yield gateway
+            finally:
+                await gateway.close()

@@ -178,10 +178,11 @@ class Cluster:
         port: int | None = None,
         defaults: bool = False,
     ) -> Gateway:
-        """A gateway; unless ``defaults``, with a short worker TTL and wait, to keep tests short."""
+        """A gateway with a data directory of its own; unless ``defaults``, with a short worker TTL
+        and wait, to keep tests short."""
         port = port or free_port()
         quick = {} if defaults else {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1"}
-        env = {**quick, **self.queue_env(), **(env or {})}
+        env = {"EMBEDQ_DATA_DIR": str(self.tmp / f"data-{port}"), **quick, **self.queue_env(), **(env or {})}
         proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
         gateway = Gateway(proc, port)
         wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")

@@ -1,0 +1,215 @@
+"""OpenAI's Files API (``purpose: "batch"``) and Batches API (``endpoint: "/v1/embeddings"``), in
+OpenAI's shapes. A file or batch belongs to the key that made it; any other key is told it does
+not exist (404), as OpenAI does. The work itself is the runner's (``runner.py``)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Message
+
+from gateway.batches.lines import MAX_FILE_BYTES
+from gateway.batches.runner import batch_object
+from gateway.batches.store import BatchRecord, FileRecord
+from gateway.dialects.schemas import BatchRequest, parse_body, validate
+from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.http import json_response, read_json
+from gateway.tenancy.keys import ApiKey
+
+T = TypeVar("T")
+WINDOW_S = {"24h": 86400}
+FORM_SLACK = 64 * 1024  # a multipart body's own bytes around the file
+
+
+def _owner(key: ApiKey | None) -> str:
+    return key.name if key is not None else ""
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+async def upload_file(request: Request) -> Response:
+    state = request.app.state
+    key = state.auth.client(request)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("upload the file as multipart/form-data, with the fields 'file' and 'purpose'")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_FILE_BYTES + FORM_SLACK:
+        raise PayloadTooLarge(f"the upload has {declared} bytes; a batch input file may have at most {MAX_FILE_BYTES}")
+    async with _capped(request, MAX_FILE_BYTES + FORM_SLACK).form(max_files=1, max_fields=8) as form:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "batch":
+            raise InvalidRequest(f"'purpose' must be \"batch\" (got {purpose!r}): files here are batch input files",
+                                 param="purpose", code="invalid_value")  # fmt: skip
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("'file' is a required field: the JSONL file to upload", param="file", code="missing_field")
+        size = upload.size or 0
+        if size > MAX_FILE_BYTES:
+            raise PayloadTooLarge(f"the file has {size} bytes; a batch input file may have at most {MAX_FILE_BYTES}")
+        store = state.batches
+        record = FileRecord(f"file-{secrets.token_hex(12)}", _owner(key), "batch", upload.filename or "upload.jsonl", size,
+                            int(time.time()), await store.next_seq())  # fmt: skip
+        await upload.seek(0)
+        await store.put_file(record, upload.file)
+    return json_response(record.as_openai())
+
+
+def _capped(request: Request, limit: int) -> Request:
+    """The request, its body refused with 413 past ``limit`` bytes as it arrives."""
+    size = 0
+
+    async def receive() -> Message:
+        nonlocal size
+        message = await request.receive()
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise PayloadTooLarge(f"the upload exceeds {limit} bytes; a batch input file may have at most {MAX_FILE_BYTES}")
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def list_files(request: Request) -> Response:
+    key = request.app.state.auth.client(request)
+    purpose = request.query_params.get("purpose")
+    files = [f for f in await request.app.state.batches.files(_owner(key)) if purpose is None or f.purpose == purpose]
+    if request.query_params.get("order", "desc") == "asc":
+        files.reverse()
+    return json_response(_page(request, files, lambda f: f.id, lambda f: f.as_openai(), default_limit=10000, max_limit=10000))
+
+
+async def _own_file(request: Request) -> FileRecord:
+    key = request.app.state.auth.client(request)
+    file_id = request.path_params["file_id"]
+    record = await request.app.state.batches.file(file_id)
+    if record is None or record.owner != _owner(key):
+        raise NotFound(f"no file {file_id!r}", param="file_id")
+    return record
+
+
+async def retrieve_file(request: Request) -> Response:
+    return json_response((await _own_file(request)).as_openai())
+
+
+async def file_content(request: Request) -> Response:
+    record = await _own_file(request)
+    store = request.app.state.batches
+    headers = {"Content-Disposition": f'attachment; filename="{record.filename}"'}
+    if record.batch_id is None:
+        return Response(await store.content(record), media_type="application/jsonl", headers=headers)
+    batch = await store.batch(record.batch_id)
+    lines = batch.doc["request_counts"]["total"] if batch is not None else 0
+    return StreamingResponse(store.results(record.batch_id, record.ok, lines), media_type="application/jsonl", headers=headers)
+
+
+async def delete_file(request: Request) -> Response:
+    record = await _own_file(request)
+    await request.app.state.batches.delete_file(record.id)
+    return json_response({"id": record.id, "object": "file", "deleted": True})
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+async def create_batch(request: Request) -> Response:
+    state = request.app.state
+    key = state.auth.client(request)
+    req: BatchRequest = validate(BatchRequest, parse_body(await read_json(request)))
+    if req.metadata and any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items()):
+        raise InvalidRequest("'metadata' keys have at most 64 characters, values at most 512", param="metadata",
+                             code="invalid_value")  # fmt: skip
+    store = state.batches
+    source = await store.file(req.input_file_id)
+    if source is None or source.owner != _owner(key):
+        raise NotFound(f"no file {req.input_file_id!r}", param="input_file_id")
+    if source.purpose != "batch":
+        raise InvalidRequest(f"file {source.id!r} has purpose {source.purpose!r}; a batch's input needs purpose \"batch\"",
+                             param="input_file_id", code="invalid_value")  # fmt: skip
+    now = int(time.time())
+    doc = {"id": f"batch_{secrets.token_hex(12)}", "object": "batch", "endpoint": req.endpoint, "errors": None,
+           "input_file_id": source.id, "completion_window": req.completion_window, "status": "validating",
+           "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+           "expires_at": now + WINDOW_S[req.completion_window], "finalizing_at": None, "completed_at": None,
+           "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+           "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata}  # fmt: skip
+    record = BatchRecord(doc["id"], _owner(key), await store.next_seq(), doc)
+    await store.save_batch(record)
+    state.batch_runner.look_now()
+    return json_response(doc)
+
+
+async def _own_batch(request: Request) -> BatchRecord:
+    key = request.app.state.auth.client(request)
+    batch_id = request.path_params["batch_id"]
+    record = await request.app.state.batches.batch(batch_id)
+    if record is None or record.owner != _owner(key):
+        raise NotFound(f"no batch {batch_id!r}", param="batch_id")
+    return record
+
+
+async def retrieve_batch(request: Request) -> Response:
+    record = await _own_batch(request)
+    return json_response(batch_object(record, await request.app.state.batches.cancel_requested(record.id)))
+
+
+async def cancel_batch(request: Request) -> Response:
+    record = await _own_batch(request)
+    store = request.app.state.batches
+    if record.status in ("validating", "in_progress", "finalizing", "cancelling"):
+        await store.request_cancel(record.id)
+        request.app.state.batch_runner.look_now()
+        record.doc["cancelling_at"] = record.doc.get("cancelling_at") or int(time.time())
+        return json_response(batch_object(record, True))
+    if record.status == "cancelled":
+        return json_response(record.doc)
+    raise InvalidRequest(f"batch {record.id!r} is {record.status}: only a batch still running can be cancelled",
+                         param="batch_id", code="invalid_state")  # fmt: skip
+
+
+async def list_batches(request: Request) -> Response:
+    key = request.app.state.auth.client(request)
+    store = request.app.state.batches
+    batches = await store.batches(_owner(key))
+    return json_response(_page(request, batches, lambda b: b.id, lambda b: b.doc, default_limit=20, max_limit=100))
+
+
+def _page(request: Request, items: Sequence[T], ident: Callable[[T], str], render: Callable[[T], dict[str, Any]], *,
+          default_limit: int, max_limit: int) -> dict[str, Any]:  # fmt: skip
+    """OpenAI's cursor pages: ``after`` an id, ``limit`` items."""
+    raw = request.query_params.get("limit", str(default_limit))
+    if not raw.isdigit() or not 1 <= int(raw) <= max_limit:
+        raise InvalidRequest(
+            f"'limit' must be an integer from 1 to {max_limit} (got {raw!r})", param="limit", code="invalid_value"
+        )
+    limit = int(raw)
+    after = request.query_params.get("after")
+    start = 0
+    if after:
+        ids = [ident(item) for item in items]
+        if after not in ids:
+            raise InvalidRequest(f"'after' names no item of this list (got {after!r})", param="after", code="invalid_value")
+        start = ids.index(after) + 1
+    page = items[start : start + limit]
+    data = [render(item) for item in page]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}  # fmt: skip
+
+
+routes = [
+    Route("/v1/files", upload_file, methods=["POST"]),
+    Route("/v1/files", list_files, methods=["GET"]),
+    Route("/v1/files/{file_id}", retrieve_file, methods=["GET"]),
+    Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+    Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
+    Route("/v1/batches", create_batch, methods=["POST"]),
+    Route("/v1/batches", list_batches, methods=["GET"]),
+    Route("/v1/batches/{batch_id}", retrieve_batch, methods=["GET"]),
+    Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+]

@@ -1,0 +1,356 @@
+"""The gateway's batch driver: it finds batches that need driving, takes each under a claim (with
+replicas, one replica drives a batch; its claim lapses ``CLAIM_TTL_S`` after it stops renewing
+it, and another replica takes the batch over), and drives it through OpenAI's statuses:
+
+    validating -> in_progress -> finalizing -> completed
+               -> failed (the file is wrong)   -> cancelling -> cancelled
+                                               -> expired (its completion window passed)
+
+A running batch's lines go through the same path as ``/v1/embeddings`` requests (its key, the
+model's queue, the answer's shape) in the ``batch`` priority class: interactive and default
+requests always go first. Only a window of its lines is in the queue at once, about two engine
+batches' worth per live worker (``WINDOW_INPUTS_PER_WORKER``), so that a batch never fills a
+queue that others need, yet keeps every worker busy when nobody else needs it. A line refused
+for now (the queue is busy, no worker is up, it timed out waiting) is tried again later; a line
+the model refuses (a bad input) gets the 400 that ``/v1/embeddings`` would give, in the error file.
+
+Each answered line is recorded at once, under its index, once (``store.py``): a batch taken over
+after a crash runs only the lines with no answer, and its output has every line exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.batches.lines import Line, read_lines
+from gateway.batches.store import BatchRecord, BatchStore, FileRecord
+from gateway.dialects.openai import embeddings, parse_request
+from gateway.errors import ApiError, Unauthorized
+from gateway.metrics import GatewayMetrics
+from gateway.queue import BATCH, QueueUnavailable
+from gateway.redis_link import DOWN
+from gateway.registry import WorkerRegistry
+from gateway.service import Service
+from gateway.settings import GatewaySettings
+from gateway.tenancy import calls
+from gateway.tenancy.keys import ApiKey, KeyStore
+from gateway.tenancy.usage import UsageLedger
+
+log = logging.getLogger(__name__)
+CLAIM_TTL_S = 10.0  # a replica that stops renewing its claim loses the batch after this
+RENEW_S = 2.0
+LOOK_S = 1.0  # how often a replica looks for batches to drive
+PROGRESS_S = 1.0  # request_counts are written this often
+RETRY_S = 1.0  # a line refused for now waits this long before it tries again
+WINDOW_INPUTS_PER_WORKER = 512  # a batch's inputs in the queue at once, per live worker of its model
+MAX_WINDOW_LINES_SHARE = 4  # and at most a quarter of a queue's request bound in lines
+CANCEL_LOOK_S = 0.25  # a cancel stops a batch's new lines within this (and a store read)
+TRANSIENT = {408, 429, 503, 504}  # answers a line waits out: busy, no worker up, timed out in line
+
+
+class LostClaim(Exception):
+    """Another replica drives the batch now."""
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+@dataclass
+class _Run:
+    """A batch while this gateway drives it."""
+
+    record: BatchRecord
+    lines: list[Line]
+    key: ApiKey | None
+    finished: list[tuple[int, bool, bytes]] = field(default_factory=list)  # answered, not yet recorded
+    in_flight: dict[asyncio.Task, Line] = field(default_factory=dict)
+    left: Counter[str] = field(default_factory=Counter)  # lines without an answer, per model (the backlog)
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        store: BatchStore,
+        service: Service,
+        workers: WorkerRegistry,
+        keys: KeyStore | None,
+        usage: UsageLedger,
+        metrics: GatewayMetrics,
+        settings: GatewaySettings,
+        holder: str,
+    ):
+        self._store, self._service, self._workers, self._keys = store, service, workers, keys
+        self._usage, self._metrics, self._settings, self._holder = usage, metrics, settings, holder
+        self._driving: dict[str, asyncio.Task] = {}
+        self._look = asyncio.Event()
+
+    def look_now(self) -> None:
+        """A batch was created or cancelled here: look without waiting for the next round."""
+        self._look.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                for batch_id in await self._store.active():
+                    if batch_id not in self._driving and await self._store.claim(batch_id, self._holder, CLAIM_TTL_S):
+                        task = self._driving[batch_id] = asyncio.create_task(self._drive(batch_id))
+                        task.add_done_callback(functools.partial(self._stopped_driving, batch_id))
+            except DOWN as exc:
+                log.warning("cannot look for batches to drive: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look.wait(), LOOK_S)
+            self._look.clear()
+
+    def _stopped_driving(self, batch_id: str, task: asyncio.Task) -> None:
+        self._driving.pop(batch_id, None)
+
+    async def stop(self) -> None:
+        """Stop driving (the gateway is going): another replica, or this one restarted, goes on."""
+        tasks = list(self._driving.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    async def _drive(self, batch_id: str) -> None:
+        driver = asyncio.current_task()
+        assert driver is not None
+        keeper = asyncio.create_task(self._keep_claim(batch_id, driver))
+        try:
+            record = await self._store.batch(batch_id)
+            if record is None:
+                return
+            if record.status == "validating":
+                record = await self._validate(record)
+            if record.status in ("in_progress", "finalizing", "cancelling"):
+                await self._run(record)
+        except asyncio.CancelledError:
+            if keeper.done() and isinstance(keeper.exception(), LostClaim):
+                log.warning("batch %s: another replica drives it now", batch_id)
+                return
+            raise
+        except DOWN as exc:
+            log.warning("batch %s: the store is unreachable (%s); it goes on when it is back", batch_id, exc)
+        except Exception:
+            log.exception("batch %s: driving it failed; it is tried again shortly", batch_id)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(*DOWN):
+                await self._store.unclaim(batch_id, self._holder)
+
+    async def _keep_claim(self, batch_id: str, driver: asyncio.Task) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            try:
+                held = await self._store.claim(batch_id, self._holder, CLAIM_TTL_S)
+            except DOWN:
+                continue  # if Redis stays away, the claim lapses and another replica may take it
+            if not held:
+                driver.cancel()
+                raise LostClaim(batch_id)
+
+    async def _validate(self, record: BatchRecord) -> BatchRecord:
+        source = await self._store.file(record.doc["input_file_id"])
+        key = self._key(record.owner)
+        if source is None:
+            errors = [{"code": "file_not_found", "message": "the input file was deleted before the batch started",
+                       "param": "input_file_id", "line": None}]  # fmt: skip
+            lines: list[Line] = []
+        else:
+            content = await self._store.content(source)
+            lines, errors = await asyncio.to_thread(read_lines, content, record.doc["endpoint"], self._why_not(key))
+        doc = record.doc
+        if errors:
+            doc.update(status="failed", failed_at=now_s(), errors={"object": "list", "data": errors})
+            log.info("batch %s failed validation: %d problems, the first on line %s", record.id, len(errors), errors[0]["line"])
+        else:
+            doc.update(
+                status="in_progress", in_progress_at=now_s(), request_counts={"total": len(lines), "completed": 0, "failed": 0}
+            )
+        await self._store.save_batch(record)
+        return record
+
+    def _why_not(self, key: ApiKey | None):
+        def why_not(model: str) -> str | None:
+            if key is not None and not key.allows(model):
+                return f"model {model!r} is not in this API key's scope"
+            if not self._workers.knows(model):
+                return f"model {model!r} not found; served models: {', '.join(sorted(self._workers.routes())) or 'none'}"
+            return None
+
+        return why_not
+
+    def _key(self, owner: str) -> ApiKey | None:
+        return self._keys.named(owner) if self._keys is not None and owner else None
+
+    async def _run(self, record: BatchRecord) -> None:
+        source = await self._store.file(record.doc["input_file_id"])
+        content = await self._store.content(source) if source is not None else b""
+        lines, _ = await asyncio.to_thread(read_lines, content, record.doc["endpoint"], lambda _: None)
+        run = _Run(record, lines, self._key(record.owner))
+        ending = {"finalizing": "completed", "cancelling": "cancelled"}.get(record.status)
+        if ending is None:
+            ending = await self._run_lines(run)
+        await self._finish(run, ending)
+
+    async def _run_lines(self, run: _Run) -> str:
+        """Run the lines without an answer; how the batch ends: completed, cancelled or expired."""
+        record = run.record
+        done = await self._store.done(record.id)
+        todo = [i for i in range(len(run.lines)) if i not in done]
+        todo.reverse()  # popped from the end: in file order
+        run.left.update(run.lines[i].model for i in todo)
+        for model, n in run.left.items():
+            self._metrics.child(self._metrics.batch_backlog, model).inc(n)
+        written = time.monotonic()
+        try:
+            while todo or run.in_flight:
+                if await self._store.cancel_requested(record.id):
+                    return "cancelled"
+                if time.time() >= record.doc["expires_at"]:
+                    return "expired"
+                self._fill_window(run, todo)
+                await asyncio.wait(run.in_flight, timeout=CANCEL_LOOK_S, return_when=asyncio.FIRST_COMPLETED)
+                for task in [t for t in run.in_flight if t.done()]:
+                    del run.in_flight[task]
+                    index, answer = task.result()
+                    if answer is None:
+                        todo.append(index)  # refused for now: again, after the others
+                    else:
+                        run.finished.append((index, *answer))
+                if run.finished and (not todo or time.monotonic() - written >= PROGRESS_S / 4):
+                    await self._record(run)
+                    written = time.monotonic()
+            return "completed"
+        finally:
+            for task in run.in_flight:
+                task.cancel()
+            await asyncio.gather(*run.in_flight, return_exceptions=True)
+            with contextlib.suppress(*DOWN):
+                await self._record(run)
+            for model, n in run.left.items():
+                self._metrics.child(self._metrics.batch_backlog, model).dec(n)
+
+    def _fill_window(self, run: _Run, todo: list[int]) -> None:
+        routes = self._workers.routes()
+        queued: dict[str, int] = {}
+        for line in run.in_flight.values():
+            queued[line.model] = queued.get(line.model, 0) + line.inputs
+        max_lines = max(1, self._settings.max_queued_requests // MAX_WINDOW_LINES_SHARE)
+        while todo and len(run.in_flight) < max_lines:
+            line = run.lines[todo[-1]]
+            route = routes.get(line.model)
+            room = WINDOW_INPUTS_PER_WORKER * (route.workers if route is not None else 1)
+            if queued.get(line.model, 0) + line.inputs > room and queued.get(line.model, 0):
+                break
+            index = todo.pop()
+            queued[line.model] = queued.get(line.model, 0) + line.inputs
+            task = asyncio.create_task(self._line(run, index))
+            run.in_flight[task] = line
+            self._metrics.child(self._metrics.batch_lines, line.model, "queued").inc()
+
+    async def _line(self, run: _Run, index: int) -> tuple[int, tuple[bool, bytes] | None]:
+        """One line, as ``/v1/embeddings`` would answer it; None: refused for now, try again."""
+        line = run.lines[index]
+        call = calls.Call(key=run.key, priority=BATCH, source="batch")
+        calls.enter(call)  # this task's own context: the service sees a batch call
+        status, body = 200, b""
+        try:
+            if run.key is not None and not run.key.usable(time.time()):
+                raise Unauthorized(f"API key {run.key.name!r} was revoked or expired while its batch ran")
+            req, inputs, single = await asyncio.to_thread(parse_request, orjson.dumps(line.body), self._settings.max_inputs)
+            body = await embeddings(self._service, run.key, req, inputs, single)
+        except ApiError as error:
+            status, body = error.status, orjson.dumps({"error": {"message": error.message, "type": error.type,
+                                                                  "param": error.param, "code": error.code}})  # fmt: skip
+            call.code = error.code
+        except (QueueUnavailable, *DOWN):
+            status = 503
+        if status in TRANSIENT:
+            await asyncio.sleep(RETRY_S)
+            return index, None
+        self._usage.record(
+            run.key.name if run.key else None, line.model, "batch",
+            inputs=call.inputs if status == 200 else 0, tokens=call.tokens if status == 200 else 0,
+            code=call.code if status != 200 else None, rejected=False,
+        )  # fmt: skip
+        self._metrics.child(self._metrics.batch_lines, line.model, "completed" if status == 200 else "failed").inc()
+        self._metrics.child(self._metrics.batch_backlog, line.model).dec()
+        run.left[line.model] -= 1
+        return index, (status == 200, self._output_line(run.record.id, index, line, status, body))
+
+    @staticmethod
+    def _output_line(batch_id: str, index: int, line: Line, status: int, body: bytes) -> bytes:
+        """OpenAI's output line; the body is spliced in as it is (it is JSON already)."""
+        request_id = hashlib.sha256(f"{batch_id}/{index}".encode()).hexdigest()[:24]
+        head = orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": line.custom_id})
+        return (
+            head[:-1]
+            + b',"response":{"status_code":%d,"request_id":"%s","body":' % (status, request_id.encode())
+            + body
+            + b'},"error":null}\n'
+        )
+
+    async def _record(self, run: _Run) -> None:
+        if not run.finished:
+            return
+        batch, run.finished = run.finished, []
+        await self._store.record(run.record.id, batch)
+        completed, failed, _, _ = await self._store.counts(run.record.id)
+        run.record.doc["request_counts"] = {"total": len(run.lines), "completed": completed, "failed": failed}
+        await self._store.save_batch(run.record)
+
+    async def _finish(self, run: _Run, ending: str) -> None:
+        """Write the output and error files and the final status."""
+        record, doc = run.record, run.record.doc
+        if ending == "cancelled" and doc["status"] != "cancelling":
+            doc.update(status="cancelling", cancelling_at=doc.get("cancelling_at") or now_s())
+            await self._store.save_batch(record)
+        if ending == "completed" and doc["status"] != "finalizing":
+            doc.update(status="finalizing", finalizing_at=now_s())
+            await self._store.save_batch(record)
+        if ending == "expired":
+            done = await self._store.done(record.id)
+            await self._store.record(record.id, [(i, False, self._expired_line(record.id, i, line))
+                                                 for i, line in enumerate(run.lines) if i not in done])  # fmt: skip
+        completed, failed, ok_bytes, failed_bytes = await self._store.counts(record.id)
+        doc["request_counts"] = {"total": len(run.lines), "completed": completed, "failed": failed}
+        for ok, size, field_name in ((True, ok_bytes, "output_file_id"), (False, failed_bytes, "error_file_id")):
+            if not size:
+                continue
+            file_id = "file-" + hashlib.sha256(f"{record.id}/{ok}".encode()).hexdigest()[:24]  # the same if written again
+            name = f"{record.id}_{'output' if ok else 'error'}.jsonl"
+            await self._store.put_file(FileRecord(file_id, record.owner, "batch_output", name, size, now_s(),
+                                                  await self._store.next_seq(), record.id, ok), None)  # fmt: skip
+            doc[field_name] = file_id
+        doc.update(status=ending, **{f"{ending}_at": now_s()})
+        await self._store.save_batch(record)
+        log.info("batch %s %s: %d lines completed, %d failed", record.id, ending, completed, failed)
+
+    @staticmethod
+    def _expired_line(batch_id: str, index: int, line: Line) -> bytes:
+        request_id = hashlib.sha256(f"{batch_id}/{index}".encode()).hexdigest()[:24]
+        error = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
+        return (
+            orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": line.custom_id, "response": None, "error": error}) + b"\n"
+        )
+
+
+def batch_object(record: BatchRecord, cancel_requested: bool) -> dict[str, Any]:
+    """OpenAI's batch object; a cancel asked for and not yet seen by the driver reads as cancelling."""
+    doc = dict(record.doc)
+    if cancel_requested and doc["status"] in ("validating", "in_progress", "finalizing"):
+        doc["status"] = "cancelling"
+    return doc

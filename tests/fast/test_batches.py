@@ -1,0 +1,191 @@
+"""The Files and Batches API in process: the official openai client's whole round trip on fake
+workers, OpenAI's validation, ownership, cancel, and a restart on the same data directory."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import openai
+import orjson
+import pytest
+
+from gateway.batches import api
+from gateway.batches.store import DataDirBusy
+from gateway.tenancy.keys import SqliteKeyStore
+from gateway.tenancy.limits import Limits
+from tests.fakes import expected
+from tests.fast.conftest import URL, Gateway, running
+
+pytestmark = pytest.mark.anyio
+
+
+def client(gateway: Gateway, key: str = "none") -> openai.AsyncOpenAI:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(gateway.app), base_url=URL, timeout=30)
+    return openai.AsyncOpenAI(base_url=URL + "/v1", api_key=key, http_client=http, max_retries=0)
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def request_line(custom_id: str, texts: list[str] | str, model: str = "fake-model", **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": texts, **body}}
+
+
+async def finished(oai: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 30):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        batch = await oai.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        assert asyncio.get_running_loop().time() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_openai_client_runs_a_batch_and_every_line_comes_back_once_as_v1_embeddings_answers():
+    async with running() as gateway:
+        await gateway.worker()
+        oai = client(gateway)
+        texts = {f"line-{i}": [f"text {i} {j}" for j in range(1 + i % 16)] for i in range(300)}
+        lines = [request_line(cid, t) for cid, t in texts.items()] + [request_line("bad", "")]
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(lines))
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                                         metadata={"job": "index"})  # fmt: skip
+        assert batch.status == "validating" and batch.metadata == {"job": "index"}
+        done = await finished(oai, batch.id)
+        assert done.status == "completed", done
+        assert done.request_counts.total == 301 and done.request_counts.completed == 300 and done.request_counts.failed == 1
+        output = [orjson.loads(line) for line in (await oai.files.content(done.output_file_id)).content.splitlines()]
+        assert sorted(o["custom_id"] for o in output) == sorted(texts)
+        tokens = 0
+        for line in output:
+            body = line["response"]["body"]
+            assert line["response"]["status_code"] == 200 and line["error"] is None
+            vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+            assert np.array_equal(vectors, expected(texts[line["custom_id"]])), line["custom_id"]
+            tokens += body["usage"]["prompt_tokens"]
+        direct = await gateway.embed(texts["line-7"])
+        assert direct.json()["data"] == next(o for o in output if o["custom_id"] == "line-7")["response"]["body"]["data"]
+        errors = [orjson.loads(line) for line in (await oai.files.content(done.error_file_id)).content.splitlines()]
+        assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400)]
+        assert errors[0]["response"]["body"]["error"]["param"] == "input"
+        usage = await gateway.client.get("/metrics")
+        assert "embedq_gateway_batch_lines_total" in usage.text
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "param"),
+    [
+        (b"{not json", "invalid_json_line", None),
+        (orjson.dumps({**request_line("a", "x"), "url": "/v1/chat/completions"}), "url_mismatch", "url"),
+        (orjson.dumps({**request_line("a", "x"), "method": "GET"}), "invalid_method", "method"),
+        (orjson.dumps(request_line("a", "x", model="no-such-model")), "model_not_found", "body.model"),
+        (orjson.dumps(request_line("first", "x")), "duplicate_custom_id", "custom_id"),
+        (
+            orjson.dumps({"method": "POST", "url": "/v1/embeddings", "body": {"model": "fake-model", "input": "x"}}),
+            "missing_required_parameter",
+            "custom_id",
+        ),
+    ],
+)
+async def test_a_bad_line_fails_the_batch_at_validation_naming_the_line(line: bytes, code: str, param: str | None):
+    async with running() as gateway:
+        await gateway.worker()
+        oai = client(gateway)
+        content = orjson.dumps(request_line("first", "ok")) + b"\n" + line + b"\n"
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        done = await finished(oai, batch.id)
+        assert done.status == "failed" and done.errors is not None
+        error = done.errors.data[0]
+        assert (error.code, error.line, error.param) == (code, 2, param), error
+        assert (await gateway.embed("still served")).status_code == 200
+
+
+async def test_files_and_batches_belong_to_their_key_and_bad_calls_get_openais_errors(tmp_path):
+    store = SqliteKeyStore(tmp_path / "keys.db")
+    mine, _ = store.create("mine", None, None, Limits())
+    theirs, _ = store.create("theirs", None, None, Limits())
+    async with running({"EMBEDQ_KEYS_DB": str(tmp_path / "keys.db")}) as gateway:
+        await gateway.worker()
+        oai, other = client(gateway, mine), client(gateway, theirs)
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl([request_line("a", "x")]))), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        stolen = other.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        for call in (other.files.retrieve(uploaded.id), other.files.content(uploaded.id), other.batches.retrieve(batch.id),
+                     other.batches.cancel(batch.id), other.files.delete(uploaded.id), stolen):  # fmt: skip
+            with pytest.raises(openai.NotFoundError):
+                await call
+        assert (await other.files.list()).data == [] and (await other.batches.list()).data == []
+        assert [f.id for f in (await oai.files.list()).data] == [uploaded.id]
+        with pytest.raises(openai.BadRequestError) as wrong:
+            await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")  # type: ignore[arg-type]
+        assert wrong.value.param == "endpoint"
+        with pytest.raises(openai.BadRequestError) as wrong:
+            await oai.files.create(file=("in.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
+        assert wrong.value.param == "purpose"
+        with pytest.raises(openai.AuthenticationError):
+            await client(gateway, "sk-nobody").files.list()
+        assert (await finished(oai, batch.id)).status == "completed"
+
+
+async def test_an_upload_over_the_size_limit_is_413_before_it_is_read(monkeypatch):
+    monkeypatch.setattr(api, "MAX_FILE_BYTES", 1000)
+    async with running() as gateway:
+        big = jsonl([request_line(f"line-{i}", "some text") for i in range(100)])
+        response = await gateway.client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", big)})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert (await gateway.client.get("/v1/files")).json()["data"] == []
+
+
+async def test_a_cancelled_batch_stops_its_lines_and_keeps_what_was_done():
+    async with running() as gateway:
+        await gateway.worker(delay_s=0.05, max_num_seqs=2)
+        oai = client(gateway)
+        lines = [request_line(f"line-{i}", f"text {i}") for i in range(2000)]
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        while (await oai.batches.retrieve(batch.id)).request_counts.completed < 10:
+            await asyncio.sleep(0.05)
+        assert (await oai.batches.cancel(batch.id)).status == "cancelling"
+        done = await finished(oai, batch.id, timeout_s=5)
+        assert done.status == "cancelled" and done.cancelled_at is not None
+        assert 10 <= done.request_counts.completed < 2000
+        output = (await oai.files.content(done.output_file_id)).content.splitlines()
+        assert len(output) == done.request_counts.completed
+        served = gateway.workers[0].engine.batches
+        await asyncio.sleep(0.5)
+        assert gateway.workers[0].engine.batches <= served + 1  # nothing more of it runs
+
+
+async def test_files_and_a_batch_half_done_survive_a_restart_on_the_same_data_directory(tmp_path):
+    env = {"EMBEDQ_DATA_DIR": str(tmp_path / "data")}
+    lines = [request_line(f"line-{i}", f"text {i}") for i in range(400)]
+    async with running(env) as gateway:
+        await gateway.worker(delay_s=0.02, max_num_seqs=4)
+        oai = client(gateway)
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        while (await oai.batches.retrieve(batch.id)).request_counts.completed < 20:
+            await asyncio.sleep(0.02)
+    async with running(env) as gateway:
+        await gateway.worker()
+        oai = client(gateway)
+        assert (await oai.files.retrieve(uploaded.id)).bytes == len(jsonl(lines))
+        done = await finished(oai, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 400
+        output = [orjson.loads(line)["custom_id"] for line in (await oai.files.content(done.output_file_id)).content.splitlines()]
+        assert output == [line["custom_id"] for line in lines]  # each once, in the file's order
+
+
+async def test_a_second_gateway_on_the_same_data_directory_is_refused(tmp_path):
+    env = {"EMBEDQ_DATA_DIR": str(tmp_path)}
+    async with running(env):
+        with pytest.raises(DataDirBusy):
+            async with running(env):
+                pass
