@@ -8,9 +8,10 @@ it, and another replica takes the batch over), and drives it through OpenAI's st
 
 A running batch's lines go through the same path as ``/v1/embeddings`` requests (its key, the
 model's queue, the answer's shape) in the ``batch`` priority class: interactive and default
-requests always go first. Only a window of its lines is in the queue at once, about two engine
-batches' worth per live worker (``WINDOW_INPUTS_PER_WORKER``), so that a batch never fills a
-queue that others need, yet keeps every worker busy when nobody else needs it. A line refused
+requests always go first. Only a window of its lines is in the queue at once: two engine
+batches' worth of inputs for each serving worker of the model (``WINDOW_BATCHES``), so that a
+batch never fills a queue that others need, yet keeps every worker busy when nobody else does
+(one batch in the engine, the next waiting for it). A line refused
 for now (the queue is busy, no worker is up, it timed out waiting) is tried again later; a line
 the model refuses (a bad input) gets the 400 that ``/v1/embeddings`` would give, in the error file.
 
@@ -52,7 +53,7 @@ RENEW_S = 2.0
 LOOK_S = 1.0  # how often a replica looks for batches to drive
 PROGRESS_S = 1.0  # request_counts are written this often
 RETRY_S = 1.0  # a line refused for now waits this long before it tries again
-WINDOW_INPUTS_PER_WORKER = 512  # a batch's inputs in the queue at once, per live worker of its model
+WINDOW_BATCHES = 2  # a batch's inputs in the queue at once: this many engine batches of each worker
 MAX_WINDOW_LINES_SHARE = 4  # and at most a quarter of a queue's request bound in lines
 CANCEL_LOOK_S = 0.25  # a cancel stops a batch's new lines within this (and a store read)
 TRANSIENT = {408, 429, 503, 504}  # answers a line waits out: busy, no worker up, timed out in line
@@ -244,15 +245,13 @@ class BatchRunner:
                 self._metrics.child(self._metrics.batch_backlog, model).dec(n)
 
     def _fill_window(self, run: _Run, todo: list[int]) -> None:
-        routes = self._workers.routes()
         queued: dict[str, int] = {}
         for line in run.in_flight.values():
             queued[line.model] = queued.get(line.model, 0) + line.inputs
         max_lines = max(1, self._settings.max_queued_requests // MAX_WINDOW_LINES_SHARE)
         while todo and len(run.in_flight) < max_lines:
             line = run.lines[todo[-1]]
-            route = routes.get(line.model)
-            room = WINDOW_INPUTS_PER_WORKER * (route.workers if route is not None else 1)
+            room = WINDOW_BATCHES * self._workers.batch_items(line.model)
             if queued.get(line.model, 0) + line.inputs > room and queued.get(line.model, 0):
                 break
             index = todo.pop()

@@ -251,6 +251,10 @@ class WorkerRegistry:
             code="unknown_tags",
         )
 
+    def batch_items(self, model: str) -> int:
+        """The inputs one engine batch of each serving worker of ``model`` takes, summed."""
+        return sum(w.hello.max_batch_items for w in self._serving() if model in w.hello.models)
+
     def live_checkpoints(self) -> set[str]:
         """Checkpoints with a serving worker."""
         return {w.hello.checkpoint_name for w in self._serving()}

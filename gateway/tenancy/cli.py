@@ -186,7 +186,8 @@ def usage_main(argv: list[str], env: Mapping[str, str] = os.environ) -> int:
         return 2
     report = UsageLedger(store, 1).report(start, end, by=args.by, granularity=args.granularity, key=args.key, model=args.model)
     rows = asyncio.run(report)
-    columns = ["start", args.by, "requests", "inputs", "prompt_tokens", "rejected", "errors"]
+    columns = ["start", args.by, "requests", "inputs", "prompt_tokens", "rejected", "errors",
+               "batch_requests", "batch_inputs", "batch_prompt_tokens"]  # fmt: skip
     if args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)

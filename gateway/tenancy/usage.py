@@ -27,6 +27,7 @@ from gateway.redis_link import DOWN, RedisLink, text
 log = logging.getLogger(__name__)
 ANONYMOUS = "(anonymous)"  # the key name of loopback dev mode's clients (no key name has brackets)
 FLUSH_EVERY_S = 1.0
+BATCH_FIELDS = ("requests", "inputs", "prompt_tokens")  # also reported apart for batch lines
 HOUR_S = 3600
 Row = tuple[int, str, str, str]  # hour (epoch seconds), key, model, source
 Totals = dict[Row, Counter[str]]
@@ -221,11 +222,14 @@ class UsageLedger:
             return []
         totals = await self._store.read(hour_of(start), hour_of(end - 1))
         sums: dict[tuple[int, str], Counter[str]] = {}
-        for (hour, k, m, _source), counts in totals.items():
+        for (hour, k, m, source), counts in totals.items():
             if (key is not None and k != key) or (model is not None and m != model):
                 continue
             period = hour if granularity == "hour" else hour - hour % 86400
-            sums.setdefault((period, k if by == "key" else m), Counter()).update(counts)
+            row = sums.setdefault((period, k if by == "key" else m), Counter())
+            row.update(counts)
+            if source == "batch":
+                row.update({f"batch_{field}": counts[field] for field in BATCH_FIELDS})
         return [_row(period, by, name, counts) for (period, name), counts in sorted(sums.items())]
 
 
@@ -239,4 +243,5 @@ def _row(period: int, by: str, name: str, counts: Counter[str]) -> dict[str, obj
         "prompt_tokens": counts["prompt_tokens"],
         "rejected": counts["rejected"],
         "errors": errors,
+        **{f"batch_{field}": counts[f"batch_{field}"] for field in BATCH_FIELDS},  # the part that came from batches
     }

@@ -16,10 +16,11 @@ from gateway.batches import api
 from gateway.batches.store import DataDirBusy
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits
-from tests.fakes import expected
+from tests.fakes import expected, metric
 from tests.fast.conftest import URL, Gateway, running
 
 pytestmark = pytest.mark.anyio
+ADMIN = "admin-token-for-batch-tests"
 
 
 def client(gateway: Gateway, key: str = "none") -> openai.AsyncOpenAI:
@@ -46,7 +47,7 @@ async def finished(oai: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 30
 
 
 async def test_the_openai_client_runs_a_batch_and_every_line_comes_back_once_as_v1_embeddings_answers():
-    async with running() as gateway:
+    async with running({"EMBEDQ_ADMIN_TOKENS": ADMIN}) as gateway:
         await gateway.worker()
         oai = client(gateway)
         texts = {f"line-{i}": [f"text {i} {j}" for j in range(1 + i % 16)] for i in range(300)}
@@ -73,8 +74,14 @@ async def test_the_openai_client_runs_a_batch_and_every_line_comes_back_once_as_
         errors = [orjson.loads(line) for line in (await oai.files.content(done.error_file_id)).content.splitlines()]
         assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400)]
         assert errors[0]["response"]["body"]["error"]["param"] == "input"
-        usage = await gateway.client.get("/metrics")
-        assert "embedq_gateway_batch_lines_total" in usage.text
+        metrics = await gateway.metrics()
+        assert metric(metrics, 'embedq_gateway_batch_lines_total{model="fake-model",state="completed"}') == 300
+        assert metric(metrics, 'embedq_gateway_batch_lines_total{model="fake-model",state="failed"}') == 1
+        assert metric(metrics, 'embedq_gateway_batch_backlog_lines{model="fake-model"}') == 0
+        usage = await gateway.client.get("/admin/v1/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+        (row,) = usage.json()["data"]
+        assert (row["batch_requests"], row["batch_prompt_tokens"]) == (301, tokens), row
+        assert row["batch_inputs"] == sum(map(len, texts.values()))
 
 
 @pytest.mark.parametrize(
