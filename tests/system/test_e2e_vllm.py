@@ -5,6 +5,8 @@ Slow (the engine takes tens of seconds to start), so one worker serves the whole
 
 from __future__ import annotations
 
+import io
+import json
 import re
 
 import httpx
@@ -86,6 +88,26 @@ def test_openai_client_gets_the_same_vectors_with_and_without_float(gateway, ref
     assert a.shape == (2, 384)
     assert (_cosines(a, b) >= 0.9999).all()
     assert (_cosines(a, reference(TEXTS)) >= 0.999).all()
+
+
+def test_a_batch_through_the_openai_client_gives_what_v1_embeddings_gives(gateway):
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    texts = {f"line-{i}": [f"{word} number {i}, sentence {j}" for j in range(1 + i % 4)]
+             for i, word in enumerate(["river", "granite", "violin", "harvest", "orbit", "lantern"] * 4)}  # fmt: skip
+    content = "\n".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
+                                     "body": {"model": MODEL, "input": t}}) for cid, t in texts.items())  # fmt: skip
+    upload = client.files.create(file=("sample.jsonl", io.BytesIO(content.encode())), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", 120, "the batch", interval_s=0.5)
+    batch = client.batches.retrieve(batch.id)
+    assert batch.output_file_id is not None and batch.error_file_id is None
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == list(texts)
+    for line in lines:
+        got = np.array([d["embedding"] for d in line["response"]["body"]["data"]], dtype=np.float32)
+        direct = client.embeddings.create(model=MODEL, input=texts[line["custom_id"]])
+        want = np.array([d.embedding for d in direct.data], dtype=np.float32)
+        assert (_cosines(got, want) >= 0.9999).all(), line["custom_id"]
 
 
 def test_token_ids_give_the_same_vector_as_text(gateway):

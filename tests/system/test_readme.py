@@ -97,3 +97,15 @@ def test_the_tenancy_pages_examples_run(keyed_gateway):
             lines = result.stdout.splitlines()
             assert lines[0] == "59 of 60 left this minute" and lines[1].endswith(" tokens"), result.stdout
             assert "'docs-team'" in lines[2] and "'prompt_tokens': " + lines[1].split()[0] in lines[2], result.stdout
+
+
+BATCHES = (REPO / "docs" / "batches.md").read_text()
+
+
+def test_the_batches_pages_example_runs(gateway):
+    """docs/batches.md: a file uploaded, a batch run, its output read, with the openai client."""
+    (code,) = re.findall(r"```python\n(.*?)```", BATCHES, flags=re.S)
+    result = subprocess.run([sys.executable, "-W", "error", "-c", _here(code, gateway)], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["completed 3 of 3", "doc-0 384", "doc-1 384", "doc-2 384"], result.stdout

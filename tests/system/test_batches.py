@@ -1,0 +1,197 @@
+"""Bulk embedding with real processes on default settings: the official openai client's round
+trip at 10,000 lines, a batch that survives kill -9 of its gateway, of the replica driving it,
+and of a worker, and interactive traffic unharmed by a batch beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import openai
+import orjson
+import pytest
+import redis
+
+from tests.system.conftest import Cluster, Gateway, fake_worker_config, free_port, wait_until
+from tests.system.load import DIMS, MODEL, expected, open_loop, percentile
+
+pytestmark = pytest.mark.timeout(600)
+ADMIN = "admin-token-for-batch-tests"
+
+
+def make_lines(count: int, seed: int, inputs: tuple[int, int] = (1, 16)) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    return {f"req-{seed}-{i}": [f"text {seed} {i} {j} {rng.random()}" for j in range(rng.randint(*inputs))] for i in range(count)}
+
+
+def start_batch(oai: openai.OpenAI, lines: dict[str, list[str]]):
+    content = b"".join(
+        orjson.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": texts}})
+        + b"\n"
+        for cid, texts in lines.items()
+    )
+    uploaded = oai.files.create(file=("corpus.jsonl", io.BytesIO(content)), purpose="batch")
+    return oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+
+
+def wait_finished(oai: openai.OpenAI, batch_id: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            batch = oai.batches.retrieve(batch_id)
+            if batch.status in ("completed", "failed", "cancelled", "expired"):
+                return batch
+        except openai.APIConnectionError:
+            pass  # a gateway being restarted
+        assert time.monotonic() < deadline, f"batch {batch_id} not finished in {timeout_s}s"
+        time.sleep(0.5)
+
+
+def wait_progress(oai: openai.OpenAI, batch_id: str, completed: int) -> None:
+    wait_until(lambda: oai.batches.retrieve(batch_id).request_counts.completed >= completed, 120, f"{completed} lines done")
+
+
+def check_output(oai: openai.OpenAI, batch, lines: dict[str, list[str]]) -> list[dict]:
+    """Every line exactly once, in the file's order, each with the fake engine's vectors."""
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(lines), 0), batch.request_counts
+    output = [orjson.loads(line) for line in oai.files.content(batch.output_file_id).content.splitlines()]
+    assert [o["custom_id"] for o in output] == list(lines)
+    for o in output:
+        vectors = np.array([d["embedding"] for d in o["response"]["body"]["data"]], dtype=np.float32)
+        assert np.array_equal(vectors, expected(lines[o["custom_id"]])), o["custom_id"]
+    return output
+
+
+def client(gateway: Gateway, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=5, timeout=60)
+
+
+def test_ten_thousand_lines_through_the_openai_client_each_once_with_its_vectors_and_usage(cluster: Cluster):
+    gateway = cluster.gateway(env={"EMBEDQ_KEYS_DB": str(cluster.tmp / "keys.db"), "EMBEDQ_ADMIN_TOKENS": ADMIN}, defaults=True)
+    created = httpx.post(gateway.url + "/admin/v1/keys", json={"name": "indexer"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    secret = created.json()["key"]
+    for _ in range(2):
+        cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, quick=False))
+    gateway.wait_for_model(MODEL)
+    oai = client(gateway, secret)
+    lines = make_lines(10_000, seed=1)
+    started = time.monotonic()
+    batch = wait_finished(oai, start_batch(oai, lines).id)
+    took = time.monotonic() - started
+    output = check_output(oai, batch, lines)
+    print(f"10,000 lines ({sum(map(len, lines.values()))} inputs) in {took:.1f}s")
+    direct = oai.embeddings.create(model=MODEL, input=lines["req-1-42"])
+    assert [d.embedding for d in direct.data] == [d["embedding"] for d in output[42]["response"]["body"]["data"]]
+    told = sum(o["response"]["body"]["usage"]["prompt_tokens"] for o in output)
+    report = httpx.get(gateway.url + "/admin/v1/usage", params={"key": "indexer"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    (row,) = report.json()["data"]
+    assert (row["batch_requests"], row["batch_inputs"], row["batch_prompt_tokens"]) == (
+        10_000, sum(map(len, lines.values())), told)  # fmt: skip
+
+
+def test_a_gateway_killed_mid_batch_finishes_it_after_a_restart_with_no_line_lost_or_repeated(cluster: Cluster):
+    port, data = free_port(), str(cluster.tmp / "data")
+    gateway = cluster.gateway(port=port, env={"EMBEDQ_DATA_DIR": data}, defaults=True)
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.02, max_num_seqs=16))
+    gateway.wait_for_model(MODEL)
+    oai = client(gateway)
+    lines = make_lines(3000, seed=2, inputs=(1, 4))
+    batch = start_batch(oai, lines)
+    wait_progress(oai, batch.id, 300)
+    gateway.proc.stop(signal.SIGKILL)
+    restarted = cluster.gateway(port=port, env={"EMBEDQ_DATA_DIR": data}, defaults=True)
+    restarted.wait_for_model(MODEL)  # the worker comes back to it by itself
+    check_output(oai, wait_finished(oai, batch.id), lines)
+
+
+@pytest.mark.parametrize("queue_backend", ["redis"])
+def test_the_other_replica_finishes_a_batch_whose_driving_replica_was_killed(cluster: Cluster, queue_backend: str):
+    assert cluster.redis is not None
+    first, second = cluster.gateway(defaults=True), cluster.gateway(defaults=True)
+    cluster.worker(fake_worker_config(second.url, MODEL, dimensions=DIMS, delay_s=0.02, max_num_seqs=16))
+    first.wait_for_model(MODEL)
+    lines = make_lines(2000, seed=3, inputs=(1, 4))
+    batch = start_batch(client(first), lines)
+    oai = client(second)  # the replica that lives: it shows the batch as the first one wrote it
+    wait_progress(oai, batch.id, 200)
+    shared = redis.Redis.from_url(cluster.redis.url)
+    driver = shared.get(f"{cluster.prefix}:batch:{batch.id}:driver")
+    assert driver is not None
+    replicas = {gw: re.search(r"this replica (\w+)", gw.proc.log()).group(1) for gw in (first, second)}  # type: ignore[union-attr]
+    driving = next(gw for gw, replica in replicas.items() if replica == driver.decode())
+    assert driving is first, "the replica that created the batch drives it first"
+    first.proc.stop(signal.SIGKILL)
+    check_output(oai, wait_finished(oai, batch.id), lines)
+    assert shared.get(f"{cluster.prefix}:batch:{batch.id}:driver") in (None, replicas[second].encode())
+
+
+def test_a_worker_killed_mid_batch_loses_no_line(cluster: Cluster):
+    gateway = cluster.gateway(defaults=True)
+    doomed = cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.02, max_num_seqs=16))
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.02, max_num_seqs=16))
+    wait_until(lambda: httpx.get(gateway.url + "/health").json()["workers"] == 2, 30, "two workers")
+    oai = client(gateway)
+    lines = make_lines(2000, seed=4, inputs=(1, 4))
+    batch = start_batch(oai, lines)
+    wait_progress(oai, batch.id, 200)
+    doomed.stop(signal.SIGKILL)
+    check_output(oai, wait_finished(oai, batch.id), lines)
+
+
+def test_interactive_traffic_keeps_its_latency_while_a_batch_fills_the_idle_capacity(cluster: Cluster):
+    """One worker at a fixed pace (0.1 s an engine batch of 8: 80 inputs/s); interactive clients
+    send 1-input requests at 40/s (half of it); a 50,000-line batch takes the rest."""
+    gateway = cluster.gateway(defaults=True)
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.1, max_num_seqs=8))
+    gateway.wait_for_model(MODEL)
+    oai = client(gateway)
+    body = {"model": MODEL, "input": "an interactive text"}
+    figures = asyncio.run(interactive_beside_batch(gateway, oai, body, rate=40, seconds=20))
+    print(figures.summary)
+    assert figures.shared_p99 <= 1.25 * figures.alone_p99 + 0.02, figures.summary  # 20 ms: one scheduling tick on 2 cores
+    assert figures.batch_share >= 0.8, figures.summary
+
+
+class Figures:
+    def __init__(self, alone: list[float], shared: list[float], capacity: float, interactive: float, batch: float):
+        self.alone_p99, self.shared_p99 = percentile(alone, 0.99), percentile(shared, 0.99)
+        self.capacity, self.batch = capacity, batch
+        self.idle = capacity - interactive
+        self.batch_share = batch / self.idle
+        self.summary = (
+            f"interactive p99 alone {self.alone_p99 * 1000:.0f} ms, beside the batch {self.shared_p99 * 1000:.0f} ms "
+            f"({self.shared_p99 / self.alone_p99:.2f}x); batch {batch:.1f} lines/s of {self.idle:.1f} idle "
+            f"({self.batch_share:.0%}; capacity {capacity:.1f}/s)"
+        )
+
+
+async def interactive_beside_batch(gateway: Gateway, oai: openai.OpenAI, body: dict, rate: float, seconds: float) -> Figures:
+    """Interactive alone; the batch alone (the capacity); both; lines of one input each."""
+    alone = await open_loop(gateway.url, rate, seconds, body, {})
+    lines = make_lines(50_000, seed=5, inputs=(1, 1))
+    batch = await asyncio.to_thread(start_batch, oai, lines)
+
+    async def completed() -> tuple[float, int]:
+        found = await asyncio.to_thread(oai.batches.retrieve, batch.id)
+        return time.monotonic(), found.request_counts.completed
+
+    await asyncio.sleep(5)  # validated, and its window filled
+    t0, n0 = await completed()
+    await asyncio.sleep(10)
+    t1, n1 = await completed()
+    capacity = (n1 - n0) / (t1 - t0)
+    shared = await open_loop(gateway.url, rate, seconds, body, {})
+    t2, n2 = await completed()
+    batch_rate = (n2 - n1) / (t2 - t1)
+    await asyncio.to_thread(oai.batches.cancel, batch.id)
+    ok_alone = [s for status, s in alone if status == 200]
+    ok_shared = [s for status, s in shared if status == 200]
+    assert len(ok_alone) == len(alone) and len(ok_shared) == len(shared), "every interactive request is served"
+    return Figures(ok_alone, ok_shared, capacity, len(ok_shared) / seconds, batch_rate)
