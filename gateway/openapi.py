@@ -73,6 +73,14 @@ def openapi_document(version: str) -> dict[str, Any]:
     legacy = _operation("One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError, p.OllamaEmbeddingsRequest)
     health = {"summary": "Liveness", "responses": {"200": {"description": "the gateway is up"}}}
     metrics = {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}
+    files = {
+        "summary": "Batch input files (OpenAI Files API); see docs/batches.md",
+        "responses": {"200": {"description": "OpenAI's file object, or a list of them"}},
+    }
+    batches = {
+        "summary": "Batches of /v1/embeddings requests (OpenAI Batches API); see docs/batches.md",
+        "responses": {"200": {"description": "OpenAI's batch object, or a list of them"}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -97,6 +105,12 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/api/embeddings": {"post": legacy},
             "/api/tags": {"get": _operation("Served models (Ollama)", p.OllamaTags, p.OllamaError)},
             "/api/ps": {"get": _operation("Loaded models (Ollama): every served one", p.OllamaTags, p.OllamaError)},
+            "/v1/files": {"post": files, "get": files},
+            "/v1/files/{id}": {"get": files, "delete": files},
+            "/v1/files/{id}/content": {"get": {**files, "summary": "A file's content: JSONL"}},
+            "/v1/batches": {"post": batches, "get": batches},
+            "/v1/batches/{id}": {"get": batches},
+            "/v1/batches/{id}/cancel": {"post": batches},
             "/health": {"get": health},
             "/metrics": {"get": metrics},
         },

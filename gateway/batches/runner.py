@@ -12,7 +12,7 @@ requests always go first. Only a window of its lines is in the queue at once: tw
 batches' worth of inputs for each serving worker of the model (``WINDOW_BATCHES``), so that a
 batch never fills a queue that others need, yet keeps every worker busy when nobody else does
 (one batch in the engine, the next waiting for it). A line refused
-for now (the queue is busy, no worker is up, it timed out waiting) is tried again later; a line
+for now (the queue is busy, no worker is up or known yet, it timed out waiting) is tried again later; a line
 the model refuses (a bad input) gets the 400 that ``/v1/embeddings`` would give, in the error file.
 
 Each answered line is recorded at once, under its index, once (``store.py``): a batch taken over
@@ -36,7 +36,7 @@ import orjson
 from gateway.batches.lines import Line, read_lines
 from gateway.batches.store import BatchRecord, BatchStore, FileRecord
 from gateway.dialects.openai import embeddings, parse_request
-from gateway.errors import ApiError, Unauthorized
+from gateway.errors import ApiError, ModelNotFound, Unauthorized
 from gateway.metrics import GatewayMetrics
 from gateway.queue import BATCH, QueueUnavailable
 from gateway.redis_link import DOWN
@@ -271,6 +271,8 @@ class BatchRunner:
                 raise Unauthorized(f"API key {run.key.name!r} was revoked or expired while its batch ran")
             req, inputs, single = await asyncio.to_thread(parse_request, orjson.dumps(line.body), self._settings.max_inputs)
             body = await embeddings(self._service, run.key, req, inputs, single)
+        except ModelNotFound:
+            status = 503  # validated, so served before: after a restart its workers are yet to come back
         except ApiError as error:
             status, body = error.status, orjson.dumps({"error": {"message": error.message, "type": error.type,
                                                                   "param": error.param, "code": error.code}})  # fmt: skip

@@ -251,3 +251,21 @@ def test_dockerfiles_pass_hadolint():
         [hadolint, "docker/gateway.Dockerfile", "docker/worker.Dockerfile"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_gateway_keeps_files_and_batches_on_a_claimed_volume_unless_they_live_in_redis(helm):
+    docs = render(helm)
+    gateway = of_kind(docs, "Deployment")[0]
+    pod = gateway["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (claim,) = of_kind(docs, "PersistentVolumeClaim")
+    assert env["EMBEDQ_DATA_DIR"] == mounts["data"] == "/var/lib/embedq"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert gateway["spec"]["strategy"]["type"] == "Recreate"  # the old pod lets go of the volume and its lock first
+    replicas = render(helm, "ci/redis-replicas-values.yaml")
+    assert not of_kind(replicas, "PersistentVolumeClaim")
+    pod = of_kind(replicas, "Deployment")[0]["spec"]["template"]["spec"]
+    assert "data" not in {v["name"] for v in pod["volumes"]}
+    assert "EMBEDQ_DATA_DIR" not in {e["name"] for e in pod["containers"][0]["env"]}
