@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import aiohttp
+import httpx
 
 WORDS = (
     "the of and to in is it that was for on are as with his they at be this from have or by one had not but "
@@ -98,3 +99,33 @@ def run_load(
         p50_ms=statistics.median(latencies) * 1000,
         p99_ms=latencies[int(0.99 * (len(latencies) - 1))] * 1000,
     )
+
+
+async def open_loop(
+    url: str, rate: float, duration_s: float, body: dict, headers: dict | None = None, timeout_s: float = 90
+) -> list[tuple[int, float]]:
+    """Requests sent at ``rate`` per second for ``duration_s`` whatever the answers (an open loop,
+    as many independent clients): (status, seconds) per request, 0 for a transport error."""
+
+    async def one(client: httpx.AsyncClient, n: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/embeddings", json={**body, "input": f"{body.get('input', 'text')} {n}"})
+            return response.status_code, time.perf_counter() - started
+        except httpx.HTTPError:
+            return 0, time.perf_counter() - started
+
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s, limits=limits) as client:
+        tasks, started = [], time.perf_counter()
+        for n in range(int(rate * duration_s)):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(client, n)))
+        return list(await asyncio.gather(*tasks))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

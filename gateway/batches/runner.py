@@ -215,11 +215,13 @@ class BatchRunner:
         run.left.update(run.lines[i].model for i in todo)
         for model, n in run.left.items():
             self._metrics.child(self._metrics.batch_backlog, model).inc(n)
-        written = time.monotonic()
+        written = looked = time.monotonic()
         try:
             while todo or run.in_flight:
-                if await self._store.cancel_requested(record.id):
-                    return "cancelled"
+                if time.monotonic() - looked >= CANCEL_LOOK_S:  # not at every answer: a store read each
+                    looked = time.monotonic()
+                    if await self._store.cancel_requested(record.id):
+                        return "cancelled"
                 if time.time() >= record.doc["expires_at"]:
                     return "expired"
                 self._fill_window(run, todo)

@@ -5,7 +5,6 @@ and of a worker, and interactive traffic unharmed by a batch beside it."""
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import re
 import signal
@@ -18,8 +17,10 @@ import orjson
 import pytest
 import redis
 
+from bench.batch import beside_batch
+from bench.batch import start_batch as start_model_batch
 from tests.system.conftest import Cluster, Gateway, fake_worker_config, free_port, wait_until
-from tests.system.load import DIMS, MODEL, expected, open_loop, percentile
+from tests.system.load import DIMS, MODEL, expected
 
 pytestmark = pytest.mark.timeout(600)
 ADMIN = "admin-token-for-batch-tests"
@@ -31,13 +32,7 @@ def make_lines(count: int, seed: int, inputs: tuple[int, int] = (1, 16)) -> dict
 
 
 def start_batch(oai: openai.OpenAI, lines: dict[str, list[str]]):
-    content = b"".join(
-        orjson.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": texts}})
-        + b"\n"
-        for cid, texts in lines.items()
-    )
-    uploaded = oai.files.create(file=("corpus.jsonl", io.BytesIO(content)), purpose="batch")
-    return oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    return start_model_batch(oai, MODEL, lines)
 
 
 def wait_finished(oai: openai.OpenAI, batch_id: str, timeout_s: float = 300):
@@ -152,47 +147,8 @@ def test_interactive_traffic_keeps_its_latency_while_a_batch_fills_the_idle_capa
     gateway = cluster.gateway(defaults=True)
     cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.1, max_num_seqs=8))
     gateway.wait_for_model(MODEL)
-    oai = client(gateway)
-    body = {"model": MODEL, "input": "an interactive text"}
-    figures = asyncio.run(interactive_beside_batch(gateway, oai, body, rate=40, seconds=20))
-    print(figures.summary)
-    assert figures.shared_p99 <= 1.25 * figures.alone_p99 + 0.02, figures.summary  # 20 ms: one scheduling tick on 2 cores
-    assert figures.batch_share >= 0.8, figures.summary
-
-
-class Figures:
-    def __init__(self, alone: list[float], shared: list[float], capacity: float, interactive: float, batch: float):
-        self.alone_p99, self.shared_p99 = percentile(alone, 0.99), percentile(shared, 0.99)
-        self.capacity, self.batch = capacity, batch
-        self.idle = capacity - interactive
-        self.batch_share = batch / self.idle
-        self.summary = (
-            f"interactive p99 alone {self.alone_p99 * 1000:.0f} ms, beside the batch {self.shared_p99 * 1000:.0f} ms "
-            f"({self.shared_p99 / self.alone_p99:.2f}x); batch {batch:.1f} lines/s of {self.idle:.1f} idle "
-            f"({self.batch_share:.0%}; capacity {capacity:.1f}/s)"
-        )
-
-
-async def interactive_beside_batch(gateway: Gateway, oai: openai.OpenAI, body: dict, rate: float, seconds: float) -> Figures:
-    """Interactive alone; the batch alone (the capacity); both; lines of one input each."""
-    alone = await open_loop(gateway.url, rate, seconds, body, {})
-    lines = make_lines(50_000, seed=5, inputs=(1, 1))
-    batch = await asyncio.to_thread(start_batch, oai, lines)
-
-    async def completed() -> tuple[float, int]:
-        found = await asyncio.to_thread(oai.batches.retrieve, batch.id)
-        return time.monotonic(), found.request_counts.completed
-
-    await asyncio.sleep(5)  # validated, and its window filled
-    t0, n0 = await completed()
-    await asyncio.sleep(10)
-    t1, n1 = await completed()
-    capacity = (n1 - n0) / (t1 - t0)
-    shared = await open_loop(gateway.url, rate, seconds, body, {})
-    t2, n2 = await completed()
-    batch_rate = (n2 - n1) / (t2 - t1)
-    await asyncio.to_thread(oai.batches.cancel, batch.id)
-    ok_alone = [s for status, s in alone if status == 200]
-    ok_shared = [s for status, s in shared if status == 200]
-    assert len(ok_alone) == len(alone) and len(ok_shared) == len(shared), "every interactive request is served"
-    return Figures(ok_alone, ok_shared, capacity, len(ok_shared) / seconds, batch_rate)
+    figures = asyncio.run(beside_batch(gateway.url, MODEL, rate=40, seconds=20))
+    print(figures.summary())
+    assert figures.served_all, figures.summary()
+    assert figures.shared_p99_s <= 1.25 * figures.alone_p99_s, figures.summary()
+    assert figures.batch_share >= 0.8, figures.summary()
