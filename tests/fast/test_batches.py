@@ -196,3 +196,23 @@ async def test_a_second_gateway_on_the_same_data_directory_is_refused(tmp_path):
         with pytest.raises(DataDirBusy):
             async with running(env):
                 pass
+
+
+async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):
+    monkeypatch.setitem(api.WINDOW_S, "24h", 1)  # a window that ends a second after it starts
+    async with running() as gateway:
+        await gateway.worker(delay_s=0.05, max_num_seqs=2)
+        oai = client(gateway)
+        lines = [request_line(f"line-{i}", f"text {i}") for i in range(1000)]
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        done = await finished(oai, batch.id, timeout_s=10)
+        assert done.status == "expired" and done.expired_at is not None
+        counts = done.request_counts
+        assert 0 < counts.completed < 1000 and counts.completed + counts.failed == 1000
+        output = (await oai.files.content(done.output_file_id)).content.splitlines()
+        errors = [orjson.loads(line) for line in (await oai.files.content(done.error_file_id)).content.splitlines()]
+        assert len(output) == counts.completed and len(errors) == counts.failed
+        assert {e["error"]["code"] for e in errors} == {"batch_expired"} and all(e["response"] is None for e in errors)
+        ran = {orjson.loads(line)["custom_id"] for line in output}
+        assert ran.isdisjoint(e["custom_id"] for e in errors)
