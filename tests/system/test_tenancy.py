@@ -43,8 +43,8 @@ def slow_worker(cluster: Cluster, gateway: Gateway, delay_s: float, max_num_seqs
 
 @pytest.mark.parametrize("queue_backend", ["memory", "redis"])
 def test_a_flooding_key_gets_its_share_and_a_light_key_keeps_its_latency(cluster: Cluster, queue_backend: str):
-    """One worker at a fixed pace (0.2 s a batch of 2: 10 requests/s); key A sends 100 requests/s,
-    key B 2 requests/s. B waits at most for the batch in the engine when it arrives."""
+    """One worker at a fixed pace (0.2 s a batch of 2: 10 requests/s); key A sends 50 requests/s,
+    key B 2 requests/s. B waits for the batch in the engine when it arrives, not for A's line."""
     gateway = tenancy_gateway(cluster)
     flood, light = create_key(gateway, "flood"), create_key(gateway, "light")
     slow_worker(cluster, gateway, delay_s=0.2, max_num_seqs=2)
@@ -52,23 +52,26 @@ def test_a_flooding_key_gets_its_share_and_a_light_key_keeps_its_latency(cluster
 
     async def together():
         return await asyncio.gather(
-            open_loop(gateway.url, 100, 20, BODY, auth(flood)), open_loop(gateway.url, 2, 20, BODY, auth(light))
+            open_loop(gateway.url, 50, 20, BODY, auth(flood)), open_loop(gateway.url, 2, 20, BODY, auth(light))
         )
 
     flooded, shared = asyncio.run(together())
-    b_alone = percentile([s for status, s in alone if status == 200], 0.99)
-    b_shared = percentile([s for status, s in shared if status == 200], 0.99)
+    b_alone, b_shared = (percentile([s for status, s in run if status == 200], 0.99) for run in (alone, shared))
+    b_alone_p50, b_shared_p50 = (percentile([s for status, s in run if status == 200], 0.5) for run in (alone, shared))
     summary = (
-        f"{queue_backend}: B p99 alone {b_alone * 1000:.0f} ms, beside the flood {b_shared * 1000:.0f} ms "
-        f"({b_shared / b_alone:.2f}x); A: {sum(s == 200 for s, _ in flooded)} served, {sum(s == 429 for s, _ in flooded)} 429s"
+        f"{queue_backend}: B p50/p99 alone {b_alone_p50 * 1000:.0f}/{b_alone * 1000:.0f} ms, beside the flood "
+        f"{b_shared_p50 * 1000:.0f}/{b_shared * 1000:.0f} ms ({b_shared / b_alone:.2f}x at p99); "
+        f"A: {sum(s == 200 for s, _ in flooded)} served, {sum(s == 429 for s, _ in flooded)} 429s"
     )
     print(summary)
     assert all(status == 200 for status, _ in alone + shared), summary
     assert {status for status, _ in flooded} == {200, 429}, summary  # its share, the rest refused; never a 5xx
-    # Measured here (2 cores shared by the gateway, the worker and 100 requests/s of load): B's p99
-    # is B alone plus one to two batch times. First-in-first-out, it would be the queue's whole wait.
-    # The bound leaves room for a loaded CI machine; what it guards against is FIFO (seconds).
-    assert b_shared <= b_alone + 3 * 0.2 + 0.2, summary
+    # Measured here (2 cores shared by the gateway, the worker and the load): B's p99 is B alone
+    # plus one to two batch times. First-in-first-out, B would wait A's whole line: up to the 10 s
+    # that admission lets it grow to, seconds at the median. The bounds leave room for a slower,
+    # loaded CI machine (once 1.3 s at p99 of 40 samples there), and still tell fair from FIFO.
+    assert b_shared_p50 <= b_alone_p50 + 3 * 0.2, summary
+    assert b_shared <= b_alone + 2.0, summary
 
 
 def test_an_interactive_request_overtakes_a_saturated_queue(cluster: Cluster):
