@@ -28,15 +28,17 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.batches.lines import Line, read_lines
+from gateway.batches.lines import Line, problem, read_lines
 from gateway.batches.store import BatchRecord, BatchStore, FileRecord
 from gateway.dialects.openai import embeddings, parse_request
 from gateway.errors import ApiError, ModelNotFound, Unauthorized
+from gateway.http import off_loop
 from gateway.metrics import GatewayMetrics
 from gateway.queue import BATCH, QueueUnavailable
 from gateway.redis_link import DOWN
@@ -133,10 +135,14 @@ class BatchRunner:
             record = await self._store.batch(batch_id)
             if record is None:
                 return
-            if record.status == "validating":
-                record = await self._validate(record)
+            lines = await self._validate(record) if record.status == "validating" else None
             if record.status in ("in_progress", "finalizing", "cancelling"):
-                await self._run(record)
+                if lines is None:  # taken over, or after a restart: read again (it was valid)
+                    lines, errors = await self._read(record, lambda _: None)
+                    if errors:
+                        await self._fail(record, errors)
+                        return
+                await self._run(record, lines)
         except asyncio.CancelledError:
             if keeper.done() and isinstance(keeper.exception(), LostClaim):
                 log.warning("batch %s: another replica drives it now", batch_id)
@@ -162,28 +168,30 @@ class BatchRunner:
                 driver.cancel()
                 raise LostClaim(batch_id)
 
-    async def _validate(self, record: BatchRecord) -> BatchRecord:
-        source = await self._store.file(record.doc["input_file_id"])
-        key = self._key(record.owner)
-        if source is None:
-            errors = [{"code": "file_not_found", "message": "the input file was deleted before the batch started",
-                       "param": "input_file_id", "line": None}]  # fmt: skip
-            lines: list[Line] = []
-        else:
-            content = await self._store.content(source)
-            lines, errors = await asyncio.to_thread(read_lines, content, record.doc["endpoint"], self._why_not(key))
-        doc = record.doc
+    async def _validate(self, record: BatchRecord) -> list[Line]:
+        """The batch's lines, its status now in_progress; or failed, with what is wrong."""
+        lines, errors = await self._read(record, self._why_not(self._key(record.owner)))
         if errors:
-            doc.update(status="failed", failed_at=now_s(), errors={"object": "list", "data": errors})
-            log.info("batch %s failed validation: %d problems, the first on line %s", record.id, len(errors), errors[0]["line"])
-        else:
-            doc.update(
-                status="in_progress", in_progress_at=now_s(), request_counts={"total": len(lines), "completed": 0, "failed": 0}
-            )
+            await self._fail(record, errors)
+            return []
+        record.doc.update(status="in_progress", in_progress_at=now_s(),
+                          request_counts={"total": len(lines), "completed": 0, "failed": 0})  # fmt: skip
         await self._store.save_batch(record)
-        return record
+        return lines
 
-    def _why_not(self, key: ApiKey | None):
+    async def _read(self, record: BatchRecord, model_known: Callable[[str], str | None]) -> tuple[list[Line], list[dict]]:
+        source = await self._store.file(record.doc["input_file_id"])
+        if source is None:
+            return [], [problem("file_not_found", "the input file was deleted before the batch was done", param="input_file_id")]
+        content = await self._store.content(source)
+        return await asyncio.to_thread(read_lines, content, record.doc["endpoint"], model_known)
+
+    async def _fail(self, record: BatchRecord, errors: list[dict]) -> None:
+        record.doc.update(status="failed", failed_at=now_s(), errors={"object": "list", "data": errors})
+        await self._store.save_batch(record)
+        log.info("batch %s failed: %d problems, the first on line %s", record.id, len(errors), errors[0]["line"])
+
+    def _why_not(self, key: ApiKey | None) -> Callable[[str], str | None]:
         def why_not(model: str) -> str | None:
             if key is not None and not key.allows(model):
                 return f"model {model!r} is not in this API key's scope"
@@ -196,10 +204,7 @@ class BatchRunner:
     def _key(self, owner: str) -> ApiKey | None:
         return self._keys.named(owner) if self._keys is not None and owner else None
 
-    async def _run(self, record: BatchRecord) -> None:
-        source = await self._store.file(record.doc["input_file_id"])
-        content = await self._store.content(source) if source is not None else b""
-        lines, _ = await asyncio.to_thread(read_lines, content, record.doc["endpoint"], lambda _: None)
+    async def _run(self, record: BatchRecord, lines: list[Line]) -> None:
         run = _Run(record, lines, self._key(record.owner))
         ending = {"finalizing": "completed", "cancelling": "cancelled"}.get(record.status)
         if ending is None:
@@ -271,7 +276,8 @@ class BatchRunner:
         try:
             if run.key is not None and not run.key.usable(time.time()):
                 raise Unauthorized(f"API key {run.key.name!r} was revoked or expired while its batch ran")
-            req, inputs, single = await asyncio.to_thread(parse_request, orjson.dumps(line.body), self._settings.max_inputs)
+            body = orjson.dumps(line.body)
+            req, inputs, single = await off_loop(len(body), parse_request, body, self._settings.max_inputs)
             body = await embeddings(self._service, run.key, req, inputs, single)
         except ModelNotFound:
             status = 503  # validated, so served before: after a restart its workers are yet to come back

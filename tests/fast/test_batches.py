@@ -216,3 +216,20 @@ async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_i
         assert {e["error"]["code"] for e in errors} == {"batch_expired"} and all(e["response"] is None for e in errors)
         ran = {orjson.loads(line)["custom_id"] for line in output}
         assert ran.isdisjoint(e["custom_id"] for e in errors)
+
+
+async def test_a_batch_whose_input_file_was_deleted_fails_when_it_is_taken_up_again(tmp_path):
+    env = {"EMBEDQ_DATA_DIR": str(tmp_path / "data")}
+    async with running(env) as gateway:
+        await gateway.worker(delay_s=0.05, max_num_seqs=2)
+        oai = client(gateway)
+        lines = [request_line(f"line-{i}", f"text {i}") for i in range(500)]
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        while (await oai.batches.retrieve(batch.id)).request_counts.completed < 4:
+            await asyncio.sleep(0.02)
+        await oai.files.delete(uploaded.id)
+    async with running(env) as gateway:
+        done = await finished(client(gateway), batch.id)
+        assert done.status == "failed" and done.errors is not None
+        assert done.errors.data[0].code == "file_not_found"
