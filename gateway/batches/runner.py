@@ -235,7 +235,7 @@ class BatchRunner:
                     del run.in_flight[task]
                     index, answer = task.result()
                     if answer is None:
-                        todo.append(index)  # refused for now: again, after the others
+                        todo.append(index)  # refused for now, and it waited RETRY_S: it goes in again next
                     else:
                         run.finished.append((index, *answer))
                 if run.finished and (not todo or time.monotonic() - written >= PROGRESS_S / 4):
