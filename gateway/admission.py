@@ -35,12 +35,17 @@ class QueueLoad:
     tokens: int = 0
     waiting: dict[tuple[int, str], int] = field(default_factory=dict)  # (class, tenant) -> estimated tokens
     weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight, while it has tokens waiting
-    _answered: deque[tuple[float, int]] = field(default_factory=deque)  # (when, estimated tokens)
+    # (when, estimated tokens) answered in this backlog and the last RATE_WINDOW_S, and their sum:
+    # a running sum, as this is read on every request.
+    _answered: deque[tuple[float, int]] = field(default_factory=deque)
+    _answered_tokens: int = 0
     _backlogged_since: float | None = None
 
     def enter(self, placement: Placement, tokens: int, now: float) -> None:
-        if self.requests == 0:
+        if self.requests == 0:  # a new backlog: answers from before it say nothing of its speed
             self._backlogged_since = now
+            self._answered.clear()
+            self._answered_tokens = 0
         self.requests += 1
         self.tokens += tokens
         where = (placement.priority, placement.tenant)
@@ -58,19 +63,19 @@ class QueueLoad:
                 self.weights.pop(placement.tenant, None)
         if answered:
             self._answered.append((now, tokens))
+            self._answered_tokens += tokens
         if self.requests == 0:
             self._backlogged_since = None
 
     def rate(self, now: float) -> float | None:
         """Estimated tokens answered per second while backlogged; None if not measured."""
         while self._answered and self._answered[0][0] < now - RATE_WINDOW_S:
-            self._answered.popleft()
+            self._answered_tokens -= self._answered.popleft()[1]
         if self._backlogged_since is None:
             return None
         since = max(now - RATE_WINDOW_S, self._backlogged_since)
-        answered = [tokens for when, tokens in self._answered if when >= since]
-        drained = sum(answered)
-        if now - since < MIN_MEASURE_S or len(answered) < MIN_ANSWERED or not drained:
+        drained = self._answered_tokens  # every answer kept is since then
+        if now - since < MIN_MEASURE_S or len(self._answered) < MIN_ANSWERED or not drained:
             return None
         return drained / (now - since)
 

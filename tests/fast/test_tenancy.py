@@ -212,11 +212,10 @@ async def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart(tm
 
 def test_predicted_wait_puts_higher_classes_first_and_caps_other_tenants_at_their_share():
     load = QueueLoad()
-    for t in range(20):  # 20 answers of 10 tokens over 2 s: 100 tokens/s while backlogged
-        load.enter(Placement(DEFAULT, "a"), 10, 100.0 + t * 0.1)
-        load.leave(Placement(DEFAULT, "a"), 10, 100.0 + t * 0.1 + 0.05, answered=True)
     load.enter(Placement(DEFAULT, "flood"), 1000, 101.0)  # keeps the queue backlogged
-    load._answered.extend((101.0 + i * 0.05, 10) for i in range(20))
+    for i in range(20):  # 20 answers of 10 tokens in the 2 s since: 100 tokens/s while backlogged
+        load.enter(Placement(DEFAULT, "a"), 10, 101.0 + i * 0.05)
+        load.leave(Placement(DEFAULT, "a"), 10, 101.0 + i * 0.05 + 0.01, answered=True)
     now = 103.0
     assert load.rate(now) is not None
     flood_wait = load.predicted_wait_s(Placement(DEFAULT, "flood"), 100, now)
