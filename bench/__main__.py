@@ -15,7 +15,9 @@ as a ratio, and everything is written as JSON:
   workers each, at 64 clients x 1 input and 32 clients x 16 inputs (the queue is all there is);
 - batch: interactive requests at half of one fixed-pace fake worker's capacity, alone and beside a
   50,000-line batch: the interactive p99 with the batch over without it, and the batch's share of
-  the capacity left idle (``bench/batch.py``).
+  the capacity left idle (``bench/batch.py``);
+- fairness: a light key's p99 beside a key flooding one fixed-pace fake worker at 10x its
+  capacity, over the light key's alone (``bench/fairness.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 import httpx
 
 from bench.batch import beside_batch
+from bench.fairness import light_beside_flood
 from bench.load import run_load, sentences
 from bench.stack import CPU_ENV, MODEL, engine_dtype, model_path, stack, tcmalloc_env, wait_for_model
 from worker.machine import this_cpu_flags
@@ -45,7 +48,12 @@ TARGETS = {
     "8 fake workers / 1": 7.0,
     "batch: its share of the idle capacity": 0.8,
 }
-AT_MOST = {"gateway p50 added latency ms, 1 client": 2.0, "batch: interactive p99 beside it / alone": 1.25}
+AT_MOST = {
+    "gateway p50 added latency ms, 1 client": 2.0,
+    "batch: interactive p99 beside it / alone": 1.25,
+    "fairness: light key's p99 beside a flood / alone": 1.3,
+}
+ADMIN = "bench-admin-token"
 
 
 def offline_engine():
@@ -149,6 +157,14 @@ def batch_beside_interactive() -> dict:
         return asyncio.run(beside_batch(url, MODEL, rate=40, seconds=20)).as_dict()
 
 
+def fairness() -> dict:
+    with stack() as s:
+        url = s.gateway({"EMBEDQ_KEYS_DB": str(s.workdir / "keys.db"), "EMBEDQ_ADMIN_TOKENS": ADMIN})
+        s.fake_worker(url, delay_s=0.2, max_num_seqs=1)  # 5 requests/s
+        wait_for_model(url)
+        return asyncio.run(light_beside_flood(url, MODEL, ADMIN, flood_rate=50)).as_dict()
+
+
 def ratios(results: dict) -> dict[str, float]:
     out = {}
     if "engine" in results:
@@ -177,6 +193,8 @@ def ratios(results: dict) -> dict[str, float]:
     if "batch" in results:
         out["batch: interactive p99 beside it / alone"] = results["batch"]["p99_ratio"]
         out["batch: its share of the idle capacity"] = results["batch"]["batch_share"]
+    if "fairness" in results:
+        out["fairness: light key's p99 beside a flood / alone"] = results["fairness"]["p99_ratio"]
     return out
 
 
@@ -216,6 +234,12 @@ def report(results: dict) -> None:
             f"interactive p99 alone {b['alone_p99_s'] * 1000:.0f} ms, beside a batch {b['shared_p99_s'] * 1000:.0f} ms; "
             f"batch {b['batch']:.1f} lines/s, capacity {b['capacity']:.1f}/s, interactive {b['interactive']:.1f}/s"
         )
+    if "fairness" in results:
+        f = results["fairness"]
+        print(
+            f"light key p99 alone {f['alone_p99_s'] * 1000:.0f} ms, beside a 10x flood {f['shared_p99_s'] * 1000:.0f} ms; "
+            f"the flood: {f['flood_served']} served, {f['flood_429']} 429s"
+        )
     print()
     for name, value in results["ratios"].items():
         target = TARGETS.get(name)
@@ -228,7 +252,9 @@ def report(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--only", default="engine,gateway,scaling,queue,batch", help="comma-separated: engine, gateway, scaling, queue, batch"
+        "--only",
+        default="engine,gateway,scaling,queue,batch,fairness",
+        help="comma-separated: engine, gateway, scaling, queue, batch, fairness",
     )
     parser.add_argument("--out", default="bench-results.json", help="where to write the JSON results")
     parser.add_argument("--rounds", type=int, default=3, help="engine part: turns each system takes (default 3)")
@@ -254,6 +280,8 @@ def main() -> None:
         results["queue"] = queue_backends()
     if "batch" in parts:
         results["batch"] = batch_beside_interactive()
+    if "fairness" in parts:
+        results["fairness"] = fairness()
     results["ratios"] = ratios(results)
     report(results)
     with open(args.out, "w") as out:

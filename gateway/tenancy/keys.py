@@ -305,7 +305,8 @@ class FileKeyStore(_Lookup):
 
 class RedisKeyStore(_Lookup):
     """Keys in Redis for every replica (see the module's docstring). Lookups read this process's
-    copy; ``run`` refreshes it when the version count moved, and writes last-used times."""
+    copy; ``run`` refreshes it when the version count moved (within 0.5 s of a change made on
+    another replica; a change made here holds here at once), and writes last-used times."""
 
     writable = True
 
@@ -355,6 +356,7 @@ class RedisKeyStore(_Lookup):
         if not self._redis.hsetnx(self._keys, name, json.dumps(key_to_json(key))):
             raise _duplicate(name)
         self._redis.incr(self._version_key)
+        self._by_digest = {**self._by_digest, key.sha256: key}  # holds here at once; elsewhere at the next poll
         return secret, key
 
     def update(self, name: str, **changes: Any) -> ApiKey:
@@ -369,6 +371,7 @@ class RedisKeyStore(_Lookup):
     def _put(self, key: ApiKey) -> ApiKey:
         self._redis.hset(self._keys, key.name, json.dumps(key_to_json(key)))
         self._redis.incr(self._version_key)
+        self._by_digest = {**self._by_digest, key.sha256: key}
         return key
 
     def get(self, name: str) -> ApiKey:
