@@ -18,6 +18,9 @@ import uuid
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,10 @@ class RedisLink:
     def __init__(self, url: str, password: str | None, prefix: str):
         self.replica = uuid.uuid4().hex[:12]
         self.prefix = prefix
-        self.redis = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=5.0)
+        # One retry, at once, on a broken connection: after Redis restarts, each pooled connection
+        # fails once before it reconnects, and a request must not get a 503 for that.
+        self.redis = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=5.0,
+                                    retry=Retry(NoBackoff(), 1), retry_on_error=[BrokenConnection])  # fmt: skip
         # Blocking pops wait at most a second; the subscription waits for events as long as it takes.
         self.blocking = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=10.0)
         self._subscriber = Redis.from_url(
