@@ -36,6 +36,12 @@ def request_line(custom_id: str, texts: list[str] | str, model: str = "fake-mode
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": texts, **body}}
 
 
+async def start(oai: openai.AsyncOpenAI, lines: list[dict]):
+    """Upload the lines as a batch input file and start a batch on it."""
+    uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return uploaded, await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+
+
 async def finished(oai: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 30):
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -155,8 +161,7 @@ async def test_a_cancelled_batch_stops_its_lines_and_keeps_what_was_done():
         await gateway.worker(delay_s=0.05, max_num_seqs=2)
         oai = client(gateway)
         lines = [request_line(f"line-{i}", f"text {i}") for i in range(2000)]
-        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        uploaded, batch = await start(oai, lines)
         while (await oai.batches.retrieve(batch.id)).request_counts.completed < 10:
             await asyncio.sleep(0.05)
         assert (await oai.batches.cancel(batch.id)).status == "cancelling"
@@ -176,8 +181,7 @@ async def test_files_and_a_batch_half_done_survive_a_restart_on_the_same_data_di
     async with running(env) as gateway:
         await gateway.worker(delay_s=0.02, max_num_seqs=4)
         oai = client(gateway)
-        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        uploaded, batch = await start(oai, lines)
         while (await oai.batches.retrieve(batch.id)).request_counts.completed < 20:
             await asyncio.sleep(0.02)
     async with running(env) as gateway:
@@ -204,8 +208,7 @@ async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_i
         await gateway.worker(delay_s=0.05, max_num_seqs=2)
         oai = client(gateway)
         lines = [request_line(f"line-{i}", f"text {i}") for i in range(1000)]
-        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        uploaded, batch = await start(oai, lines)
         done = await finished(oai, batch.id, timeout_s=10)
         assert done.status == "expired" and done.expired_at is not None
         counts = done.request_counts
@@ -224,8 +227,7 @@ async def test_a_batch_whose_input_file_was_deleted_fails_when_it_is_taken_up_ag
         await gateway.worker(delay_s=0.05, max_num_seqs=2)
         oai = client(gateway)
         lines = [request_line(f"line-{i}", f"text {i}") for i in range(500)]
-        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        uploaded, batch = await start(oai, lines)
         while (await oai.batches.retrieve(batch.id)).request_counts.completed < 4:
             await asyncio.sleep(0.02)
         await oai.files.delete(uploaded.id)
