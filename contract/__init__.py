@@ -20,3 +20,13 @@ lease lasts what the worker asks for (``hold_s``: it knows its engine's pace), b
 gateway, and ends early when the worker is gone (its final goodbye, or no heartbeat for the
 gateway's worker TTL); a stale answer is ignored, so a slow worker can never answer twice.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+
+def software_version() -> str:
+    """The installed embedq's version, which both sides report (the worker in its hello)."""
+    try:
+        return version("embedq")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"

@@ -56,6 +56,12 @@ class WorkerHello(_Strict):
     tags: list[Tag] = Field(default=[], max_length=32)
     models: dict[Name, ModelCard] = Field(min_length=1, max_length=64)
     max_batch_items: int = Field(gt=0)
+    # What the console shows of it: where it runs, which embedq, and its engine's settings.
+    host: str = Field(default="", max_length=255)
+    software: str = Field(default="", max_length=64)
+    engine: dict[Annotated[str, StringConstraints(max_length=64)], str | int | float | bool | None] = Field(
+        default={}, max_length=32
+    )
 
 
 class HeartbeatReply(_Strict):

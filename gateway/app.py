@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -16,12 +15,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import worker_endpoints
+from contract import software_version
+from gateway import console, worker_endpoints
+from gateway.activity import Activity
 from gateway.auth import Auth
 from gateway.batches import api as batches_api
 from gateway.batches.runner import BatchRunner
 from gateway.batches.store import BatchStore, DirStore
 from gateway.batches.store import RedisStore as RedisBatchStore
+from gateway.console import Sessions
 from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError, QueueDown
 from gateway.guard import BrowserGuard
@@ -53,13 +55,6 @@ async def health(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     return json_response(request.app.state.openapi)
-
-
-def _version() -> str:
-    try:
-        return version("embedq")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 async def metrics(request: Request) -> Response:
@@ -128,6 +123,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     keys = _key_store(settings)
     limiter, usage_store = _tenancy(settings, link)
     usage = UsageLedger(usage_store, settings.usage_retention_days)
+    activity = Activity(link, queue.stats)
     service = Service(settings, queue, workers, gateway_metrics, limiter)
     # Files and batches: in the queue's Redis with replicas (every replica reads them), else in the data directory.
     batches: BatchStore = RedisBatchStore(link) if link is not None else DirStore(settings.data_dir)
@@ -156,7 +152,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         await queue.start()
         await workers.start()
         background = [asyncio.create_task(service.fail_orphans_forever()), asyncio.create_task(usage.run()),
-                      asyncio.create_task(runner.run())]  # fmt: skip
+                      asyncio.create_task(runner.run()), asyncio.create_task(activity.run())]  # fmt: skip
         if keys is not None:
             background.append(asyncio.create_task(keys.run()))
         try:
@@ -182,6 +178,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         *worker_endpoints.routes,
         *batches_api.routes,
         *admin.routes,
+        *(console.routes if settings.ui else []),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -197,7 +194,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         },
     )
     app.state.settings = settings
-    app.state.openapi = orjson.dumps(openapi_document(_version()))
+    app.state.openapi = orjson.dumps(openapi_document(software_version()))
     app.state.registry = registry
     app.state.metrics = gateway_metrics
     app.state.queue = queue
@@ -208,10 +205,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.usage = usage
     app.state.batches = batches
     app.state.batch_runner = runner
+    app.state.activity = activity
+    app.state.sessions = Sessions(link)
     app.state.draining = False  # set by the server on SIGTERM (server.py)
     app.state.in_flight = 0
     app.router.redirect_slashes = False  # Starlette's would send the client to the Host it named (http.render_error)
-    app.add_middleware(CallLedger, usage=usage)
+    app.add_middleware(CallLedger, usage=usage, activity=activity)
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(RequestMetrics, endpoints={r.path for r in routes}, metrics=gateway_metrics)  # outermost: counts all
     return app

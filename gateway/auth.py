@@ -5,11 +5,15 @@ The three credentials never cross: a worker or admin token is no client key (401
 API, even where clients need no key), a client key or admin token is no worker token (401 on the
 worker API, or 403 for a client key where workers need no token), and only an admin token opens
 the admin API (401 for anything else, and for everything while no admin token is configured).
+The web console (``console/``) opens the admin API's handlers to a signed-in session: it marks
+the request's scope (CONSOLE_ADMIN) after checking the session and its CSRF token; nothing a
+client sends can set that mark.
 Secrets are compared in constant time and never logged, labelled or echoed in an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
@@ -22,6 +26,7 @@ from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey, KeyStore
 
 log = logging.getLogger(__name__)
+CONSOLE_ADMIN = "embedq.console_admin"  # the ASGI scope key the console sets on a signed-in request
 
 
 def bearer(request: Request) -> str:
@@ -85,12 +90,33 @@ class Auth:
             raise Unauthorized("a valid worker token is required (Authorization: Bearer <token>)")
 
     def admin(self, request: Request) -> None:
-        """401 unless the caller presents an admin token."""
+        """401 unless the caller presents an admin token (or is a signed-in console session)."""
+        if request.scope.get(CONSOLE_ADMIN):
+            return
         if not self._admin_tokens:
             raise Unauthorized("the admin API is off: no admin token is configured (EMBEDQ_ADMIN_TOKENS)")
         if not _matches(bearer(request), self._admin_tokens):
             log.warning("refused an admin call to %s: missing or wrong admin token", request.url.path)
             raise Unauthorized("the admin API needs an admin token (Authorization: Bearer <token>)")
+
+    @property
+    def console_open(self) -> bool:
+        return bool(self._admin_tokens)
+
+    def admin_fingerprint(self, presented: str) -> str | None:
+        """Console sign-in: the fingerprint of the admin token presented; None if it is none."""
+        if not presented or not _matches(presented, self._admin_tokens):
+            log.warning("refused a console sign-in: not an admin token")
+            return None
+        return _fingerprint(presented.encode())
+
+    def admin_still(self, fingerprint: str) -> bool:
+        """Whether the admin token a console session was opened with is still configured."""
+        return any(hmac.compare_digest(fingerprint, _fingerprint(token)) for token in self._admin_tokens)
+
+
+def _fingerprint(token: bytes) -> str:
+    return hashlib.sha256(b"embedq-console\0" + token).hexdigest()
 
 
 def _matches(presented: str, tokens: list[bytes]) -> bool:

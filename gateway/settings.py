@@ -34,6 +34,8 @@ class GatewaySettings(BaseModel):
     keys_redis: bool = False  # keys in Redis, shared by the replicas (EMBEDQ_QUEUE=redis)
     # Bearer tokens for the admin API (/admin/v1/...) and nothing else.
     admin_tokens: tuple[str, ...] = ()
+    # The web console at /ui/ (sign-in with an admin token); false: no /ui routes at all.
+    ui: bool = True
     usage_retention_days: float = Field(default=400.0, gt=0)  # hourly usage kept this long
     # Uploaded files and batches, kept across restarts (with EMBEDQ_QUEUE=redis they live in Redis).
     data_dir: str = "~/.local/share/embedq"

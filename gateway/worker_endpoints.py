@@ -149,7 +149,9 @@ async def results(request: Request) -> Response:
     answers: list[Answer] = [
         (r.job_id, r.lease_id, JobDone(m, r.prompt_tokens, r.token_ids, r.texts)) for r, m in zip(header.results, matrices)
     ]
-    return await _answered(request, header.worker_id, answers)
+    response = await _answered(request, header.worker_id, answers)
+    request.app.state.activity.answered(header.worker_id, sum(len(m) for m in matrices))
+    return response
 
 
 async def errors(request: Request) -> Response:

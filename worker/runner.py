@@ -23,6 +23,7 @@ import uuid
 import httpx
 from pydantic import ValidationError
 
+from contract import software_version
 from contract.frames import encode_results
 from contract.messages import (
     ErrorReport,
@@ -87,6 +88,9 @@ class Worker:
             tags=queue.tags,
             models=self._models,
             max_batch_items=self._config.generator.max_num_seqs,
+            host=socket.gethostname()[:255],
+            software=software_version(),
+            engine=self._config.generator.model_dump(),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message
 
+from gateway.auth import CONSOLE_ADMIN
 from gateway.batches.lines import MAX_FILE_BYTES
 from gateway.batches.runner import batch_object
 from gateway.batches.store import BatchRecord, FileRecord
@@ -24,12 +25,26 @@ from gateway.http import json_response, read_json
 from gateway.tenancy.keys import ApiKey
 
 T = TypeVar("T")
+Owned = TypeVar("Owned", FileRecord, BatchRecord)
 WINDOW_S = {"24h": 86400}
 FORM_SLACK = 64 * 1024  # a multipart body's own bytes around the file
 
 
 def _owner(key: ApiKey | None) -> str:
     return key.name if key is not None else ""
+
+
+def _viewer(request: Request) -> str | None:
+    """Whose files and batches the caller sees: its key's; None (everyone's) for the console."""
+    if request.scope.get(CONSOLE_ADMIN):
+        return None
+    return _owner(request.app.state.auth.client(request))
+
+
+def _visible(record: Owned | None, viewer: str | None, what: str, ident: str) -> Owned:
+    if record is None or (viewer is not None and record.owner != viewer):
+        raise NotFound(f"no {what} {ident!r}", param=f"{what}_id")
+    return record
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -86,12 +101,9 @@ async def list_files(request: Request) -> Response:
 
 
 async def _own_file(request: Request) -> FileRecord:
-    key = request.app.state.auth.client(request)
+    viewer = _viewer(request)
     file_id = request.path_params["file_id"]
-    record = await request.app.state.batches.file(file_id)
-    if record is None or record.owner != _owner(key):
-        raise NotFound(f"no file {file_id!r}", param="file_id")
-    return record
+    return _visible(await request.app.state.batches.file(file_id), viewer, "file", file_id)
 
 
 async def retrieve_file(request: Request) -> Response:
@@ -146,12 +158,9 @@ async def create_batch(request: Request) -> Response:
 
 
 async def _own_batch(request: Request) -> BatchRecord:
-    key = request.app.state.auth.client(request)
+    viewer = _viewer(request)
     batch_id = request.path_params["batch_id"]
-    record = await request.app.state.batches.batch(batch_id)
-    if record is None or record.owner != _owner(key):
-        raise NotFound(f"no batch {batch_id!r}", param="batch_id")
-    return record
+    return _visible(await request.app.state.batches.batch(batch_id), viewer, "batch", batch_id)
 
 
 async def retrieve_batch(request: Request) -> Response:
@@ -174,10 +183,12 @@ async def cancel_batch(request: Request) -> Response:
 
 
 async def list_batches(request: Request) -> Response:
-    key = request.app.state.auth.client(request)
+    """The caller's batches; the console's are everyone's, each with its owner."""
+    viewer = _viewer(request)
     store = request.app.state.batches
-    batches = await store.batches(_owner(key))
-    return json_response(_page(request, batches, lambda b: b.id, lambda b: b.doc, default_limit=20, max_limit=100))
+    batches = await store.batches(viewer)
+    render = (lambda b: b.doc) if viewer is not None else (lambda b: {**b.doc, "owner": b.owner})
+    return json_response(_page(request, batches, lambda b: b.id, render, default_limit=20, max_limit=100))
 
 
 def _page(request: Request, items: Sequence[T], ident: Callable[[T], str], render: Callable[[T], dict[str, Any]], *,

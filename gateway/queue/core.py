@@ -248,6 +248,10 @@ class JobQueue:
     def stats(self) -> dict[str, QueueStats]:
         return self._store.stats()
 
+    async def held(self, worker_ids: list[str]) -> dict[str, int]:
+        """Jobs each worker holds now: the console's leases column."""
+        return await self._store.held(worker_ids)
+
     # -- what stores call back on ----------------------------------------------------------------
 
     def wake(self, key: str, inputs: int) -> None:

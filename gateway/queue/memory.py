@@ -158,6 +158,9 @@ class MemoryStore(Store):
         entry = self._leased.get(job_id)
         return entry is not None and entry.lease_id == lease_id
 
+    async def held(self, worker_ids: list[str]) -> dict[str, int]:
+        return {worker_id: len(self._held.get(worker_id, ())) for worker_id in worker_ids}
+
     def stats(self) -> dict[str, QueueStats]:
         now = self._clock()
         leased: dict[str, int] = {}

@@ -177,6 +177,14 @@ class RedisStore(Store):
             state, lease = await self._redis.hmget(self._link.key("j", job_id), "st", "lease")
         return state == b"l" and lease == lease_id.encode()
 
+    async def held(self, worker_ids: list[str]) -> dict[str, int]:
+        with _unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker_id in worker_ids:
+                    pipe.scard(self._link.key("wl", worker_id))
+                counts = await pipe.execute()
+        return dict(zip(worker_ids, counts))
+
     def stats(self) -> dict[str, QueueStats]:
         return self._stats
 

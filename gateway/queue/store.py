@@ -146,6 +146,10 @@ class Store(ABC):
     async def is_leased(self, job_id: str, lease_id: str) -> bool:
         """Whether the job is still out under this lease."""
 
+    @abstractmethod
+    async def held(self, worker_ids: list[str]) -> dict[str, int]:
+        """How many jobs each of these workers holds now (across replicas)."""
+
     async def upkeep(self) -> None:  # noqa: B027
         """Periodic repairs and figures, if the store needs any (every second or so)."""
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Departed = Callable[[str], Awaitable[None]]
 State = Literal["serving", "draining", "stuck", "faulty"]
 FAULTY_AFTER = 3  # posts in a row with refused answers
+GONE_KEPT_S = 600.0  # how long the console still lists a departed worker
 
 
 class UnknownWorker(Exception):
@@ -48,11 +49,21 @@ class _Worker:
     out_until: float = 0.0  # monotonic: sitting out until then
     out_why: State = "serving"  # stuck or faulty, while out_until is ahead
     refused_posts: int = 0  # posts in a row with refused answers
+    heartbeat_at: float = field(default_factory=time.time)  # wall clock: its last heartbeat, to any replica
 
     def state(self, now: float) -> State:
         if self.draining:
             return "draining"
         return self.out_why if self.out_until > now else "serving"
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker as the console lists it."""
+
+    hello: WorkerHello
+    state: State | Literal["gone"]
+    heartbeat_at: float  # wall clock
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class WorkerRegistry:
         self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
         self._first_seen: dict[str, float] = {}
         self._departed: list[str] = []  # dropped for silence, not yet told to on_departed
+        self._gone: dict[str, WorkerView] = {}  # departed lately, for the console
         self._sweeper: asyncio.Task | None = None
         self.on_departed: Departed = _nobody  # set by the app: the queue's release_worker
 
@@ -127,12 +139,14 @@ class WorkerRegistry:
                         code="model_conflict",
                     )
 
-    def _remember(self, hello: WorkerHello, session: str, own: bool = True) -> None:
+    def _remember(self, hello: WorkerHello, session: str, own: bool = True, heartbeat_at: float | None = None) -> None:
         known = self._workers.get(hello.worker_id)
         if known is None:
-            self._workers[hello.worker_id] = _Worker(hello, session, self._clock(), own=own)
+            known = self._workers[hello.worker_id] = _Worker(hello, session, self._clock(), own=own)
         else:
             known.hello, known.last_seen, known.own = hello, self._clock(), own
+        known.heartbeat_at = heartbeat_at or time.time()
+        self._gone.pop(hello.worker_id, None)
         for model in hello.models:
             self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
             self._first_seen.setdefault(model, time.time())
@@ -169,6 +183,7 @@ class WorkerRegistry:
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
             worker.leaving.set()  # its pending lease calls return at once
+            self._gone[worker_id] = WorkerView(worker.hello, "gone", worker.heartbeat_at)
 
     def leaving(self, worker_id: str) -> asyncio.Event:
         """Set once the registered worker drains or leaves; UnknownWorker if it is not registered."""
@@ -262,6 +277,15 @@ class WorkerRegistry:
     def knows(self, model: str) -> bool:
         """Whether any worker ever served ``model`` (alive or not)."""
         return model in self._ever_served
+
+    def views(self) -> list[WorkerView]:
+        """Every live worker, and those gone in the last GONE_KEPT_S, by id."""
+        now = self._clock()
+        live = [WorkerView(w.hello, w.state(now), w.heartbeat_at) for w in self._live().values()]
+        cutoff = time.time() - GONE_KEPT_S
+        for worker_id in [i for i, view in self._gone.items() if view.heartbeat_at < cutoff]:
+            del self._gone[worker_id]
+        return sorted([*live, *self._gone.values()], key=lambda view: view.hello.worker_id)
 
     def live_count(self) -> int:
         return len(self._live())

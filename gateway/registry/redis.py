@@ -57,7 +57,8 @@ class RedisRegistry(WorkerRegistry):
                 task.cancel()
 
     def _record(self, hello: WorkerHello, session: str, draining: bool) -> bytes:
-        return orjson.dumps({"hello": hello.model_dump(), "session": session, "via": self._link.replica, "draining": draining})
+        record = {"hello": hello.model_dump(), "session": session, "via": self._link.replica, "draining": draining}
+        return orjson.dumps({**record, "at": time.time()})
 
     async def heartbeat(self, hello: WorkerHello, session: str) -> None:
         if hello.worker_id not in self._workers:
@@ -174,7 +175,7 @@ class RedisRegistry(WorkerRegistry):
                 continue
             found = orjson.loads(record)
             hello = WorkerHello.model_validate(found["hello"])
-            self._remember(hello, found["session"], own=found["via"] == link.replica)
+            self._remember(hello, found["session"], own=found["via"] == link.replica, heartbeat_at=found.get("at"))
             worker = self._workers[hello.worker_id]
             sitting = orjson.loads(out) if out else None
             worker.out_until = started + sitting["until"] - time.time() if sitting else 0.0

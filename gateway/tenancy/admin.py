@@ -6,8 +6,8 @@
 - ``PATCH /admin/v1/keys/{name}``: change its limits or models (``null`` lifts a limit); they
   hold from its next request, on every replica within a second.
 - ``DELETE /admin/v1/keys/{name}``: revoke it (401 from its next request on).
-- ``GET /admin/v1/usage?from=&to=&by=key|model&granularity=hour|day&key=&model=``: usage sums
-  (``usage.py``); ``from``/``to`` are ISO 8601 times or dates (UTC unless they say), default the
+- ``GET /admin/v1/usage?from=&to=&by=key|model&granularity=hour|day&key=&model=&format=json|csv``:
+  usage sums (``usage.py``); ``from``/``to`` are ISO 8601 times or dates (UTC unless they say), default the
   last 24 hours.
 
 Errors have OpenAI's shape. Keys read from a file (``EMBEDQ_KEYS_FILE``) cannot be changed here.
@@ -30,6 +30,7 @@ from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.http import json_response, read_json
 from gateway.tenancy.keys import ApiKey, KeysError, parse_duration
 from gateway.tenancy.limits import Limits, PriorityName, parse_budget
+from gateway.tenancy.usage import as_csv
 
 DAY_S = 86400
 
@@ -149,9 +150,13 @@ async def usage(request: Request) -> Response:
     start = _when(query.get("from"), "from", end - DAY_S)
     by: Literal["key", "model"] = _one_of(query.get("by", "key"), "by", ("key", "model"))
     granularity = _one_of(query.get("granularity", "hour"), "granularity", ("hour", "day"))
+    csv = _one_of(query.get("format", "json"), "format", ("json", "csv")) == "csv"
     rows = await request.app.state.usage.report(
         start, end, by=by, granularity=granularity, key=query.get("key"), model=query.get("model")
     )
+    if csv:
+        headers = {"Content-Disposition": f'attachment; filename="embedq-usage-by-{by}.csv"'}
+        return Response(as_csv(rows, by), media_type="text/csv", headers=headers)
     return json_response({"object": "list", "from": _iso(start), "to": _iso(end), "by": by, "data": rows})
 
 

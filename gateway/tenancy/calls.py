@@ -5,16 +5,18 @@ request and makes it ``current()`` for the request's task. The pieces fill it in
 request goes: ``Auth.client`` the key, a dialect the priority it asked for (``ask_priority``),
 ``Service._run`` the model, inputs, tokens and the rate-limit headers, ``http.render_error``
 the error code. When the response starts, the ledger adds the rate-limit headers; when it
-ends, it records the call's usage (``usage.py``).
+ends, it records the call's usage (``usage.py``) and the fleet's activity (``activity.py``).
 """
 
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.activity import Activity
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.queue import BATCH, DEFAULT, INTERACTIVE
 from gateway.tenancy.keys import ApiKey
@@ -110,8 +112,8 @@ def duration(seconds: float) -> str:
 
 
 class CallLedger:
-    def __init__(self, app: ASGIApp, usage: UsageLedger):
-        self._app, self._usage = app, usage
+    def __init__(self, app: ASGIApp, usage: UsageLedger, activity: Activity):
+        self._app, self._usage, self._activity = app, usage, activity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(NOT_CLIENT_CALLS):
@@ -119,6 +121,7 @@ class CallLedger:
         call = Call()
         token = _CURRENT.set(call)
         status = 0
+        started = time.perf_counter()
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -135,6 +138,7 @@ class CallLedger:
             await self._app(scope, receive, send_with_headers)
         finally:
             _CURRENT.reset(token)
+            self._activity.call(call.model or "", status, time.perf_counter() - started, call.inputs, call.tokens)
             if call.key is not None or call.model is not None:
                 code = call.code if status >= 400 else None
                 if status == 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from gateway.redis_link import RedisLink
 from gateway.tenancy.admin import DAY_S, moment
 from gateway.tenancy.keys import KeysError, RedisKeyStore, SqliteKeyStore, parse_duration
 from gateway.tenancy.limits import PRIORITY_NAMES, Limits, parse_budget
-from gateway.tenancy.usage import RedisUsage, SqliteUsage, UsageLedger, UsageStore
+from gateway.tenancy.usage import RedisUsage, SqliteUsage, UsageLedger, UsageStore, as_csv, errors_text
 
 LIMIT_FLAGS = ("rpm", "tpm", "concurrency", "budget", "weight", "max_priority")
 
@@ -186,25 +185,16 @@ def usage_main(argv: list[str], env: Mapping[str, str] = os.environ) -> int:
         return 2
     report = UsageLedger(store, 1).report(start, end, by=args.by, granularity=args.granularity, key=args.key, model=args.model)
     rows = asyncio.run(report)
-    columns = ["start", args.by, "requests", "inputs", "prompt_tokens", "rejected", "errors",
-               "batch_requests", "batch_inputs", "batch_prompt_tokens"]  # fmt: skip
     if args.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row[c] if c != "errors" else _errors_text(row["errors"]) for c in columns])
+        sys.stdout.write(as_csv(rows, args.by))
     else:
         print(f"{'START':21} {args.by.upper():24} {'REQUESTS':>9} {'INPUTS':>9} {'TOKENS':>12} {'429S':>6} ERRORS")
         for row in rows:
             print(
                 f"{row['start']:21} {row[args.by]:24} {row['requests']:>9} {row['inputs']:>9} {row['prompt_tokens']:>12} "
-                f"{row['rejected']:>6} {_errors_text(row['errors']) or '-'}"
+                f"{row['rejected']:>6} {errors_text(row['errors']) or '-'}"
             )
     return 0
-
-
-def _errors_text(errors: Any) -> str:
-    return " ".join(f"{code}={n}" for code, n in errors.items())
 
 
 def _period(args: argparse.Namespace) -> tuple[float, float]:

@@ -16,11 +16,14 @@ prompt_tokens, rejected or ``error:<code>``; ``source`` is ``api`` or ``batch``.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 from gateway.redis_link import DOWN, RedisLink, text
 
@@ -245,3 +248,18 @@ def _row(period: int, by: str, name: str, counts: Counter[str]) -> dict[str, obj
         "errors": errors,
         **{f"batch_{field}": counts[f"batch_{field}"] for field in BATCH_FIELDS},  # the part that came from batches
     }
+
+
+def as_csv(rows: list[dict[str, object]], by: str) -> str:
+    """A report as CSV: what ``usage --csv`` prints and the admin API's ``format=csv`` answers."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = ["start", by, "requests", "inputs", "prompt_tokens", "rejected", "errors", *(f"batch_{f}" for f in BATCH_FIELDS)]
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row[c] if c != "errors" else errors_text(row["errors"]) for c in columns])
+    return out.getvalue()
+
+
+def errors_text(errors: Any) -> str:
+    return " ".join(f"{code}={n}" for code, n in errors.items())
