@@ -107,15 +107,21 @@ async def login(request: Request) -> Response:
     session_id, _ = await request.app.state.sessions.open(fingerprint)
     response = Response(status_code=303, headers={"Location": "/ui/"})
     response.set_cookie(COOKIE, session_id, max_age=SESSION_TTL_S, path="/ui", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")  # fmt: skip
+                        secure=_over_tls(request))  # fmt: skip
     return response
 
 
 async def logout(request: Request) -> Response:
     await request.app.state.sessions.close(request.cookies.get(COOKIE, ""))
     response = Response(status_code=303, headers={"Location": "/ui/login"})
-    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict", secure=_over_tls(request))
     return response
+
+
+def _over_tls(request: Request) -> bool:
+    """TLS here, or ended by a proxy in front (an Ingress) that says so. Trusting the header can
+    only make the cookie stricter."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 async def shell(request: Request) -> Response:

@@ -74,6 +74,8 @@ async def test_sign_in_sets_a_strict_cookie_and_every_answer_a_strict_policy():
         over_tls = httpx.AsyncClient(transport=httpx.ASGITransport(gateway.app), base_url="https://127.0.0.1:8080")
         async with over_tls:
             assert "Secure" in (await sign_in(over_tls)).headers["set-cookie"]
+        behind_an_ingress = await client.post("/ui/login", data={"token": ADMIN}, headers={"X-Forwarded-Proto": "https"})
+        assert "Secure" in behind_an_ingress.headers["set-cookie"]
 
 
 async def test_changes_need_the_csrf_token_and_sign_out_ends_the_session():

@@ -269,3 +269,15 @@ def test_the_gateway_keeps_files_and_batches_on_a_claimed_volume_unless_they_liv
     pod = of_kind(replicas, "Deployment")[0]["spec"]["template"]["spec"]
     assert "data" not in {v["name"] for v in pod["volumes"]}
     assert "EMBEDQ_DATA_DIR" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_the_console_is_on_unless_turned_off(helm):
+    def gateway_env(*sets: str) -> dict:
+        docs = render(helm, None, *sets)
+        gateway = next(
+            d for d in of_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+        )
+        return {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert "EMBEDQ_UI" not in gateway_env()  # the gateway's default: on
+    assert gateway_env("adminToken.console=false")["EMBEDQ_UI"] == "false"

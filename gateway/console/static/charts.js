@@ -17,7 +17,10 @@ export function lineChart(label, series, { yFormat = (v) => fmt.num(v, v < 10 ? 
       d += `${pen}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
       pen = "L";
     });
-    return h("path", { d: d || "M0,0", class: `line ${s.cls}`, "data-series": s.name });
+    const alone = s.values.map((v, i) => (v !== null && s.values[i - 1] == null && s.values[i + 1] == null ? i : -1))
+      .filter((i) => i >= 0);  // a point with no neighbour draws no line: a dot instead
+    return h("g", {}, h("path", { d: d || "M0,0", class: `line ${s.cls}`, "data-series": s.name }),
+      alone.map((i) => h("circle", { cx: x(i), cy: y(s.values[i]), r: 2.5, class: `point ${s.cls}` })));
   });
   const last = series.map((s) => `${s.name} ${yFormat([...s.values].reverse().find((v) => v !== null) ?? 0)}`).join(", ");
   return h("figure", { class: "chart" },
