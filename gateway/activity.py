@@ -71,7 +71,7 @@ class Activity:
             await asyncio.sleep(FLUSH_S)
             try:
                 await self.flush()
-            except DOWN as exc:  # kept for the next flush
+            except DOWN as exc:
                 log.debug("could not add activity to Redis: %s", exc)
 
     async def flush(self) -> None:
@@ -95,12 +95,9 @@ class Activity:
                 pipe.hset(self._link.key("now"), self._link.replica, orjson.dumps({"at": self._clock(), "queues": figures}))
                 await pipe.execute()
         except DOWN:
-            for slot, counts in pending.items():
-                self._slot_at(slot).update(counts)
+            for slot, counts in pending.items():  # kept for the next flush
+                self._pending.setdefault(slot, Counter()).update(counts)
             raise
-
-    def _slot_at(self, slot: int) -> Counter[str]:
-        return self._pending.setdefault(slot, Counter())
 
     def _first_slot(self) -> int:
         return int((self._clock() - WINDOW_S) // SLOT_S) + 1

@@ -220,6 +220,15 @@ def test_any_replica_shows_the_whole_fleet(cluster: Cluster, queue_backend: str)
 
     wait_until(counted, 10, "the first replica's calls in the second's console")
     assert sum(w["inputs_per_s"] for w in console.get("/ui/api/fleet").json()["workers"]) * 60 == pytest.approx(10)
+    assert cluster.redis is not None
+    cluster.redis.stop()
+    try:  # Redis down: the console says so (503, its headers), never a 500
+        down = console.get("/ui/api/fleet")
+        assert down.status_code == 503 and down.headers["x-frame-options"] == "DENY", down.text
+        assert down.json()["error"]["code"] == "queue_unavailable"
+    finally:
+        cluster.redis.start()
+    wait_until(lambda: console.get("/ui/api/session").status_code == 200, 15, "the console back with Redis")
     console.post("/ui/logout", headers={"X-CSRF-Token": console.get("/ui/api/session").json()["csrf"]})
     with httpx.Client(base_url=first.url, cookies={"embedq_console": cookie}) as other:
         assert other.get("/ui/api/fleet").status_code == 401  # signed out on one replica: on every one
