@@ -1,12 +1,15 @@
 """The last hour of the fleet's traffic, as the console shows it (``console/``).
 
 Per model, in SLOT_S slots: what client calls came to (requests, inputs, tokens, errors, 429s and
-a latency histogram); per worker, what it answered (posts, inputs); and per replica, its queue
-figures now. Each replica counts in memory (a few dict updates per call) and adds its counts to
-the store every FLUSH_S: its own memory, or with replicas Redis, where every replica adds to the
-same slots, so any replica reads the whole fleet:
+a latency histogram); per worker, what it answered (posts, inputs); per queue, its depth and
+oldest job, sampled at each flush; and per replica, its queue figures now. Each replica counts
+in memory (a few dict updates per call) and adds its counts to the store every FLUSH_S: its own
+memory, or with replicas Redis, where every replica adds to the same slots, so any replica reads
+the whole fleet:
 
-    P:act:<slot>   hash   "<model>\\t<field>" and "worker\\t<id>\\t<field>" -> count; expires after WINDOW_S
+    P:act:<slot>   hash   "<model>\\t<field>" and "worker\\t<id>\\t<field>" -> count, and
+                          "queue\\t<queue>\\t<depth|oldest_ms>\\t<replica>" -> the replica's last sample;
+                          expires after WINDOW_S
     P:now          hash   replica -> its queue figures (JSON), with when they were taken
 """
 
@@ -76,27 +79,40 @@ class Activity:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        stats = self._queue_stats()
+        # Each queue's depth and oldest job now, sampled into this slot: a gauge, so set, not added
+        # (with replicas, one field per replica; the console sums the depths, takes the oldest).
+        sampled = {f"queue\t{key}\t{field}": value for key, s in stats.items()
+                   for field, value in (("depth", s.depth), ("oldest_ms", int(s.oldest_age_s * 1000)))}  # fmt: skip
+        slot = int(self._clock() // SLOT_S)
         if self._link is None:
-            for slot, counts in pending.items():
-                self._kept.setdefault(slot, Counter()).update(counts)
+            for at, counts in pending.items():
+                self._kept.setdefault(at, Counter()).update(counts)
+            now = self._kept.setdefault(slot, Counter())
+            for field, value in sampled.items():
+                now[field] = value
             oldest = self._first_slot()
-            for slot in [s for s in self._kept if s < oldest]:
-                del self._kept[slot]
+            for at in [s for s in self._kept if s < oldest]:
+                del self._kept[at]
             return
-        figures = {key: [s.depth, s.leased, s.oldest_age_s] for key, s in self._queue_stats().items()}
-        redis = self._link.redis
+        figures = {key: [s.depth, s.leased, s.oldest_age_s] for key, s in stats.items()}
+        replica = self._link.replica
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for slot, counts in pending.items():
-                    name = self._link.key("act", str(slot))
+            async with self._link.redis.pipeline(transaction=False) as pipe:
+                for at, counts in pending.items():
+                    name = self._link.key("act", str(at))
                     for field, n in counts.items():
                         pipe.hincrby(name, field, n)
+                    pipe.expireat(name, (at + 1) * SLOT_S + WINDOW_S)
+                if sampled:
+                    name = self._link.key("act", str(slot))
+                    pipe.hset(name, mapping={f"{field}\t{replica}": value for field, value in sampled.items()})
                     pipe.expireat(name, (slot + 1) * SLOT_S + WINDOW_S)
-                pipe.hset(self._link.key("now"), self._link.replica, orjson.dumps({"at": self._clock(), "queues": figures}))
+                pipe.hset(self._link.key("now"), replica, orjson.dumps({"at": self._clock(), "queues": figures}))
                 await pipe.execute()
         except DOWN:
-            for slot, counts in pending.items():  # kept for the next flush
-                self._pending.setdefault(slot, Counter()).update(counts)
+            for at, counts in pending.items():  # kept for the next flush
+                self._pending.setdefault(at, Counter()).update(counts)
             raise
 
     def _first_slot(self) -> int:

@@ -4,7 +4,8 @@
 - ``GET /ui/api/fleet``: models (card, workers, queue, throughput) and workers (hello, state,
   last heartbeat, leases held, rates), for the whole fleet from any replica.
 - ``GET /ui/api/activity``: the last hour in 10 s slots (``activity.py``): fleet requests,
-  inputs, tokens, errors, 429s and p50/p95 latency per slot, and the hour's sums per model.
+  inputs, tokens, errors, 429s and p50/p95 latency per slot, each queue's depth and oldest job
+  per slot, and the hour's sums per model.
 - ``POST /ui/api/embed``: the playground: texts embedded by a model, with their cosine
   similarities and a 2-D PCA projection.
 
@@ -90,9 +91,13 @@ async def activity(request: Request) -> Response:
     fields = ("requests", "inputs", "tokens", "errors", "rejected")
     series: dict[str, list[float | None]] = {name: [] for name in (*fields, "p50", "p95")}
     per_model: dict[str, Counter[str]] = {}
-    for counts in slots.values():
+    queues: dict[str, dict[str, list[float | None]]] = {}
+    for i, counts in enumerate(slots.values()):
         fleet: Counter[str] = Counter()
         for name, n in counts.items():
+            if name.startswith("queue\t"):
+                _sample(queues, i, len(slots), name.split("\t"), n)
+                continue
             model, _, field = name.rpartition("\t")
             if not model.startswith("worker\t"):
                 fleet[field] += n
@@ -105,7 +110,18 @@ async def activity(request: Request) -> Response:
         model or "(none)": {**{f: counts[f] for f in fields}, "p50": _quantile(counts, 0.5), "p95": _quantile(counts, 0.95)}
         for model, counts in sorted(per_model.items())
     }
-    return json_response({"slot_s": SLOT_S, "start": min(slots) * SLOT_S, "series": series, "models": models})
+    return json_response({"slot_s": SLOT_S, "start": min(slots) * SLOT_S, "series": series, "models": models,
+                          "queues": queues})  # fmt: skip
+
+
+def _sample(queues: dict[str, dict[str, list[float | None]]], i: int, count: int, parts: list[str], value: int) -> None:
+    """A queue's sample (queue, key, depth|oldest_ms[, replica]) into slot i: depths summed over
+    replicas, the oldest job the oldest of theirs, in seconds."""
+    series = queues.setdefault(parts[1], {"depth": [None] * count, "oldest_s": [None] * count})
+    if parts[2] == "depth":
+        series["depth"][i] = (series["depth"][i] or 0) + value
+    else:
+        series["oldest_s"][i] = max(series["oldest_s"][i] or 0, value / 1000)
 
 
 def _sum(slots: list[Counter[str]]) -> Counter[str]:

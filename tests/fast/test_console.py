@@ -173,6 +173,25 @@ async def test_a_worker_holding_jobs_shows_its_leases():
         request.cancel()
 
 
+async def test_each_queues_depth_and_oldest_job_are_sampled_into_the_hour():
+    async with running(SETTINGS) as gateway:
+        await sign_in(gateway.client)
+        await HandWorker(gateway).register()  # serves the model, takes no job: they wait
+        waiting = [asyncio.ensure_future(gateway.embed([f"text {n}"])) for n in range(3)]
+        await gateway.until(lambda: sum(s.depth for s in gateway.app.state.queue.stats().values()) == 3, "3 jobs waiting")
+        await asyncio.sleep(0.2)
+        await gateway.app.state.activity.flush()
+        queues = (await gateway.client.get("/ui/api/activity")).json()["queues"]
+        depth, oldest = queues["fake-model"]["depth"], queues["fake-model"]["oldest_s"]
+        assert len(depth) == 360 and depth[-1] == 3 and depth[0] is None  # a slot with no sample has none
+        assert 0.2 <= oldest[-1] < 10
+        await gateway.worker()
+        assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 3
+        await gateway.app.state.activity.flush()
+        queues = (await gateway.client.get("/ui/api/activity")).json()["queues"]
+        assert queues["fake-model"]["depth"][-1] == 0  # the slot's last sample wins
+
+
 async def test_the_playground_embeds_with_similarities_and_a_projection():
     async with running(SETTINGS) as gateway:
         client = gateway.client

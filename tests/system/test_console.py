@@ -215,8 +215,10 @@ def test_any_replica_shows_the_whole_fleet(cluster: Cluster, queue_backend: str)
     wait_until(both, 5, "both workers on the second replica (it reloads the registry every 0.5 s)")
 
     def counted() -> bool:
-        series = console.get("/ui/api/activity").json()["series"]
-        return sum(series["requests"]) == 5 and sum(series["inputs"]) == 10
+        activity = console.get("/ui/api/activity").json()
+        series, queues = activity["series"], activity["queues"]
+        sampled = "fake-model" in queues and queues["fake-model"]["depth"][-1] == 0  # both replicas' samples, summed
+        return sum(series["requests"]) == 5 and sum(series["inputs"]) == 10 and sampled
 
     wait_until(counted, 10, "the first replica's calls in the second's console")
     assert sum(w["inputs_per_s"] for w in console.get("/ui/api/fleet").json()["workers"]) * 60 == pytest.approx(10)

@@ -1,4 +1,4 @@
-// Charts drawn as SVG from the data, with no library: lines over time, bars, a heatmap, a scatter.
+// Charts drawn as SVG from the data, with no library: lines over time, a heatmap, a scatter.
 // Each is an image with a label for screen readers; the numbers are in the page's tables too.
 import { h, fmt } from "./app.js";
 
@@ -34,21 +34,6 @@ export function lineChart(label, series, { yFormat = (v) => fmt.num(v, v < 10 ? 
       paths),
     h("figcaption", {}, h("span", { class: "chart-title" }, label),
       series.map((s) => h("span", { class: `key ${s.cls}` }, s.name))));
-}
-
-/** Horizontal bars: items [{name, value, note}]. */
-export function barChart(label, items, format = (v) => fmt.num(v)) {
-  const top = Math.max(...items.map((i) => i.value), 1);
-  const row = 26, height = Math.max(items.length, 1) * row + 8, labelW = 170;
-  return h("figure", { class: "chart" },
-    h("svg", { viewBox: `0 0 ${W} ${height}`, role: "img",
-      "aria-label": `${label}: ${items.map((i) => `${i.name} ${format(i.value)}`).join(", ") || "nothing"}` },
-    items.map((item, n) => h("g", {},
-      h("text", { x: labelW - 8, y: n * row + 20, class: "tick end" }, item.name),
-      h("rect", { x: labelW, y: n * row + 6, height: row - 8, width: Math.max(1, ((W - labelW - 90) * item.value) / top), class: "bar" }),
-      h("text", { x: labelW + 6 + ((W - labelW - 90) * item.value) / top, y: n * row + 20, class: "tick" },
-        `${format(item.value)}${item.note ? ` · ${item.note}` : ""}`)))),
-    h("figcaption", {}, h("span", { class: "chart-title" }, label)));
 }
 
 /** Cosine similarities of texts: one cell per pair, darker when closer. */

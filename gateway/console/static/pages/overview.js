@@ -1,12 +1,17 @@
 // The fleet at a glance: tiles, the last hour's charts, and each model's queue now.
 import { api, fmt, h, table } from "../app.js";
-import { barChart, lineChart } from "../charts.js";
+import { lineChart } from "../charts.js";
 
 function tile(label, value) {
   return h("div", { class: "tile" }, h("span", { class: "tile-value" }, value), h("span", { class: "tile-label" }, label));
 }
 
 function perSecond(values, slot) { return values.map((v) => v / slot); }
+
+/** One line per queue (a queue is a checkpoint: its models' jobs), from the samples of the hour. */
+function queueSeries(queues, field) {
+  return Object.entries(queues).sort().map(([name, q], i) => ({ name, values: q[field], cls: `s${(i % 4) + 1}` }));
+}
 
 export default {
   title: "Overview",
@@ -36,8 +41,9 @@ export default {
           { xLabels, yFormat: fmt.ms }),
         lineChart("Errors and 429s per 10 s", [{ name: "errors", values: s.errors, cls: "s4" },
           { name: "429s", values: s.rejected, cls: "s3" }], { xLabels }),
-        barChart("Queue depth now (jobs waiting)", fleet.models.map((m) => ({
-          name: m.id, value: m.queue.depth, note: m.queue.depth ? `oldest ${fmt.num(m.queue.oldest_age_s, 1)} s` : "" })))),
+        lineChart("Queue depth (jobs waiting), by queue", queueSeries(activity.queues, "depth"), { xLabels }),
+        lineChart("Oldest waiting job, by queue", queueSeries(activity.queues, "oldest_s"),
+          { xLabels, yFormat: (v) => `${fmt.num(v, 1)} s` })),
       table("Models now", [
         ["Model", (m) => h("a", { href: "#/models" }, m.id)],
         ["Workers", (m) => m.workers],
