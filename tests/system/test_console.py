@@ -113,6 +113,10 @@ def test_an_operator_runs_the_fleet_from_the_console(cluster: Cluster):
         refused = page.locator("#status", has_text="key names are")  # refused; its message quotes the name, as text
         refused.wait_for(timeout=10_000)
         assert NASTY in refused.inner_text()
+        page.get_by_role("button", name="Change the limits of team-a").click()
+        page.get_by_role("dialog").get_by_label("Tokens per minute").fill("50000")
+        page.get_by_role("dialog").get_by_role("button", name="Save").click()
+        page.locator("tr:has-text('team-a')", has_text="50,000 tpm").wait_for(timeout=10_000)
         shoot(page, "keys")
 
         # The overview's charts move under a short load.
@@ -128,6 +132,10 @@ def test_an_operator_runs_the_fleet_from_the_console(cluster: Cluster):
         page.wait_for_function("() => [...document.querySelectorAll('.tile')].some(t => t.innerText.includes('p50') && "
                                "!t.innerText.startsWith('–'))")  # fmt: skip
         shoot(page, "overview")
+        page.emulate_media(color_scheme="dark")  # the system's setting, followed
+        assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(18, 21, 27)"
+        shoot(page, "overview-dark")
+        page.emulate_media(color_scheme="light")
 
         # A batch's progress bar advances to completed.
         batch_id = start_batch(gateway, secret, 400)
@@ -145,6 +153,12 @@ def test_an_operator_runs_the_fleet_from_the_console(cluster: Cluster):
         assert seen[-1] == 400 and page.locator(f'tr:has({bar}) [data-status="completed"]').count() == 1, seen
         assert any(0 < value < 400 for value in seen), f"no progress seen between start and end: {seen}"
         assert seen == sorted(seen)
+        output = page.locator(f'tr:has({bar}) a:has-text("Output")').get_attribute("href")
+        assert len(page.request.get(gateway.url + output).text().splitlines()) == 400
+        doomed = start_batch(gateway, secret, 4000)  # 60 s of work for these workers: cancelled long before
+        page.get_by_role("button", name=f"Cancel {doomed}").click(timeout=10_000)
+        page.get_by_role("dialog").get_by_role("button", name="Cancel batch").click()
+        page.locator(f'tr:has-text("{doomed}") [data-status="cancelled"]').wait_for(timeout=30_000)
         shoot(page, "batches")
 
         # Revoked in the console: the next request gets 401.
@@ -172,6 +186,8 @@ def test_an_operator_runs_the_fleet_from_the_console(cluster: Cluster):
         visit(page, gateway, "usage")
         page.get_by_role("cell", name="team-a").first.wait_for(timeout=10_000)
         shoot(page, "usage")
+        csv = page.request.get(gateway.url + page.get_by_role("link", name="Export CSV").get_attribute("href"))
+        assert csv.headers["content-type"].startswith("text/csv") and ",team-a," in csv.text()
 
         # Markup in data is text; and were it ever put in as HTML, the policy would not run it.
         assert page.evaluate("window.pwned") is None

@@ -15,8 +15,8 @@ function limitsText(limits) {
   return parts.join(", ") || "none";
 }
 
-function field(name, label, value = "", type = "text") {
-  const id = `key-${name}`;
+function field(prefix, name, label, value = "", type = "text") {
+  const id = `${prefix}-${name}`;  // the create form's and the dialog's fields: ids of their own
   return h("div", { class: "field" }, h("label", { for: id }, label), h("input", { id, name, type, value }));
 }
 
@@ -34,22 +34,22 @@ function limitsBody(form, creating) {
   return body;
 }
 
-function limitFields(key) {
+function limitFields(key, prefix) {
   const limits = key ? key.limits : {};
   const budget = limits.budget ? `${limits.budget}/${limits.budget_period}` : "";
   return [
-    field("models", "Models (comma-separated; empty: all)", key && key.models ? key.models.join(", ") : ""),
-    ...LIMITS.map(([name, label]) => field(name, label, name === "budget" ? budget : limits[name] ?? "",
+    field(prefix, "models", "Models (comma-separated; empty: all)", key && key.models ? key.models.join(", ") : ""),
+    ...LIMITS.map(([name, label]) => field(prefix, name, label, name === "budget" ? budget : limits[name] ?? "",
       name === "budget" ? "text" : "number")),
-    h("div", { class: "field" }, h("label", { for: "key-max_priority" }, "Highest priority"),
-      h("select", { id: "key-max_priority", name: "max_priority" },
+    h("div", { class: "field" }, h("label", { for: `${prefix}-max_priority` }, "Highest priority"),
+      h("select", { id: `${prefix}-max_priority`, name: "max_priority" },
         ["", "interactive", "default", "batch"].map((p) => h("option", { value: p, selected: (limits.max_priority || "") === p && !!key },
           p || "any")))),
   ];
 }
 
 function editDialog(key, done) {
-  const form = h("form", { class: "grid" }, limitFields(key),
+  const form = h("form", { class: "grid" }, limitFields(key, "edit"),
     h("div", { class: "actions" },
       h("button", { type: "button", value: "cancel", onclick: () => dialog.close() }, "Cancel"),
       h("button", { type: "submit" }, "Save")));
@@ -102,7 +102,7 @@ export default {
     }
     const secret = h("div", { id: "new-secret", role: "region", "aria-label": "New key" });
     const form = h("form", { class: "grid", "aria-label": "Create a key" },
-      field("name", "Name"), field("expires_in", "Expires in (e.g. 90d; empty: never)"), limitFields(null),
+      field("new", "name", "Name"), field("new", "expires_in", "Expires in (e.g. 90d; empty: never)"), limitFields(null, "new"),
       h("div", { class: "actions" }, h("button", { type: "submit" }, "Create key")));
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
