@@ -1,10 +1,12 @@
-// The fleet at a glance: tiles, the last hour's charts, and each model's queue now.
+// The fleet at a glance: tiles, charts of the last minutes (up to an hour), each model now.
 import { api, fmt, h, table } from "../app.js";
 import { lineChart } from "../charts.js";
 
 function tile(label, value) {
   return h("div", { class: "tile" }, h("span", { class: "tile-value" }, value), h("span", { class: "tile-label" }, label));
 }
+
+const WINDOWS = [[300, "5 minutes"], [900, "15 minutes"], [3600, "hour"]];
 
 function perSecond(values, slot) { return values.map((v) => v / slot); }
 
@@ -15,16 +17,26 @@ function queueSeries(queues, field) {
 
 export default {
   title: "Overview",
-  async open() {},
-  async refresh(body) {
+  async open(body, view) {
+    const choice = h("select", { id: "window", onchange: () => this.refresh(body, view) },
+      WINDOWS.map(([seconds, name]) => h("option", { value: seconds, selected: seconds === 900 }, `the last ${name}`)));
+    view.window = choice;
+    view.content = h("div");
+    body.append(h("div", { class: "field inline" }, h("label", { for: "window" }, "Charts and sums over"), choice), view.content);
+  },
+  async refresh(body, view) {
     const [fleet, activity] = await Promise.all([api("/fleet"), api("/activity")]);
-    const s = activity.series, slot = activity.slot_s;
+    const slot = activity.slot_s, span = Number(view.window.value), last = (v) => v.slice(-span / slot);
+    const s = Object.fromEntries(Object.entries(activity.series).map(([k, v]) => [k, last(v)]));
+    const queues = Object.fromEntries(Object.entries(activity.queues).map(([k, q]) =>
+      [k, { depth: last(q.depth), oldest_s: last(q.oldest_s) }]));
+    const windowName = WINDOWS.find(([seconds]) => seconds === span)[1];
     const lastMinute = (values) => values.slice(-60 / slot).reduce((a, b) => a + b, 0) / 60;
     const sum = (values) => values.reduce((a, b) => a + b, 0);
     const live = fleet.workers.filter((w) => w.state !== "gone");
     const recent = (values) => [...values].reverse().find((v) => v !== null) ?? null;
-    const xLabels = ["1 hour ago", "now"];
-    body.replaceChildren(
+    const xLabels = [`${windowName === "hour" ? "1 hour" : windowName} ago`, "now"];
+    view.content.replaceChildren(
       h("section", { class: "tiles", "aria-label": "Now" },
         tile("models", fleet.models.length),
         tile("live workers", live.length),
@@ -32,18 +44,18 @@ export default {
         tile("tokens/s (last minute)", fmt.num(lastMinute(s.tokens), 0)),
         tile("p50 latency", fmt.ms(recent(s.p50))),
         tile("p95 latency", fmt.ms(recent(s.p95))),
-        tile("errors (hour)", fmt.num(sum(s.errors))),
-        tile("429s (hour)", fmt.num(sum(s.rejected)))),
-      h("section", { class: "charts", "aria-label": "The last hour" },
+        tile(`errors (${windowName})`, fmt.num(sum(s.errors))),
+        tile(`429s (${windowName})`, fmt.num(sum(s.rejected)))),
+      h("section", { class: "charts", "aria-label": `The last ${windowName}` },
         lineChart("Inputs per second", [{ name: "inputs/s", values: perSecond(s.inputs, slot), cls: "s1" }], { xLabels }),
         lineChart("Tokens per second", [{ name: "tokens/s", values: perSecond(s.tokens, slot), cls: "s2" }], { xLabels }),
         lineChart("Latency", [{ name: "p50", values: s.p50, cls: "s1" }, { name: "p95", values: s.p95, cls: "s3" }],
           { xLabels, yFormat: fmt.ms }),
         lineChart("Errors and 429s per 10 s", [{ name: "errors", values: s.errors, cls: "s4" },
           { name: "429s", values: s.rejected, cls: "s3" }], { xLabels }),
-        lineChart("Queue depth (jobs waiting), by queue", queueSeries(activity.queues, "depth"), { xLabels }),
-        lineChart("Oldest waiting job, by queue", queueSeries(activity.queues, "oldest_s"),
-          { xLabels, yFormat: (v) => `${fmt.num(v, 1)} s` })),
+        lineChart("Queue depth (jobs waiting), by queue", queueSeries(queues, "depth"), { xLabels }),
+        lineChart("Oldest waiting job, by queue", queueSeries(queues, "oldest_s"),
+          { xLabels, yFormat: (v) => `${fmt.num(v, v < 1 ? 2 : 1)} s` })),
       table("Models now", [
         ["Model", (m) => h("a", { href: "#/models" }, m.id)],
         ["Workers", (m) => m.workers],
