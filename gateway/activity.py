@@ -56,6 +56,16 @@ class Activity:
             counts[model + "\ttokens"] += tokens
         counts[f"{model}\tlat{bisect.bisect_left(LATENCY_BUCKETS, seconds)}"] += 1
 
+    def batch_line(self, model: str, ok: bool, inputs: int, tokens: int) -> None:
+        """A batch's line was answered (batches/runner.py): counted apart from client calls, whose
+        latency it would blur."""
+        counts = self._slot()
+        if ok:
+            counts[model + "\tbatch_inputs"] += inputs
+            counts[model + "\tbatch_tokens"] += tokens
+        else:
+            counts[model + "\tbatch_failed"] += 1
+
     def answered(self, worker_id: str, inputs: int) -> None:
         """A worker's post of answers was taken."""
         counts = self._slot()

@@ -127,7 +127,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     service = Service(settings, queue, workers, gateway_metrics, limiter)
     # Files and batches: in the queue's Redis with replicas (every replica reads them), else in the data directory.
     batches: BatchStore = RedisBatchStore(link) if link is not None else DirStore(settings.data_dir)
-    runner = BatchRunner(batches, service, workers, keys, usage, gateway_metrics, settings,
+    runner = BatchRunner(batches, service, workers, keys, usage, activity, gateway_metrics, settings,
                          holder=link.replica if link is not None else "local")  # fmt: skip
 
     @contextlib.asynccontextmanager

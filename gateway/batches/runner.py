@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from gateway.activity import Activity
 from gateway.batches.lines import Line, problem, read_lines
 from gateway.batches.store import BatchRecord, BatchStore, FileRecord
 from gateway.dialects.openai import embeddings, parse_request
@@ -89,12 +90,14 @@ class BatchRunner:
         workers: WorkerRegistry,
         keys: KeyStore | None,
         usage: UsageLedger,
+        activity: Activity,
         metrics: GatewayMetrics,
         settings: GatewaySettings,
         holder: str,
     ):
         self._store, self._service, self._workers, self._keys = store, service, workers, keys
         self._usage, self._metrics, self._settings, self._holder = usage, metrics, settings, holder
+        self._activity = activity
         self._driving: dict[str, asyncio.Task] = {}
         self._look = asyncio.Event()
 
@@ -295,6 +298,7 @@ class BatchRunner:
             inputs=call.inputs if status == 200 else 0, tokens=call.tokens if status == 200 else 0,
             code=call.code if status != 200 else None, rejected=False,
         )  # fmt: skip
+        self._activity.batch_line(line.model, status == 200, call.inputs, call.tokens)
         self._metrics.child(self._metrics.batch_lines, line.model, "completed" if status == 200 else "failed").inc()
         self._metrics.child(self._metrics.batch_backlog, line.model).dec()
         run.left[line.model] -= 1

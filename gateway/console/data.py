@@ -4,7 +4,7 @@
 - ``GET /ui/api/fleet``: models (card, workers, queue, throughput) and workers (hello, state,
   last heartbeat, leases held, rates), for the whole fleet from any replica.
 - ``GET /ui/api/activity``: the last hour in 10 s slots (``activity.py``): fleet requests,
-  inputs, tokens, errors, 429s and p50/p95 latency per slot, each queue's depth and oldest job
+  inputs, tokens, errors, 429s and p50/p95 latency per slot, batch lines' inputs and tokens, each queue's depth and oldest job
   per slot, and the hour's sums per model.
 - ``POST /ui/api/embed``: the playground: texts embedded by a model, with their cosine
   similarities and a 2-D PCA projection.
@@ -88,7 +88,7 @@ async def fleet(request: Request) -> Response:
 
 async def activity(request: Request) -> Response:
     slots: Slots = await request.app.state.activity.read()
-    fields = ("requests", "inputs", "tokens", "errors", "rejected")
+    fields = ("requests", "inputs", "tokens", "errors", "rejected", "batch_inputs", "batch_tokens", "batch_failed")
     series: dict[str, list[float | None]] = {name: [] for name in (*fields, "p50", "p95")}
     per_model: dict[str, Counter[str]] = {}
     queues: dict[str, dict[str, list[float | None]]] = {}

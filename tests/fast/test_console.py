@@ -5,6 +5,7 @@ The pages themselves run in a real browser in tests/system/test_console.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import httpx
@@ -158,6 +159,29 @@ async def test_the_fleet_shows_models_workers_their_leases_and_the_last_hours_ca
         await gateway.app.state.workers.leave(worker.id)
         [gone] = (await client.get("/ui/api/fleet")).json()["workers"]
         assert gone["state"] == "gone"
+
+
+async def test_batch_lines_count_apart_from_client_calls():
+    async with running(SETTINGS) as gateway:
+        await sign_in(gateway.client)
+        await gateway.worker()
+        lines = "".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+                                    "body": {"model": "fake-model", "input": ["a", "b"]}}) + "\n" for i in range(5))  # fmt: skip
+        upload = await gateway.client.post("/v1/files", files={"file": ("in.jsonl", lines.encode())}, data={"purpose": "batch"})
+        body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}
+        batch_id = (await gateway.client.post("/v1/batches", json=body)).json()["id"]
+
+        async def status() -> str:
+            return (await gateway.client.get(f"/v1/batches/{batch_id}")).json()["status"]
+
+        for _ in range(200):
+            if await status() == "completed":
+                break
+            await asyncio.sleep(0.05)
+        await gateway.app.state.activity.flush()
+        series = (await gateway.client.get("/ui/api/activity")).json()["series"]
+        assert sum(series["batch_inputs"]) == 10 and sum(series["batch_tokens"]) > 0
+        assert sum(series["requests"]) == 0 and sum(series["inputs"]) == 0  # no client call, no client latency
 
 
 async def test_a_worker_holding_jobs_shows_its_leases():
