@@ -99,6 +99,11 @@ def test_an_operator_runs_the_fleet_from_the_console(cluster: Cluster):
         visit(page, gateway, "models")
         page.get_by_role("heading", name="fake-model").wait_for(timeout=10_000)
         page.get_by_text("How a client calls it").click()
+        copy = "Copy the curl example for fake-model"
+        page.get_by_role("button", name=copy).focus()
+        page.wait_for_timeout(3500)  # a refresh (every 3 s) redraws the page: the keyboard's place is kept
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == copy
+        assert page.locator("details[open]").count() == 1
         shoot(page, "models")
 
         # A key made in the console works at once, and its secret is shown once.

@@ -112,6 +112,22 @@ export function confirmDialog(question, confirmLabel) {
   });
 }
 
+// A refresh redraws the page: whoever works by keyboard keeps their place (the control they
+// were on, found again by its label).
+function nameOf(node) {
+  return node.getAttribute("aria-label") || node.id || node.getAttribute("href") || node.textContent;
+}
+
+function focusKey(node, body) {
+  return node && node !== body && body.contains(node) ? [node.tagName, nameOf(node)] : null;
+}
+
+function refocus(key, body) {
+  if (!key || body.contains(document.activeElement)) return;
+  const match = [...body.querySelectorAll(key[0])].find((node) => nameOf(node) === key[1]);
+  if (match) match.focus({ preventScroll: true });
+}
+
 async function show() {
   const name = (location.hash.replace(/^#\/?/, "").split("?")[0]) || "overview";
   const page = PAGES[name] || overview;
@@ -131,7 +147,9 @@ async function show() {
   await page.open(body, view);
   const tick = async () => {
     if (!view.live || !page.refresh) return;
+    const focused = focusKey(document.activeElement, body);
     try { await page.refresh(body, view); say(""); } catch (error) { say(`Could not refresh: ${error.message}`); }
+    refocus(focused, body);
     if (view.live) timer = setTimeout(tick, REFRESH_MS);
   };
   if (page.refresh) await tick();
