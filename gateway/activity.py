@@ -125,14 +125,14 @@ class Activity:
                 self._pending.setdefault(at, Counter()).update(counts)
             raise
 
-    def _first_slot(self) -> int:
-        return int((self._clock() - WINDOW_S) // SLOT_S) + 1
+    def _first_slot(self, window_s: int = WINDOW_S) -> int:
+        return int((self._clock() - window_s) // SLOT_S) + 1
 
-    async def read(self) -> Slots:
-        """Every slot of the last WINDOW_S, oldest first (empty ones too), with what this
-        replica has not flushed yet."""
-        first = self._first_slot()
-        slots = list(range(first, first + WINDOW_S // SLOT_S))
+    async def read(self, window_s: int = WINDOW_S) -> Slots:
+        """Every slot of the last window_s (at most WINDOW_S), oldest first (empty ones too),
+        with what this replica has not flushed yet."""
+        first = self._first_slot(window_s)
+        slots = list(range(first, first + window_s // SLOT_S))
         read: Slots = {slot: Counter() for slot in slots}
         if self._link is None:
             stored = [self._kept.get(slot, Counter()) for slot in slots]

@@ -4,8 +4,8 @@
 - ``GET /ui/api/fleet``: models (card, workers, queue, throughput) and workers (hello, state,
   last heartbeat, leases held, rates), for the whole fleet from any replica.
 - ``GET /ui/api/activity``: the last hour in 10 s slots (``activity.py``): fleet requests,
-  inputs, tokens, errors, 429s and p50/p95 latency per slot, batch lines' inputs and tokens, each queue's depth and oldest job
-  per slot, and the hour's sums per model.
+  inputs, tokens, errors, 429s and p50/p95 latency per slot, batch lines' inputs and tokens,
+  each queue's depth and oldest job per slot, and the hour's sums per model.
 - ``POST /ui/api/embed``: the playground: texts embedded by a model, with their cosine
   similarities and a 2-D PCA projection.
 
@@ -52,10 +52,10 @@ async def fleet(request: Request) -> Response:
     views = state.workers.views()
     queues = await state.activity.queues()
     held = await state.queue.held([v.hello.worker_id for v in views if v.state != "gone"])
-    recent = _sum(list((await state.activity.read()).values())[-RATE_WINDOW_S // SLOT_S :])
+    recent = _sum(list((await state.activity.read(RATE_WINDOW_S)).values()))
     tags: dict[str, set[str]] = {}
     for view in views:
-        for model in view.hello.models:
+        for model in view.hello.models if view.state != "gone" else ():
             tags.setdefault(model, set()).update(view.hello.tags)
     models = []
     for name in sorted(routes):
