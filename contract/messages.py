@@ -8,7 +8,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-PROTOCOL_VERSION = 2
+# Version 3 adds what engine calls are sized by: a job's priority class and estimated tokens
+# (LeaseReply), and the worker's measured pace (LeaseRequest). A gateway speaks each worker's
+# version (the hello says it) and a worker the gateway's (the heartbeat reply says it): a fleet
+# of both versions keeps serving while it is upgraded.
+PROTOCOL_VERSION = 3
+PROTOCOLS = (2, 3)  # the versions this side speaks
 PREFIX = "/internal/v1"
 RESULTS_CONTENT_TYPE = "application/x-embedq-results"
 # Every call carries the worker's session secret here: chosen by the worker when it starts, bound to
@@ -49,7 +54,7 @@ class ModelCard(_Strict):
 
 
 class WorkerHello(_Strict):
-    protocol: Literal[2] = 2  # PROTOCOL_VERSION
+    protocol: Literal[2, 3] = 3  # PROTOCOL_VERSION
     worker_id: Name
     checkpoint_name: Name
     version: int = 0
@@ -67,6 +72,7 @@ class WorkerHello(_Strict):
 class HeartbeatReply(_Strict):
     worker_ttl_s: float
     lease_ttl_s: float  # the longest a lease may last, whatever hold_s asks
+    protocol: Literal[2, 3] = 2  # the version the gateway speaks with this worker (absent: 2)
 
 
 class WorkerBye(_Strict):
@@ -90,6 +96,11 @@ class LeaseRequest(_Strict):
     # How long the worker expects to need for the jobs it takes now, from its engine's measured
     # pace; the lease expires then (bounded by the gateway's lease_ttl_s). None: not measured yet.
     hold_s: float | None = Field(default=None, gt=0, le=3600)
+    # Protocol 3: the engine's measured pace, a call's seconds = call_s + token_s * its jobs'
+    # estimated tokens (Job.tokens). The gateway sizes the call by it to the latency objective of
+    # the most urgent class waiting or recently arriving. None: not measured yet (no bound).
+    call_s: float | None = Field(default=None, ge=0, le=60)
+    token_s: float | None = Field(default=None, ge=0, le=1)
 
 
 class Job(_Strict):
@@ -104,6 +115,10 @@ class Job(_Strict):
     pairs_with: list[str] = []
     truncate: bool = False  # cut over-long inputs to the model's limit instead of failing
     special_tokens: bool = True  # tokenize: with the model's special tokens (as embedding counts them)
+    # Protocol 3: its priority class (0 interactive, 1 default, 2 batch) and estimated tokens,
+    # which the worker's pace is measured in.
+    priority: int = Field(default=1, ge=0, le=2)
+    tokens: int = Field(default=0, ge=0)
 
 
 class LeaseReply(_Strict):

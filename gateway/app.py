@@ -112,7 +112,13 @@ def create_app(settings: GatewaySettings) -> Starlette:
         for worker_id in what.workers:  # whose leases expired unanswered: out of rotation a while
             await workers.mark_stuck(worker_id)
 
-    queue = JobQueue(store, lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, on_reclaimed=reclaimed)
+    queue = JobQueue(
+        store,
+        lease_ttl_s=settings.lease_ttl_s,
+        max_attempts=settings.max_attempts,
+        objectives=settings.objectives,
+        on_reclaimed=reclaimed,
+    )
 
     async def departed(worker_id: str) -> None:
         await queue.release_worker(worker_id)  # leases follow their worker

@@ -2,8 +2,9 @@
 wait, put the answers together. Every capability (embed, score, tokenize, detokenize) runs its
 jobs through ``_run``, the one place where a request's jobs meet the queue.
 
-Requests are split into jobs of ``job_max_inputs`` so that several workers share a large
-request; workers batch jobs from many requests together. A failed job fails its request with
+Requests are split into jobs of at most ``job_max_inputs`` inputs and ``job_max_tokens`` tokens,
+so that several workers share a large request and a lease can bound an engine call finely;
+workers batch jobs from many requests together. A failed job fails its request with
 the error translated back to the request's own input index.
 
 Before a request's jobs are queued: its key's limits (``tenancy/limits.py``: 429
@@ -211,21 +212,13 @@ class Service:
         pairs_with: list[str] | None = None,
         special_tokens: bool = True,
     ) -> list[JobDone]:
-        size = self._settings.job_max_inputs
         width = {"embed": route.card.dimensions, "score": 1}.get(kind, 0)
+        spans = job_spans(inputs, pairs_with, self._settings.job_max_inputs, self._settings.job_max_tokens)
         specs = [
             JobSpec(
-                route.model,
-                inputs[i : i + size],
-                truncate,
-                tags,
-                _estimate(inputs[i : i + size], pairs_with, i, size),
-                kind,
-                width,
-                (pairs_with or [])[i : i + size],
-                special_tokens,
+                route.model, inputs[start:end], truncate, tags, tokens, kind, width, (pairs_with or [])[start:end], special_tokens
             )  # fmt: skip
-            for i in range(0, len(inputs), size)
+            for start, end, tokens in spans
         ]
         self._metrics.request_inputs.observe(len(inputs))
         call = calls.current()
@@ -250,7 +243,7 @@ class Service:
             raise GatewayTimeout(f"model {route.model!r} did not answer within {self._settings.request_timeout_s:g}s") from None
         except JobFailure as failure:
             self._metrics.jobs.labels(failure.failure.code).inc()
-            raise _client_error(failure, size, single, self._settings.retry_after_s) from None
+            raise _client_error(failure, spans[failure.job_index][0], single, self._settings.retry_after_s) from None
         finally:
             if decision is not None:
                 self._finish(key, call, decision, _tokens(done))
@@ -398,10 +391,26 @@ def _tokens(done: list[JobDone]) -> int:
     return sum(sum(d.prompt_tokens) for d in done)
 
 
-def _estimate(inputs: list[JobInput], pairs_with: list[str] | None, start: int, size: int) -> int:
-    """Tokens of these inputs, about: text bytes / 4, or the token ids."""
-    texts = [*inputs, *(pairs_with or [])[start : start + size]]
-    return sum(len(item) // 4 + 2 if isinstance(item, str) else len(item) for item in texts)
+def job_spans(
+    inputs: Sequence[JobInput], pairs_with: Sequence[str] | None, max_inputs: int, max_tokens: int
+) -> list[tuple[int, int, int]]:
+    """Where a request is cut into jobs, as (start, end, estimated tokens): at most ``max_inputs``
+    inputs and ``max_tokens`` tokens a job, an input larger than that alone. Small jobs are what
+    lets a lease bound an engine call to an objective, and several workers share a large request."""
+    spans, start, tokens = [], 0, 0
+    for i, item in enumerate(inputs):
+        cost = _estimate(item) + (_estimate(pairs_with[i]) if pairs_with else 0)
+        if i > start and (i - start >= max_inputs or tokens + cost > max_tokens):
+            spans.append((start, i, tokens))
+            start, tokens = i, 0
+        tokens += cost
+    spans.append((start, len(inputs), tokens))
+    return spans
+
+
+def _estimate(item: JobInput) -> int:
+    """An input's tokens, about: text bytes / 4 (and its special tokens), or its token ids."""
+    return len(item) // 4 + 2 if isinstance(item, str) else len(item)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -439,11 +448,11 @@ def _check_dimensions(route: Route, dimensions: int | None) -> None:
     raise InvalidRequest(message, param="dimensions", code="unsupported_dimensions")
 
 
-def _client_error(failure: JobFailure, job_size: int, single: bool, retry_after_s: int) -> ApiError:
+def _client_error(failure: JobFailure, job_start: int, single: bool, retry_after_s: int) -> ApiError:
     failed = failure.failure
     where = "input"
     if failed.input_index is not None and not single:
-        where = f"input[{failure.job_index * job_size + failed.input_index}]"
+        where = f"input[{job_start + failed.input_index}]"
     if failed.code == "input_too_long":
         return InvalidRequest(f"'{where}' {failed.message.removeprefix('input ')}", param=where, code="context_length_exceeded")
     if failed.code == "invalid_input":

@@ -53,6 +53,17 @@ class GatewaySettings(BaseModel):
     # A worker silent this long is dropped, and its leases go back in line at once.
     worker_ttl_s: float = Field(default=10.0, gt=0)
     job_max_inputs: int = Field(default=32, ge=1)  # requests are split into jobs of this size
+    # ... and of at most this many estimated tokens (an input above it is a job alone): a call can
+    # be bounded no finer than one job (see the objectives).
+    job_max_tokens: int = Field(default=256, ge=1)
+    # Latency objectives per priority class: the most a job of the class should wait for engine
+    # time spent on other work. It waits for the call running when it arrives, then rides in a call
+    # with others: while jobs of a class wait, or arrived in the last 2 s, a worker's call holds
+    # only what its measured pace says ends within half the objective (at least one job); 0: no
+    # bound, calls as full as the engine takes (docs/tenancy.md, "Engine calls").
+    interactive_objective_s: float = Field(default=0.1, ge=0)
+    default_objective_s: float = Field(default=1.0, ge=0)
+    batch_objective_s: float = Field(default=0.0, ge=0)
     # Backpressure, per model queue: beyond these a request gets 429 with Retry-After.
     max_queued_requests: int = Field(default=1024, ge=1)
     max_queued_tokens: int = Field(default=2_000_000, ge=1)  # estimated: text bytes / 4, or token ids
@@ -99,6 +110,11 @@ class GatewaySettings(BaseModel):
     def clients_open(self) -> bool:
         """Whether client endpoints accept anyone (no key store configured)."""
         return not (self.keys_db or self.keys_file or self.keys_redis)
+
+    @property
+    def objectives(self) -> tuple[float | None, ...]:
+        """Per priority class (interactive, default, batch), its objective; None: no bound."""
+        return tuple(o or None for o in (self.interactive_objective_s, self.default_objective_s, self.batch_objective_s))
 
     @property
     def queue_wait_s(self) -> float:

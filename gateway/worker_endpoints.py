@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -23,6 +23,7 @@ from starlette.routing import Route
 from contract.frames import FrameError, decode_results
 from contract.messages import (
     PREFIX,
+    PROTOCOL_VERSION,
     RESULTS_CONTENT_TYPE,
     SESSION_HEADER,
     ErrorReport,
@@ -43,6 +44,8 @@ from gateway.registry import UnknownWorker
 
 log = logging.getLogger(__name__)
 SIT_OUT_POLL_S = 1.0  # a stuck or faulty worker's lease call waits this long, then answers no jobs
+# Fields a worker of protocol 2 does not know (its models forbid them): left out of what it is sent.
+_NEWER_THAN_2 = {"reply": {"protocol"}, "job": {"priority", "tokens"}}
 
 
 async def _read(request: Request, model: type[BaseModel]) -> Any:
@@ -76,8 +79,9 @@ async def heartbeat(request: Request) -> Response:
     hello: WorkerHello = await _read(request, WorkerHello)
     state = request.app.state
     await state.workers.heartbeat(hello, _session(request))
-    reply = HeartbeatReply(worker_ttl_s=state.settings.worker_ttl_s, lease_ttl_s=state.settings.lease_ttl_s)
-    return json_response(reply.model_dump())
+    protocol: Literal[2, 3] = 3 if hello.protocol >= 3 and PROTOCOL_VERSION >= 3 else 2
+    reply = HeartbeatReply(worker_ttl_s=state.settings.worker_ttl_s, lease_ttl_s=state.settings.lease_ttl_s, protocol=protocol)
+    return json_response(reply.model_dump(exclude=_NEWER_THAN_2["reply"] if protocol < 3 else None))
 
 
 async def leave(request: Request) -> Response:
@@ -110,10 +114,13 @@ async def lease(request: Request) -> Response:
             fill_s=req.fill_s,
             max_tokens=req.max_tokens,
             hold_s=req.hold_s,
+            pace=(req.call_s, req.token_s) if req.call_s is not None and req.token_s is not None else None,
         )
     # A worker that hangs up mid-poll must not be handed jobs it will never see; one that leaves
     # gets its answer at once.
     jobs = await unless_disconnected(request, _unless_leaving(leasing, leaving))
+    if hello.protocol < 3:
+        return json_response(LeaseReply(jobs=jobs).model_dump_json(exclude={"jobs": {"__all__": _NEWER_THAN_2["job"]}}).encode())
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
 
 

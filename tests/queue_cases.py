@@ -37,11 +37,12 @@ class Backend(ABC):
         self.opened: list[JobQueue] = []
         self.reclaimed: list[tuple[Reason, Reclaimed]] = []
 
-    async def queue(self, lease_ttl_s: float = 30, max_attempts: int = 3) -> JobQueue:
+    async def queue(self, lease_ttl_s: float = 30, max_attempts: int = 3, objectives=(None, None, None)) -> JobQueue:
         async def note(reason: Reason, what: Reclaimed) -> None:
             self.reclaimed.append((reason, what))
 
-        queue = JobQueue(await self.store(), lease_ttl_s=lease_ttl_s, max_attempts=max_attempts, on_reclaimed=note)
+        queue = JobQueue(await self.store(), lease_ttl_s=lease_ttl_s, max_attempts=max_attempts, objectives=objectives,
+                         on_reclaimed=note)  # fmt: skip
         await queue.start()
         self.opened.append(queue)
         return queue
@@ -292,6 +293,45 @@ async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job(
     assert len(await lease(queue, wait_s=0, max_tokens=100)) == 1  # over budget, but one
     assert len(await lease(queue, wait_s=0, max_tokens=700)) == 2
     run.cancel()
+    await backend.close()
+
+
+OBJECTIVES = (0.1, 1.0, None)  # interactive, default, batch: the gateway's defaults
+PACE = (0.01, 0.001)  # 10 ms a call + 1 ms a token: 40 tokens fit half the interactive objective, 490 the default's
+
+
+async def test_a_call_holds_what_fits_the_objective_of_the_most_urgent_class_waiting(backend):
+    queue = await backend.queue(objectives=OBJECTIVES)
+    bulk = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
+    await asyncio.sleep(0.05)
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 40  # only bulk ever came: full
+    assert len(await lease(queue, max_items=64, wait_s=0)) == 0
+    more = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
+    normal = asyncio.create_task(queue.run("k", specs(1, tokens=30), 5, Placement(priority=DEFAULT)))
+    await asyncio.sleep(0.05)
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 16  # 490 tokens: the default job and 15 bulk
+    urgent = asyncio.create_task(queue.run("k", specs(1, tokens=10), 5, Placement(priority=INTERACTIVE)))
+    await asyncio.sleep(0.05)
+    taken = await lease(queue, max_items=64, wait_s=0, pace=PACE)
+    assert [job.priority for job in taken] == [INTERACTIVE, BATCH] and all(job.tokens for job in taken)  # 40 tokens
+    for task in (bulk, more, normal, urgent):
+        task.cancel()
+    await backend.close()
+
+
+async def test_a_class_that_arrived_lately_bounds_the_call_though_none_of_its_jobs_waits(backend):
+    """An interactive request answered a moment ago will likely have a successor while the next
+    call runs: that call is as short as if it waited; without a measured pace, nothing is bounded."""
+    queue = await backend.queue(objectives=OBJECTIVES)
+    urgent = asyncio.create_task(queue.run("k", specs(1, tokens=10), 5, Placement(priority=INTERACTIVE)))
+    [job] = await lease(queue, wait_s=1)
+    assert await answer(queue, job, done(1))
+    await urgent
+    bulk = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
+    await asyncio.sleep(0.05)
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 1  # 40 tokens: one bulk job
+    assert len(await lease(queue, max_items=64, wait_s=0)) == 39  # no pace, no bound
+    bulk.cancel()
     await backend.close()
 
 

@@ -24,6 +24,7 @@ from tenacity import (
 
 from contract.messages import (
     PREFIX,
+    PROTOCOL_VERSION,
     RESULTS_CONTENT_TYPE,
     SESSION_HEADER,
     ErrorReport,
@@ -85,6 +86,7 @@ class GatewayClient:
         self._timeout_s = timeout_s
         self._retries = retries
         self._metrics = metrics
+        self.protocol = PROTOCOL_VERSION  # the gateway's, once a heartbeat has told it
 
     def new_session(self) -> None:
         """Who we are, beyond the token any worker may hold: the gateway binds it to our worker id."""
@@ -94,8 +96,21 @@ class GatewayClient:
         await self._http.aclose()
 
     async def heartbeat(self, hello: WorkerHello) -> HeartbeatReply:
-        response = await self._post("/workers/heartbeat", json=hello.model_dump())
-        return HeartbeatReply.model_validate_json(response.content)
+        """Register (again); a gateway of the previous protocol refuses our version's hello, and
+        is spoken to in its own from then on (an upgrade in progress)."""
+        try:
+            response = await self._post(
+                "/workers/heartbeat", json=hello.model_copy(update={"protocol": self.protocol}).model_dump()
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 400 or b"protocol" not in exc.response.content or self.protocol == 2:
+                raise
+            log.warning("the gateway speaks an older protocol (2); speaking it until it is upgraded")
+            self.protocol = 2
+            return await self.heartbeat(hello)
+        reply = HeartbeatReply.model_validate_json(response.content)
+        self.protocol = reply.protocol
+        return reply
 
     async def leave(self, worker_id: str, draining: bool = False) -> None:
         await self._post("/workers/leave", json=WorkerBye(worker_id=worker_id, draining=draining).model_dump())
@@ -104,9 +119,8 @@ class GatewayClient:
         """Jobs for us; once ``stopping`` is set, a failed lease is not retried (it could only
         take jobs to give back), so a worker whose gateway went away too stops at once."""
         # The gateway holds the request up to wait_s; the timeout must outlast that.
-        response = await self._post(
-            "/lease", json=request.model_dump(), timeout=request.wait_s + self._timeout_s, stopping=stopping
-        )
+        body = request.model_dump(exclude={"call_s", "token_s"} if self.protocol < 3 else None)
+        response = await self._post("/lease", json=body, timeout=request.wait_s + self._timeout_s, stopping=stopping)
         return LeaseReply.model_validate_json(response.content).jobs
 
     async def post_results(self, frame: bytes) -> PostReply:

@@ -55,7 +55,13 @@ class FakeGenerator(_Table):
 
     type: Literal["fake"]
     dimensions: int = Field(default=384, gt=0)
-    delay_s: float = Field(default=0.0, ge=0)  # per batch, to imitate a busy engine
+    # What an engine call costs, as a real engine's does: a fixed part per call plus a part per
+    # token. The defaults are all-MiniLM-L6-v2 on vLLM's CPU backend at bf16 (docs/performance.md:
+    # 1 input 9 ms, 64 inputs 146 ms), so that tests see the trade a real engine makes between
+    # small calls (the fixed part wasted) and large ones (everyone behind them waits).
+    call_s: float = Field(default=0.007, ge=0)
+    token_s: float = Field(default=0.00005, ge=0)
+    delay_s: float = Field(default=0.0, ge=0)  # a fixed pace per call on top, whatever its size (tests that need one)
     max_model_len: int = Field(default=512, gt=0)
     max_num_seqs: int = Field(default=64, gt=0)
     # Fault injection: a batch holding an input that contains ``poison`` fails; after

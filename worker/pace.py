@@ -1,19 +1,21 @@
 """How fast this worker's engine is, measured; what its leases ask the gateway for.
 
-``fill_s``: how long the engine stays busy with the batch it computes now; until then a lease
-waits for a full batch (the engine could not start it sooner anyway).
+An engine call costs a fixed part plus a part per token (vLLM's does: 1 input 9 ms, 64 inputs
+146 ms on a 2-core CPU). ``fit`` is that line, least squares over the recent calls, in the
+gateway's estimated tokens (each job carries its estimate), so that the gateway can size a call
+to a latency objective in the units it queues by (``LeaseRequest.call_s``/``token_s``).
 
-``hold_s``: how long the worker may need for jobs it leases now: the rest of the current batch
-and then a batch of its own, each at most a full lease's worth of tokens, predicted from recent
-engine calls, times a slack, plus a margin for the post. The gateway expires the lease after
-that (bounded by its ``lease_ttl_s``), so a worker whose engine hangs loses its jobs to another
-worker after a few batch times, not after a fixed minute. Until the first engine call is
-measured there is no prediction, and the gateway's bound applies.
+``fill_s``: how long the engine stays busy with the call it computes now (its predicted length,
+less what has passed); until then a lease waits, and takes its jobs just before the engine is
+free (the engine could not start them sooner, and a job that arrives meanwhile gets in).
 
-The prediction is affine in tokens (a fixed cost per call plus a cost per token), fitted
-pessimistically: the fixed part is the quickest recent call, the per-token part the steepest
-recent one. An engine whose cost is all per-call (the fake) and one whose cost is all
-per-token (vLLM on a CPU) are both predicted well.
+``hold_s``: how long the worker may need for jobs it leases now: the rest of the current call
+and then a call of its own, each at most a full lease's worth of tokens, predicted
+pessimistically (the fixed part the quickest recent call, the per-token part the steepest), times
+a slack, plus a margin for the post. The gateway expires the lease after that (bounded by its
+``lease_ttl_s``), so a worker whose engine hangs loses its jobs to another worker after a few
+call times, not after a fixed minute. Until the first call is measured there is no prediction,
+and the gateway's bound applies.
 """
 
 from __future__ import annotations
@@ -21,46 +23,63 @@ from __future__ import annotations
 import time
 from collections import deque
 
-HOLD_SLACK = 3.0  # a batch may take this many times its prediction before its lease expires
+HOLD_SLACK = 3.0  # a call may take this many times its prediction before its lease expires
 HOLD_MARGIN_S = 3.0  # time to post, and for a slow spell of the machine
 MAX_FILL_S = 1.0
-RECENT = 32  # engine calls the prediction looks at
-SMALL_BATCH = 16  # a batch below 1/16 of a full lease's tokens weighs like one of 1/16
+RECENT = 32  # engine calls the predictions look at
+SMALL_BATCH = 16  # a call below 1/16 of a full lease's tokens weighs like one of 1/16 (hold_s)
 
 
 class EnginePace:
     def __init__(self, max_lease_tokens: int):
         self._max_tokens = max_lease_tokens
         self._recent: deque[tuple[int, float]] = deque(maxlen=RECENT)  # (tokens, seconds) per engine call
-        self._average_s = 0.0
         self._since: float | None = None  # when the current engine call started
+        self._expected_s = 0.0  # how long it should take
 
-    def started(self) -> None:
+    def started(self, tokens: int) -> None:
         self._since = time.monotonic()
+        fit = self.fit()
+        self._expected_s = fit[0] + fit[1] * tokens if fit else 0.0
 
     def finished(self, tokens: int) -> float:
-        """Record the engine call that started last; its duration."""
+        """Record the engine call that started last (over ``tokens``); its duration."""
         took = time.monotonic() - (self._since if self._since is not None else time.monotonic())
         self._since = None
-        self._average_s = took if not self._average_s else 0.7 * self._average_s + 0.3 * took
         if tokens:
             self._recent.append((tokens, took))
         return took
 
     def fill_s(self) -> float:
-        """About how long until the engine is free (capped: a full batch is not worth more)."""
+        """About how long until the engine is free (capped: a full call is not worth more)."""
         if self._since is None:
             return 0.0  # idle: the next job should start at once
-        return max(0.0, min(self._average_s - (time.monotonic() - self._since), MAX_FILL_S))
+        return max(0.0, min(self._expected_s - (time.monotonic() - self._since), MAX_FILL_S))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(seconds per call, seconds per token), least squares over the recent calls; None
+        until a call is measured. Calls all of one size cannot tell the parts apart: then it is
+        all per token (the bound it gives is then a little generous for small calls)."""
+        if not self._recent:
+            return None
+        count = len(self._recent)
+        mean_t = sum(t for t, _ in self._recent) / count
+        mean_s = sum(s for _, s in self._recent) / count
+        var = sum((t - mean_t) ** 2 for t, _ in self._recent)
+        slope = sum((t - mean_t) * (s - mean_s) for t, s in self._recent) / var if var > 0.01 * mean_t**2 * count else 0.0
+        fixed = mean_s - slope * mean_t
+        if slope <= 0 or fixed < 0:
+            return 0.0, mean_s / mean_t
+        return fixed, slope
 
     def hold_s(self) -> float | None:
         if not self._recent:
             return None
-        full = self.predicted_s(self._max_tokens)
+        full = self.pessimistic_s(self._max_tokens)
         current = max(0.0, full - (time.monotonic() - self._since)) if self._since is not None else 0.0
         return HOLD_SLACK * (current + full) + HOLD_MARGIN_S
 
-    def predicted_s(self, tokens: int) -> float:
+    def pessimistic_s(self, tokens: int) -> float:
         """A pessimistic prediction of one engine call over ``tokens`` tokens."""
         fixed = min(seconds for _, seconds in self._recent)
         floor = max(1, self._max_tokens // SMALL_BATCH)

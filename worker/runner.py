@@ -231,6 +231,7 @@ class Worker:
                 return
 
     async def _lease(self, stop: asyncio.Event) -> list[Job]:
+        fit = self._pace.fit()
         request = LeaseRequest(
             worker_id=self.worker_id,
             max_items=self._config.generator.max_num_seqs,
@@ -238,6 +239,8 @@ class Worker:
             fill_s=self._pace.fill_s(),
             max_tokens=self._lease_max_tokens,
             hold_s=self._pace.hold_s(),
+            call_s=fit[0] if fit else None,
+            token_s=fit[1] if fit else None,
         )
         self._leasing = True
         try:
@@ -256,13 +259,16 @@ class Worker:
         return jobs
 
     async def _compute(self, jobs: list[Job]) -> BatchOutcome:
-        self._pace.started()
+        # Paced in the gateway's estimated tokens, which it sizes calls by (a gateway of protocol 2
+        # sends none: the engine's own count then).
+        estimated = sum(job.tokens for job in jobs)
+        self._pace.started(estimated)
         try:
             outcome = await asyncio.to_thread(run_batch, self._engine, jobs, self._chunked)  # EngineDead: run() gives them back
         except BaseException:
             self._pace.finished(0)
             raise
-        took = self._pace.finished(outcome.engine_tokens)
+        took = self._pace.finished(estimated if estimated and outcome.engine_inputs else outcome.engine_tokens)
         self._metrics.engine_seconds.observe(took)
         if outcome.engine_inputs:
             self._metrics.batch_size.observe(outcome.engine_inputs)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,6 +34,7 @@ import numpy as np
 
 from contract.messages import Job
 from gateway.queue.jobs import (
+    CLASSES,
     Answer,
     JobDone,
     JobFailed,
@@ -45,13 +47,16 @@ from gateway.queue.jobs import (
     QueueUnavailable,
     all_answered,
 )
-from gateway.queue.store import Ask, Reason, Reclaimed, Store, Verdict
+from gateway.queue.store import Ask, Budgets, Reason, Reclaimed, Store, Verdict
 
 log = logging.getLogger(__name__)
 ANYONE = Placement()  # the default class, the anonymous tenant
 WAKE_POLL_S = 1.0  # a waiting lease looks again this often, should an arrival be missed
 MIN_HOLD_S = 1.0  # the shortest lease, whatever a worker asks for
 JUST_IN_TIME_S = 0.01  # a lease takes its jobs this long before its engine is free (the reply's way back)
+# A class that had an arrival this recently bounds engine calls as if its jobs were waiting: its
+# next job will likely arrive while the call runs, and it waits for the call to end.
+RECENT_S = 2.0
 _REASONS: dict[Reason, str] = {
     "expired": "its last lease expired",
     "released": "its last worker gave it back",
@@ -96,10 +101,12 @@ class JobQueue:
         *,
         lease_ttl_s: float,
         max_attempts: int,
+        objectives: tuple[float | None, ...] = (None,) * len(CLASSES),
         on_reclaimed: Callable[[Reason, Reclaimed], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.pending: dict[str, Pending] = {}
+        self._objectives = objectives  # per class: the most its jobs should wait for others' engine time
         self._store = store
         self._lease_ttl_s = lease_ttl_s
         self._on_reclaimed = on_reclaimed  # metrics, and the registry's view of stuck workers
@@ -108,6 +115,7 @@ class JobQueue:
         self._prefix = uuid.uuid4().hex[:12]
         self._inputs_arrived: dict[str, int] = {}  # per queue, inputs that arrived so far
         self._arrived: dict[str, asyncio.Event] = {}  # per queue, set (and replaced) on arrivals
+        self._arrived_at: dict[str, list[float]] = {}  # per queue, when a job of each class last arrived
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._closing = self._stopped = False
@@ -186,9 +194,16 @@ class JobQueue:
         fill_s: float = 0.0,
         max_tokens: int | None = None,
         hold_s: float | None = None,
+        pace: tuple[float, float] | None = None,
     ) -> list[Job]:
         """Hand the worker waiting jobs totalling at most max_items inputs and max_tokens
         estimated tokens (but at least one job), waiting up to wait_s for the first.
+
+        ``pace`` is the worker's engine, measured: a call takes ``call_s + token_s * tokens``. With
+        it, the jobs taken are also bounded so that the call ends within the objective of the most
+        urgent class waiting or recently arriving (``budgets``): a job of that class that arrives
+        while the call runs waits for a short call, not a full one; with only bulk work about, the
+        call is full (throughput).
 
         ``fill_s`` is how long the worker's engine stays busy, counted from this call: until
         just before then (``JUST_IN_TIME_S``) the lease takes nothing, however much waits, and
@@ -204,7 +219,8 @@ class JobQueue:
                 await asyncio.wait_for(self._closed.wait(), take_at - loop.time())
         while not self._closing:
             seen = self._inputs_arrived.get(key, 0)  # taken before looking, so that no arrival is missed
-            taken = await self._store.take(key, Ask(worker_id, tags, max_items, max_tokens, 1, hold))
+            ask = Ask(worker_id, tags, max_items, max_tokens, 1, hold, self.budgets(key, pace))
+            taken = await self._store.take(key, ask)
             if taken.jobs:
                 return taken.jobs
             now = loop.time()
@@ -252,13 +268,41 @@ class JobQueue:
         """Jobs each worker holds now: the console's leases column."""
         return await self._store.held(worker_ids)
 
+    def budgets(self, key: str, pace: tuple[float, float] | None) -> Budgets:
+        """Per class, the estimated tokens of a call whose most urgent waiting job is of that
+        class, on an engine of this ``pace`` (None: no bound). A job waits for the call running
+        when it arrives, then rides in one: each gets half the objective of its class, or of a
+        more urgent class that arrived in the last RECENT_S (its next job will likely arrive
+        while the call runs)."""
+        if pace is None:
+            return (None,) * len(CLASSES)
+        call_s, token_s = pace
+        now = self._clock()
+        arrived = self._arrived_at.get(key, ())
+        recent = min((c for c, at in enumerate(arrived) if now - at <= RECENT_S), default=len(CLASSES))
+
+        def fits(objective: float | None) -> int | None:
+            if objective is None:
+                return None
+            if token_s <= 0:
+                return None if call_s <= objective / 2 else 1
+            return max(1, int((objective / 2 - call_s) / token_s))
+
+        return tuple(fits(self._objectives[min(c, recent)]) for c in CLASSES)
+
     # -- what stores call back on ----------------------------------------------------------------
 
-    def wake(self, key: str, inputs: int) -> None:
+    def wake(self, key: str, inputs: int, priority: int | None = None) -> None:
         self._inputs_arrived[key] = self._inputs_arrived.get(key, 0) + inputs
+        if priority is not None:
+            self.arrived(key, priority)
         event = self._arrived.pop(key, None)
         if event is not None:
             event.set()
+
+    def arrived(self, key: str, priority: int) -> None:
+        if 0 <= priority < len(CLASSES):
+            self._arrived_at.setdefault(key, [-math.inf] * len(CLASSES))[priority] = self._clock()
 
     def resolve(self, job_id: str, outcome: Outcome) -> None:
         entry = self.pending.get(job_id)

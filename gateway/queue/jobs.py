@@ -29,13 +29,14 @@ class JobSpec:
     pairs_with: list[str] = field(default_factory=list)  # score: the second text of each pair
     special_tokens: bool = True  # tokenize: count the model's special tokens too
 
-    def job_fields(self) -> dict[str, Any]:
-        """What a worker is sent of this job, besides its ids."""
+    def job_fields(self, priority: int) -> dict[str, Any]:
+        """What a worker is sent of this job, besides its ids (``priority``: its class)."""
         return {"model": self.model, "kind": self.kind, "inputs": self.inputs, "pairs_with": self.pairs_with,
-                "truncate": self.truncate, "special_tokens": self.special_tokens}  # fmt: skip
+                "truncate": self.truncate, "special_tokens": self.special_tokens, "priority": priority,
+                "tokens": self.tokens}  # fmt: skip
 
-    def as_job(self, job_id: str, lease_id: str) -> Job:
-        return Job.model_construct(job_id=job_id, lease_id=lease_id, **self.job_fields())  # built by us: no need to check
+    def as_job(self, job_id: str, lease_id: str, priority: int) -> Job:
+        return Job.model_construct(job_id=job_id, lease_id=lease_id, **self.job_fields(priority))  # built by us: no need to check
 
 
 @dataclass(frozen=True)

@@ -66,22 +66,24 @@ class MemoryStore(Store):
             entry = _Entry(job, tag, next(self._seq))
             cls.insert(entry)
             self._waiting[job.job_id] = entry
-        self.core.wake(jobs[0].key, sum(len(job.spec.inputs) for job in jobs))
+        self.core.wake(jobs[0].key, sum(len(job.spec.inputs) for job in jobs), jobs[0].placement.priority)
 
     async def take(self, key: str, ask: Ask) -> Taken:
         taken: list[_Entry] = []
         available = items = tokens = 0
         full = False
+        bound: int | None = None  # set by the first job taken: its class is the most urgent waiting
         for cls in self._queues.get(key, ()):
             for entry in cls.waiting:
                 spec = entry.job.spec
                 if not spec.tags <= ask.tags:
                     continue  # for workers with other tags: it keeps its place
                 available += len(spec.inputs)
+                if not taken:
+                    bound = ask.token_bound(entry.job.placement.priority)
                 if not full:
                     if taken and (
-                        items + len(spec.inputs) > ask.max_items
-                        or (ask.max_tokens is not None and tokens + spec.tokens > ask.max_tokens)
+                        items + len(spec.inputs) > ask.max_items or (bound is not None and tokens + spec.tokens > bound)
                     ):
                         full = True
                     else:
@@ -103,7 +105,7 @@ class MemoryStore(Store):
             entry.lease_id, entry.worker, entry.deadline = uuid.uuid4().hex, ask.worker_id, deadline
             self._leased[entry.job.job_id] = entry
             self._held.setdefault(ask.worker_id, set()).add(entry.job.job_id)
-        return Taken([e.job.spec.as_job(e.job.job_id, e.lease_id) for e in taken], available)
+        return Taken([e.job.spec.as_job(e.job.job_id, e.lease_id, e.job.placement.priority) for e in taken], available)
 
     async def settle(self, worker_id: str, answers: list[Answer], refused: set[str]) -> list[Verdict]:
         verdicts = []
@@ -208,4 +210,4 @@ class MemoryStore(Store):
         cls.insert(entry)
         self._waiting[job.job_id] = entry
         reclaimed.requeued += 1
-        self.core.wake(job.key, len(job.spec.inputs))
+        self.core.wake(job.key, len(job.spec.inputs), job.placement.priority)

@@ -83,7 +83,7 @@ class RedisStore(Store):
                 len(spec.inputs),
                 spec.tokens,
                 orjson.dumps(sorted(spec.tags)) if spec.tags else "",
-                orjson.dumps(spec.job_fields()),
+                orjson.dumps(spec.job_fields(placement.priority)),
                 placement.priority,
                 placement.tenant,
                 placement.weight,
@@ -91,6 +91,7 @@ class RedisStore(Store):
             ]
         with _unavailable():
             await self._scripts["ENQUEUE"](args=args)
+        self.core.arrived(jobs[0].key, jobs[0].placement.priority)  # at once; other replicas learn it from the event
 
     async def take(self, key: str, ask: Ask) -> Taken:
         args: list[Any] = [
@@ -106,6 +107,7 @@ class RedisStore(Store):
             ask.worker_id,
             SCAN_LIMIT,
             len(CLASSES),
+            *(budget or 0 for budget in ask.budgets),
         ]
         call = asyncio.ensure_future(self._scripts["LEASE"](args=args))
         try:
@@ -260,8 +262,8 @@ class RedisStore(Store):
     # -- arrivals ------------------------------------------------------------------------------
 
     def _on_jobs_event(self, argument: str) -> None:
-        inputs, _, key = argument.partition(" ")
-        self.core.wake(key, int(inputs))
+        inputs, key, *priority = argument.split(" ")  # a replica of protocol 2 sends no class
+        self.core.wake(key, int(inputs), int(priority[0]) if priority else None)
 
     def _wake_all(self) -> None:
         for key in self._keys:

@@ -69,7 +69,7 @@ local function requeue_or_fail(id, max_attempts, reason, ttl)
   if first[2] then tag = math.min(tag, tonumber(first[2])) end
   redis.call('HSET', j, 'st', 'w', 'lease', '', 'worker', '', 'tag', num(tag))
   redis.call('ZADD', q, num(tag), id)
-  redis.call('PUBLISH', k('events'), 'jobs ' .. f[6] .. ' ' .. f[1])
+  redis.call('PUBLISH', k('events'), 'jobs ' .. f[6] .. ' ' .. f[1] .. ' ' .. f[4])
   return 1
 end
 local function tally(counts, outcome)
@@ -79,7 +79,7 @@ end
 
 # ARGV: P, queue, owner, front ('1': the jobs go first, Redis lost them), then per job: id, n,
 # tok, tags, job, cls, tenant, weight, w (the columns its answer must have). Tags each job fairly, queues it, and publishes
-# "jobs <inputs> <queue>" for waiting leases.
+# "jobs <inputs> <queue> <cls>" for waiting leases (all of one request's jobs are of one class).
 ENQUEUE = (
     _PRELUDE
     + """
@@ -101,12 +101,13 @@ for i = 5, #ARGV, 9 do
   inputs = inputs + tonumber(ARGV[i + 1])
 end
 redis.call('SADD', k('queues'), queue)
-redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue)
+redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue .. ' ' .. ARGV[10])
 """
 )
 
 # ARGV: P, queue, now_ms, hold_ms, max_items, max_tokens (0: none), min_inputs, worker tags
-# (JSON list), lease id base, worker id, scan limit, number of classes.
+# (JSON list), lease id base, worker id, scan limit, number of classes, then per class the
+# call's token budget when its first job is of that class (0: none; store.Ask.budgets).
 # Takes nothing unless at least min_inputs eligible inputs wait. Returns
 # {available, id, lease, job, id, lease, job, ...}.
 LEASE = (
@@ -138,6 +139,10 @@ for cls = 0, tonumber(ARGV[12]) - 1 do
       if eligible then
         local n, tok = tonumber(f[3]), tonumber(f[4])
         available = available + n
+        if #take == 0 then  -- the first job's class is the most urgent waiting: its budget bounds the call
+          local budget = tonumber(ARGV[13 + cls] or 0)
+          if budget > 0 and (max_tokens == 0 or budget < max_tokens) then max_tokens = budget end
+        end
         if not full then
           if #take > 0 and (items + n > max_items or (max_tokens > 0 and tokens + tok > max_tokens)) then
             full = true

@@ -57,6 +57,11 @@ def fair_tag(clock: float, last: float, cost: int, weight: float) -> float:
     return max(clock, last) + max(cost, 1) / weight
 
 
+# Per priority class, the estimated tokens a call may hold when its most urgent job is of that
+# class (None: as many as the ask's other limits allow); see JobQueue.budgets.
+Budgets = tuple[int | None, ...]
+
+
 @dataclass(frozen=True)
 class Ask:
     """One lease attempt by one worker."""
@@ -67,6 +72,12 @@ class Ask:
     max_tokens: int | None  # estimated tokens, at most (but at least one job)
     min_inputs: int  # take nothing unless this many eligible inputs wait
     hold_s: float  # the lease's length
+    budgets: Budgets = (None, None, None)  # the call's token bound, by the class of its first job
+
+    def token_bound(self, first_class: int) -> int | None:
+        """The estimated tokens a lease may take when its first (most urgent) job is of this class."""
+        bounds = [b for b in (self.max_tokens, self.budgets[first_class]) if b is not None]
+        return min(bounds) if bounds else None
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,11 @@ class Core(Protocol):
 
     pending: dict[str, Pending]
 
-    def wake(self, key: str, inputs: int) -> None:
-        """``inputs`` new inputs wait on queue ``key``: waiting leases may look again."""
+    def wake(self, key: str, inputs: int, priority: int | None = None) -> None:
+        """``inputs`` new inputs (of class ``priority``) wait on queue ``key``: waiting leases may look again."""
+
+    def arrived(self, key: str, priority: int) -> None:
+        """A job of class ``priority`` arrived on queue ``key`` (from this replica or another)."""
 
     def resolve(self, job_id: str, outcome: Outcome) -> None:
         """Hand an outcome to this process's waiting client, if it still waits."""

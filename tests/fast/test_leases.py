@@ -89,12 +89,23 @@ def test_the_pace_is_unknown_until_measured_then_covers_a_full_batch():
     assert pace.hold_s() is None and pace.fill_s() == 0.0
     for tokens, seconds in ((100, 0.11), (500, 0.15), (1000, 0.2)):  # 0.1 s a call + 0.1 ms a token
         pace._recent.append((tokens, seconds))
-    assert pace.predicted_s(1000) == pytest.approx(0.2, abs=0.02)
-    assert pace.hold_s() == pytest.approx(HOLD_SLACK * pace.predicted_s(1000) + HOLD_MARGIN_S)
+    assert pace.pessimistic_s(1000) == pytest.approx(0.2, abs=0.02)
+    assert pace.hold_s() == pytest.approx(HOLD_SLACK * pace.pessimistic_s(1000) + HOLD_MARGIN_S)
 
 
 def test_a_tiny_batch_with_a_hiccup_does_not_blow_up_the_prediction():
     pace = EnginePace(max_lease_tokens=16384)
     for tokens, seconds in ((10, 0.01), (8, 0.5), (12000, 2.4)):  # a 0.5 s pause on 8 tokens
         pace._recent.append((tokens, seconds))
-    assert pace.predicted_s(16384) < 10
+    assert pace.pessimistic_s(16384) < 10
+
+
+def test_the_fit_finds_the_fixed_and_the_per_token_part_of_an_engine_call():
+    pace = EnginePace(max_lease_tokens=4096)
+    assert pace.fit() is None
+    for tokens in (43, 360, 2750, 700, 90, 1400):  # the fake engine's default cost: 7 ms a call + 0.05 ms a token
+        pace._recent.append((tokens, 0.007 + 0.00005 * tokens))
+    call_s, token_s = pace.fit()  # type: ignore[misc]
+    assert call_s == pytest.approx(0.007, rel=1e-6) and token_s == pytest.approx(0.00005, rel=1e-6)
+    pace._recent = type(pace._recent)([(500, 0.032)] * 8, maxlen=32)  # one size: all of it per token
+    assert pace.fit() == (0.0, pytest.approx(0.032 / 500))

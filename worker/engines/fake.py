@@ -26,7 +26,7 @@ class FakeEngine(Engine):
 
     def __init__(self, generator: FakeGenerator):
         self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task)
-        self._delay_s = generator.delay_s
+        self._call_s, self._token_s, self._delay_s = generator.call_s, generator.token_s, generator.delay_s
         self._dead_after = generator.dead_after_batches
         self._hang_after = generator.hang_after_batches
         self._wrong_kind = generator.wrong
@@ -54,9 +54,13 @@ class FakeEngine(Engine):
         tokens = [len(a) + len(b) - 1 for a, b in zip(self.tokenize([a for a, _ in pairs]), self.tokenize([b for _, b in pairs]))]
         return np.einsum("ij,ij->i", firsts, seconds).astype(np.float32), tokens
 
+    def cost_s(self, token_ids: list[list[int]]) -> float:
+        """What a call over these inputs takes: its fixed part, its tokens', and the fixed pace."""
+        return self._call_s + self._token_s * sum(map(len, token_ids)) + self._delay_s
+
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        if self._delay_s:
-            time.sleep(self._delay_s)
+        if cost := self.cost_s(token_ids):
+            time.sleep(cost)
         self.batches += 1
         if self._hang_after and self.batches > self._hang_after:
             self._closed.wait()  # hangs, as an engine stuck in a kernel would, while the process lives
