@@ -12,6 +12,7 @@ import random
 import re
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import aiohttp
@@ -33,9 +34,14 @@ WORDS = (
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 
 
-def sentences(count: int = 2000, seed: int = 1234) -> list[str]:
+def sentences(count: int = 2000, seed: int = 1234, words: tuple[int, int] = (20, 60)) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))).capitalize() + "." for _ in range(count)]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))).capitalize() + "." for _ in range(count)]
+
+
+def long_texts(count: int, seed: int = 99) -> list[str]:
+    """Texts of 170-190 words (about 180 tokens: most of all-MiniLM's 256), as a corpus is chunked."""
+    return sentences(count, seed, words=(170, 190))
 
 
 @dataclass
@@ -124,6 +130,39 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(client, n)))
         return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop(
+    url: str, bodies: Iterator[dict], clients: int, duration_s: float, headers: dict | None = None, timeout_s: float = 90
+) -> list[tuple[int, float]]:
+    """``clients`` clients each sending the next body as soon as its last one is answered, for
+    ``duration_s`` (a flood that keeps its own pace): (status, seconds) per request. On aiohttp,
+    the lightest client at hand: a flood's own CPU must not be what delays a measured client."""
+    outcomes: list[tuple[int, float]] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(
+        url, connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as session:
+        until = time.perf_counter() + duration_s
+
+        async def one_client() -> None:
+            for body in bodies:
+                if time.perf_counter() >= until:
+                    return
+                started = time.perf_counter()
+                retry_after = 0.0
+                try:
+                    async with session.post("/v1/embeddings", json=body) as response:
+                        await response.read()
+                        status = response.status
+                        retry_after = float(response.headers.get("Retry-After", 1)) if status == 429 else 0.0
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                outcomes.append((status, time.perf_counter() - started))
+                await asyncio.sleep(retry_after)  # as the OpenAI client does
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return outcomes
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -81,35 +81,41 @@ class Stack:
         wait_for(url + "/health", "the gateway")
         return url
 
-    def worker(self, gateway_url: str, config: str) -> subprocess.Popen:
+    def worker(self, gateway_url: str, config: str) -> Engine:
+        """A worker of this config (``@GATEWAY@`` its gateway, ``@METRICS@`` its metrics port)."""
         path = self.workdir / f"worker-{len(self._procs)}.toml"
-        path.write_text(config.replace("@GATEWAY@", gateway_url))
-        return self.start("worker", ["-m", "worker", "--config", str(path), "--log-level", "WARNING"])
+        port = free_port()
+        path.write_text(config.replace("@GATEWAY@", gateway_url).replace("@METRICS@", str(port)))
+        self.start("worker", ["-m", "worker", "--config", str(path), "--log-level", "WARNING"])
+        return Engine(f"http://127.0.0.1:{port}/metrics")
 
-    def vllm_worker(self, gateway_url: str) -> subprocess.Popen:
+    def vllm_worker(self, gateway_url: str) -> Engine:
         config = (REPO / "examples" / "all-minilm.toml").read_text()
         config = re.sub(r"(?m)^model_path = .*$", f'model_path = "{model_path()}"', config)
         config = re.sub(r"(?m)^url = .*$", 'url = "@GATEWAY@"', config)
-        config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = 0", config)
+        config = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = @METRICS@", config)
         return self.worker(gateway_url, config)
 
-    def fake_worker(self, gateway_url: str, delay_s: float = 0.0, max_num_seqs: int = 64) -> None:
-        self.worker(
+    def fake_worker(self, gateway_url: str, max_num_seqs: int = 64, cost: str = "") -> Engine:
+        """A fake worker; ``cost``: its [generator] cost keys (none: the fake's default, shaped like
+        vLLM's at bf16), e.g. "call_s = 0\ntoken_s = 0" for one that costs nothing."""
+        return self.worker(
             gateway_url,
             f"""
 edition = 1
 [generator]
 type = "fake"
 dimensions = 384
-delay_s = {delay_s}
 max_num_seqs = {max_num_seqs}
+max_model_len = 256
+{cost}
 [queue]
 url = "@GATEWAY@"
 checkpoint_name = "{MODEL}"
 [queue.models."{MODEL}"]
 description = "fake"
 [monitoring]
-metrics_port = 0
+metrics_port = @METRICS@
 """,
         )
 
@@ -201,6 +207,30 @@ metrics_port = 0
             except subprocess.TimeoutExpired:
                 proc.kill()
         self._procs.clear()
+
+
+FREE = "call_s = 0\ntoken_s = 0"  # a fake engine that costs nothing: the queue and HTTP are all there is
+
+
+class Engine:
+    """A worker's engine, as its metrics count it."""
+
+    def __init__(self, metrics_url: str):
+        self.metrics_url = metrics_url
+
+    def counters(self) -> dict[str, float]:
+        """Engine calls, inputs and seconds so far."""
+        text = httpx.get(self.metrics_url, timeout=5).text
+
+        def value(name: str) -> float:
+            match = re.search(rf"(?m)^{name} (\S+)$", text)
+            return float(match.group(1)) if match else 0.0
+
+        return {
+            "calls": value("embedq_worker_batch_inputs_count"),
+            "inputs": value("embedq_worker_batch_inputs_sum"),
+            "seconds": value("embedq_worker_engine_seconds_sum"),
+        }
 
 
 def wait_for(url: str, what: str, timeout_s: float = 120, method: str = "GET") -> None:

@@ -297,24 +297,28 @@ async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job(
 
 
 OBJECTIVES = (0.1, 1.0, None)  # interactive, default, batch: the gateway's defaults
-PACE = (0.01, 0.001)  # 10 ms a call + 1 ms a token: 40 tokens fit half the interactive objective, 490 the default's
+# 30 ms a call + 1 ms a token: 20 tokens fit in half the interactive objective, 470 in the default's,
+# and a full call (20 times the fixed part) holds 570
+PACE = (0.03, 0.001)
 
 
 async def test_a_call_holds_what_fits_the_objective_of_the_most_urgent_class_waiting(backend):
     queue = await backend.queue(objectives=OBJECTIVES)
-    bulk = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
+    bulk = asyncio.create_task(queue.run("k", specs(*[1] * 50, tokens=30), 5, Placement(priority=BATCH)))
     await asyncio.sleep(0.05)
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 40  # only bulk ever came: full
-    assert len(await lease(queue, max_items=64, wait_s=0)) == 0
-    more = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 19  # only bulk ever came: full, 570 tokens
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=(0.01, 0.001))) == 6  # full on a quicker engine: 190 tokens
+    assert len(await lease(queue, wait_s=0)) == 10  # no pace, no bound (but max_items)
     normal = asyncio.create_task(queue.run("k", specs(1, tokens=30), 5, Placement(priority=DEFAULT)))
     await asyncio.sleep(0.05)
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 16  # 490 tokens: the default job and 15 bulk
-    urgent = asyncio.create_task(queue.run("k", specs(1, tokens=10), 5, Placement(priority=INTERACTIVE)))
+    [alone] = await lease(queue, max_items=64, wait_s=0, pace=PACE)  # no bulk lengthens the call it waits for
+    assert alone.priority == DEFAULT
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 15  # 470 tokens: a default job just came
+    urgent = asyncio.create_task(queue.run("k", specs(1, 1, 1, 1, 1, tokens=10), 5, Placement(priority=INTERACTIVE)))
     await asyncio.sleep(0.05)
     taken = await lease(queue, max_items=64, wait_s=0, pace=PACE)
-    assert [job.priority for job in taken] == [INTERACTIVE, BATCH] and all(job.tokens for job in taken)  # 40 tokens
-    for task in (bulk, more, normal, urgent):
+    assert [job.priority for job in taken] == [INTERACTIVE] * 2 and all(job.tokens == 10 for job in taken)  # 20 tokens
+    for task in (bulk, normal, urgent):
         task.cancel()
     await backend.close()
 
@@ -329,7 +333,7 @@ async def test_a_class_that_arrived_lately_bounds_the_call_though_none_of_its_jo
     await urgent
     bulk = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=BATCH)))
     await asyncio.sleep(0.05)
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 1  # 40 tokens: one bulk job
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 1  # 20 tokens: one bulk job
     assert len(await lease(queue, max_items=64, wait_s=0)) == 39  # no pace, no bound
     bulk.cancel()
     await backend.close()

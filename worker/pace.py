@@ -7,7 +7,9 @@ to a latency objective in the units it queues by (``LeaseRequest.call_s``/``toke
 
 ``fill_s``: how long the engine stays busy with the call it computes now (its predicted length,
 less what has passed); until then a lease waits, and takes its jobs just before the engine is
-free (the engine could not start them sooner, and a job that arrives meanwhile gets in).
+free (the engine could not start them sooner, and a job that arrives meanwhile gets in). Where
+the recent calls cannot predict this one (all of one size, or of another size), the guess is the
+quickest recent call: a lease that waits too long leaves the engine idle.
 
 ``hold_s``: how long the worker may need for jobs it leases now: the rest of the current call
 and then a call of its own, each at most a full lease's worth of tokens, predicted
@@ -39,8 +41,19 @@ class EnginePace:
 
     def started(self, tokens: int) -> None:
         self._since = time.monotonic()
-        fit = self.fit()
-        self._expected_s = fit[0] + fit[1] * tokens if fit else 0.0
+        self._expected_s = self._expected(tokens)
+
+    def _expected(self, tokens: int) -> float:
+        """The call's length, for ``fill_s``: the fit where the recent calls tell both parts apart
+        and were of about this size; else the quickest recent call. Too long a guess would keep a
+        lease waiting while the engine idles; too short a one only takes the next jobs early."""
+        if not self._recent:
+            return 0.0
+        sizes = [t for t, _ in self._recent]
+        fit = self._line()
+        if fit is None or not min(sizes) / 2 <= tokens <= 2 * max(sizes):
+            return min(s for _, s in self._recent)
+        return fit[0] + fit[1] * tokens
 
     def finished(self, tokens: int) -> float:
         """Record the engine call that started last (over ``tokens``); its duration."""
@@ -62,15 +75,25 @@ class EnginePace:
         all per token (the bound it gives is then a little generous for small calls)."""
         if not self._recent:
             return None
+        line = self._line()
+        if line is None:
+            mean_t = sum(t for t, _ in self._recent) / len(self._recent)
+            mean_s = sum(s for _, s in self._recent) / len(self._recent)
+            return 0.0, mean_s / mean_t
+        return line
+
+    def _line(self) -> tuple[float, float] | None:
+        """Least squares over the recent calls; None where their sizes are too alike to tell the
+        fixed part from the per-token part, or the line makes no sense (a part below zero)."""
         count = len(self._recent)
         mean_t = sum(t for t, _ in self._recent) / count
         mean_s = sum(s for _, s in self._recent) / count
         var = sum((t - mean_t) ** 2 for t, _ in self._recent)
-        slope = sum((t - mean_t) * (s - mean_s) for t, s in self._recent) / var if var > 0.01 * mean_t**2 * count else 0.0
+        if var <= 0.01 * mean_t**2 * count:
+            return None
+        slope = sum((t - mean_t) * (s - mean_s) for t, s in self._recent) / var
         fixed = mean_s - slope * mean_t
-        if slope <= 0 or fixed < 0:
-            return 0.0, mean_s / mean_t
-        return fixed, slope
+        return (fixed, slope) if slope > 0 and fixed >= 0 else None
 
     def hold_s(self) -> float | None:
         if not self._recent:

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 from pydantic import ValidationError
@@ -160,12 +161,15 @@ class Worker:
 
     async def _compute_until_done(self, leased: asyncio.Queue, computed: asyncio.Queue) -> None:
         while (batch := await leased.get()) is not None:
-            leased.task_done()
             jobs, leased_at = batch
             if time.monotonic() - leased_at > STALE_AFTER_S:
                 jobs = await self._still_wanted(jobs)
-            if jobs:
-                await computed.put(await self._compute(jobs))
+            if not jobs:
+                leased.task_done()
+                continue
+            # The next lease is asked for once the engine is busy with these, so that it knows how
+            # long to wait (fill_s): asked sooner, it takes the next call's jobs a whole call early.
+            await computed.put(await self._compute(jobs, started=leased.task_done))
         await computed.put(None)
 
     async def _still_wanted(self, jobs: list[Job]) -> list[Job]:
@@ -258,11 +262,12 @@ class Worker:
         self._metrics.leases.labels("jobs" if jobs else "empty").inc()
         return jobs
 
-    async def _compute(self, jobs: list[Job]) -> BatchOutcome:
+    async def _compute(self, jobs: list[Job], started: Callable[[], None] = lambda: None) -> BatchOutcome:
         # Paced in the gateway's estimated tokens, which it sizes calls by (a gateway of protocol 2
         # sends none: the engine's own count then).
         estimated = sum(job.tokens for job in jobs)
         self._pace.started(estimated)
+        started()
         try:
             outcome = await asyncio.to_thread(run_batch, self._engine, jobs, self._chunked)  # EngineDead: run() gives them back
         except BaseException:

@@ -73,17 +73,20 @@ class MemoryStore(Store):
         available = items = tokens = 0
         full = False
         bound: int | None = None  # set by the first job taken: its class is the most urgent waiting
+        first = 0
         for cls in self._queues.get(key, ()):
             for entry in cls.waiting:
                 spec = entry.job.spec
                 if not spec.tags <= ask.tags:
                     continue  # for workers with other tags: it keeps its place
                 available += len(spec.inputs)
+                priority = entry.job.placement.priority
                 if not taken:
-                    bound = ask.token_bound(entry.job.placement.priority)
+                    first, bound = priority, ask.token_bound(priority)
                 if not full:
                     if taken and (
-                        items + len(spec.inputs) > ask.max_items or (bound is not None and tokens + spec.tokens > bound)
+                        items + len(spec.inputs) > ask.max_items
+                        or (bound is not None and (tokens + spec.tokens > bound or priority > first))
                     ):
                         full = True
                     else:

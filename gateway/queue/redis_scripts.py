@@ -107,7 +107,8 @@ redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue .. ' ' .. A
 
 # ARGV: P, queue, now_ms, hold_ms, max_items, max_tokens (0: none), min_inputs, worker tags
 # (JSON list), lease id base, worker id, scan limit, number of classes, then per class the
-# call's token budget when its first job is of that class (0: none; store.Ask.budgets).
+# call's token budget when its first job is of that class (0: none; store.Ask.budgets): a bounded
+# call holds no job of a class below its first's.
 # Takes nothing unless at least min_inputs eligible inputs wait. Returns
 # {available, id, lease, job, id, lease, job, ...}.
 LEASE = (
@@ -118,6 +119,7 @@ local max_items, max_tokens, min_inputs = tonumber(ARGV[5]), tonumber(ARGV[6]), 
 local mine = {}
 for _, t in ipairs(cjson.decode(ARGV[8])) do mine[t] = true end
 local take, available, items, tokens, full = {}, 0, 0, 0, false
+local first, bounded = 0, false  -- the first job's class, and whether its budget bounds the call
 local scanned, limit = 0, tonumber(ARGV[11])
 local function enough() return full and available >= min_inputs end
 for cls = 0, tonumber(ARGV[12]) - 1 do
@@ -142,9 +144,11 @@ for cls = 0, tonumber(ARGV[12]) - 1 do
         if #take == 0 then  -- the first job's class is the most urgent waiting: its budget bounds the call
           local budget = tonumber(ARGV[13 + cls] or 0)
           if budget > 0 and (max_tokens == 0 or budget < max_tokens) then max_tokens = budget end
+          first, bounded = cls, budget > 0
         end
         if not full then
-          if #take > 0 and (items + n > max_items or (max_tokens > 0 and tokens + tok > max_tokens)) then
+          if #take > 0 and (items + n > max_items or (max_tokens > 0 and tokens + tok > max_tokens)
+                            or (bounded and cls > first)) then
             full = true
           else
             table.insert(take, {id, cls})

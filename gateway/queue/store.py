@@ -58,7 +58,9 @@ def fair_tag(clock: float, last: float, cost: int, weight: float) -> float:
 
 
 # Per priority class, the estimated tokens a call may hold when its most urgent job is of that
-# class (None: as many as the ask's other limits allow); see JobQueue.budgets.
+# class (None: as many as the ask's other limits allow); see JobQueue.budgets. A call so bounded
+# holds no job of a lower class: those would lengthen the call its urgent jobs wait for, to save
+# one engine call's fixed part.
 Budgets = tuple[int | None, ...]
 
 

@@ -109,3 +109,15 @@ def test_the_fit_finds_the_fixed_and_the_per_token_part_of_an_engine_call():
     assert call_s == pytest.approx(0.007, rel=1e-6) and token_s == pytest.approx(0.00005, rel=1e-6)
     pace._recent = type(pace._recent)([(500, 0.032)] * 8, maxlen=32)  # one size: all of it per token
     assert pace.fit() == (0.0, pytest.approx(0.032 / 500))
+
+
+def test_a_call_unlike_the_recent_ones_is_not_predicted_long_so_no_lease_waits_on_an_idle_engine():
+    """Recent calls all of 4 tokens (25 ms) cannot tell what 236 tokens take; taken as all per
+    token, the guess was 1.5 s, and the next lease waited a second while the engine idled."""
+    pace = EnginePace(max_lease_tokens=4096)
+    pace._recent.extend([(4, 0.025)] * 8)
+    pace.started(236)
+    assert pace.fill_s() <= 0.025
+    pace._recent.extend([(4, 0.025), (236, 0.115), (8, 0.03)])
+    pace.started(200)
+    assert 0.08 < pace.fill_s() <= 0.11  # the fit, where calls of about this size were measured

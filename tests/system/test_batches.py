@@ -19,6 +19,7 @@ import redis
 
 from bench.batch import beside_batch
 from bench.batch import start_batch as start_model_batch
+from bench.stack import Engine
 from tests.system.conftest import Cluster, Gateway, fake_worker_config, free_port, wait_until
 from tests.system.load import DIMS, MODEL, expected
 
@@ -142,13 +143,18 @@ def test_a_worker_killed_mid_batch_loses_no_line(cluster: Cluster):
 
 
 def test_interactive_traffic_keeps_its_latency_while_a_batch_fills_the_idle_capacity(cluster: Cluster):
-    """One worker at a fixed pace (0.1 s an engine batch of 8: 80 inputs/s); interactive clients
-    send 1-input requests at 40/s (half of it); a 50,000-line batch takes the rest."""
+    """One fake worker at its default, real-shaped cost; interactive clients send short requests
+    at 8/s, a batch of long texts takes the rest."""
     gateway = cluster.gateway(defaults=True)
-    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, delay_s=0.1, max_num_seqs=8))
+    port = free_port()
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, max_model_len=256, metrics_port=port))
     gateway.wait_for_model(MODEL)
-    figures = asyncio.run(beside_batch(gateway.url, MODEL, rate=40, seconds=20))
+    engine = Engine(f"http://127.0.0.1:{port}/metrics")
+    figures = asyncio.run(beside_batch(gateway.url, MODEL, engine.counters, rate=8, seconds=12, lines=6000))
     print(figures.summary())
     assert figures.served_all, figures.summary()
-    assert figures.shared_p99_s <= 1.25 * figures.alone_p99_s, figures.summary()
-    assert figures.batch_share >= 0.8, figures.summary()
+    # Measured here: p99 plus 0.05-0.15 s beside the batch (a call of bulk work sized to half the
+    # interactive objective, and the one running when the first request came after a quiet spell);
+    # the batch kept 85-88%. With calls as full as the engine takes, p99 rose by 0.6 s.
+    assert figures.shared_p99_s <= figures.alone_p99_s + 0.35, figures.summary()
+    assert figures.batch_share >= 0.7, figures.summary()

@@ -44,22 +44,20 @@ def slow_worker(cluster: Cluster, gateway: Gateway, delay_s: float, max_num_seqs
 
 @pytest.mark.parametrize("queue_backend", ["memory", "redis"])
 def test_a_flooding_key_gets_its_share_and_a_light_key_keeps_its_latency(cluster: Cluster, queue_backend: str):
-    """One worker at a fixed pace (0.2 s a batch of 1: 5 requests/s); key A sends 10x that, key B
-    2 requests/s. B waits for the batch in the engine when it arrives, not for A's line."""
+    """One fake worker at its default, real-shaped cost; key A floods it with 32 clients of 16
+    long texts, key B sends 2 short requests a second, both interactive. B waits for a call sized
+    to the interactive objective (0.1 s: calls of 50 ms), not for a full one of A's."""
     gateway = tenancy_gateway(cluster)
-    slow_worker(cluster, gateway, delay_s=0.2, max_num_seqs=1)
-    figures = asyncio.run(light_beside_flood(gateway.url, MODEL, ADMIN, flood_rate=50))
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS, max_model_len=256))
+    gateway.wait_for_model(MODEL)
+    figures = asyncio.run(light_beside_flood(gateway.url, MODEL, ADMIN, seconds=12))
     summary = f"{queue_backend}: {figures.summary()}"
     print(summary)
     assert set(figures.light_statuses) == {200}, summary
-    assert set(figures.flood_statuses) == {200, 429}, summary  # its share, the rest refused; never a 5xx
-    # Measured here (2 cores shared by the gateway, the worker and the load): B's median is B alone
-    # plus 0.1-0.3 s, its p99 plus 0.3-0.5 s (one to two batch times). First-in-first-out, B would
-    # wait A's whole line: up to the 10 s that admission lets it grow to, seconds at the median.
-    # The bounds leave room for a slower, loaded CI machine (B's p99 was once 1.3 s there beside a
-    # flood of 100 requests/s), and still tell fair queueing from FIFO.
-    assert figures.shared_p50_s <= figures.alone_p50_s + 5 * 0.2, summary
-    assert figures.shared_p99_s <= figures.alone_p99_s + 2.0, summary
+    assert set(figures.flood_statuses) <= {200, 429} and figures.flood_inputs_per_s > 50, summary  # its share; no 5xx
+    # Measured here: B's p99 plus 0.03-0.13 s beside the flood. With calls as full as the engine
+    # takes (before the objectives), B waited for 64 of A's texts: about 0.6 s a call.
+    assert figures.p99_added_s <= 0.1 + 0.2, summary
 
 
 def test_an_interactive_request_overtakes_a_saturated_queue(cluster: Cluster):

@@ -33,6 +33,7 @@ class FakeEngine(Engine):
         self._closed = threading.Event()  # a hung call ends when the engine is closed
         self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
         self.batches = 0  # how many engine calls were made
+        self.calls: list[list[int]] = []  # the tokens of each input of each call, for tests to read
 
     def tokenize(self, texts: list[str], truncate: bool = False, special_tokens: bool = True) -> list[list[int]]:
         vocab = self.info.vocab_size - 1000
@@ -62,6 +63,7 @@ class FakeEngine(Engine):
         if cost := self.cost_s(token_ids):
             time.sleep(cost)
         self.batches += 1
+        self.calls.append([len(ids) for ids in token_ids])
         if self._hang_after and self.batches > self._hang_after:
             self._closed.wait()  # hangs, as an engine stuck in a kernel would, while the process lives
             raise RuntimeError("fake engine was closed while hung")

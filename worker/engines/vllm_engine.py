@@ -10,7 +10,7 @@ import numpy as np
 
 from worker.config import VllmGenerator
 from worker.engines.base import Engine, EngineInfo
-from worker.machine import has_gpu, preload_tcmalloc, resolve_dtype, this_cpu_flags
+from worker.machine import ENGINE_NICE, has_gpu, preload_tcmalloc, resolve_dtype, this_cpu_flags, yield_to_control
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class VllmEngine(Engine):
         else:
             dimensions = self._embed_unchecked(self.tokenize(["embedq warm-up"])).shape[1]
         self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task)
+        if not on_gpu:
+            log.info("the engine's %d threads yield the CPU to the worker's own (nice %d)", yield_to_control(), ENGINE_NICE)
         # The special tokens around an input's own ids (e.g. [CLS] ... [SEP]): what a chunk is framed with.
         with_specials, bare = self.tokenize(["a"]), self.tokenize(["a"], special_tokens=False)
         head = with_specials[0].index(bare[0][0])
