@@ -36,6 +36,7 @@ class BesideBatch:
     calls_alone: float  # mean inputs per engine call: the batch alone
     calls_shared: float  # and beside the interactive load
     line_s: float  # engine seconds per line in the batch's calls alone
+    busy_shared: float  # the share of the time the engine was computing, beside the interactive load
     served_all: bool  # every interactive request answered 200
 
     @property
@@ -56,7 +57,7 @@ class BesideBatch:
             f"{self.shared_p50_s * 1000:.0f}/{self.shared_p99_s * 1000:.0f} ms ({self.p99_ratio:.2f}x at p99); batch "
             f"{self.batch:.1f} lines/s of {self.capacity:.1f} alone, interactive used {self.interactive_use:.0%} of the "
             f"engine alone ({self.batch_share:.0%} kept); engine calls of {self.calls_alone:.1f} inputs alone, "
-            f"{self.calls_shared:.1f} beside"
+            f"{self.calls_shared:.1f} beside; engine busy {self.busy_shared:.0%} of the time beside"
         )
 
 
@@ -117,5 +118,6 @@ async def beside_batch(
         calls_alone=(e3["inputs"] - e2["inputs"]) / max(1.0, e3["calls"] - e2["calls"]),
         calls_shared=(e2["inputs"] - e1["inputs"]) / max(1.0, e2["calls"] - e1["calls"]),
         line_s=(e3["seconds"] - e2["seconds"]) / max(1.0, e3["inputs"] - e2["inputs"]),
+        busy_shared=(e2["seconds"] - e1["seconds"]) / (t2 - t1),
         served_all=len(ok_alone) == len(alone) and all(status == 200 for status, _ in shared_outcomes),
     )

@@ -5,8 +5,12 @@ can is refused at once (429 with an honest Retry-After), not admitted to time ou
 unanswered requests per priority class and tenant, and how fast they drain: the tokens answered
 per second over the last ``RATE_WINDOW_S``, counted only while requests were waiting (an idle
 queue says nothing about speed). With no measure yet (a queue that filled less than
-``MIN_MEASURE_S`` ago, or fewer than ``MIN_ANSWERED`` requests answered since), it admits: a
-rate from a handful of answers is noise (a worker that hung a moment looks like a dead queue).
+``MIN_MEASURE_S`` ago, or fewer than ``MIN_ANSWERED`` requests answered since), a rate from a
+handful of answers is noise (a worker that hung a moment looks like a dead queue): it takes the
+speed the workers' engines report instead (``JobQueue.speed``: their measured pace, at full
+calls), or, where none has, admits. Without that prior, a wave that filled the queue at once (32
+clients each sending 16 long texts) was all admitted, to time out a minute later. A request that
+finds nothing waiting is admitted whatever its size, as the token bound lets one in alone.
 
 A new request's wait is predicted as the queue would serve it (``queue/store.py``): everything
 of the higher classes first; in its own class, each other tenant's waiting tokens up to what that
@@ -79,9 +83,12 @@ class QueueLoad:
             return None
         return drained / (now - since)
 
-    def predicted_wait_s(self, placement: Placement, tokens: int, now: float) -> float | None:
+    def predicted_wait_s(self, placement: Placement, tokens: int, now: float, prior: float | None = None) -> float | None:
+        """``prior``: the tokens per second to assume while the queue's own rate is unmeasured."""
         rate = self.rate(now)
         if rate is None:
+            rate = prior if self.requests else None
+        if not rate:
             return None
         mine = self.waiting.get((placement.priority, placement.tenant), 0) + tokens
         ahead: float = sum(n for (cls, _), n in self.waiting.items() if cls < placement.priority)

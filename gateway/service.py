@@ -319,7 +319,7 @@ class Service:
                 f"retry after {settings.retry_after_s}s",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
-        wait = load.predicted_wait_s(placement, tokens, now)
+        wait = load.predicted_wait_s(placement, tokens, now, self._queue.speed(route.checkpoint))
         if wait is not None and wait > settings.queue_wait_s:
             self._metrics.rejected.labels(route.model).inc()
             retry = max(settings.retry_after_s, math.ceil(wait - settings.queue_wait_s))

@@ -297,29 +297,55 @@ async def test_a_lease_keeps_within_its_token_budget_but_takes_at_least_one_job(
 
 
 OBJECTIVES = (0.1, 1.0, None)  # interactive, default, batch: the gateway's defaults
-# 30 ms a call + 1 ms a token: 20 tokens fit in half the interactive objective, 470 in the default's,
-# and a full call (20 times the fixed part) holds 570
-PACE = (0.03, 0.001)
+# 20 ms a call + 1.5 ms a token: 20 tokens fit in half the interactive objective, 320 in the
+# default's, and a full call (20 times the fixed part) holds 253
+PACE = (0.02, 0.0015)
 
 
 async def test_a_call_holds_what_fits_the_objective_of_the_most_urgent_class_waiting(backend):
     queue = await backend.queue(objectives=OBJECTIVES)
     bulk = asyncio.create_task(queue.run("k", specs(*[1] * 50, tokens=30), 5, Placement(priority=BATCH)))
     await asyncio.sleep(0.05)
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 19  # only bulk ever came: full, 570 tokens
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 8  # only bulk ever came: full, 253 tokens
     assert len(await lease(queue, max_items=64, wait_s=0, pace=(0.01, 0.001))) == 6  # full on a quicker engine: 190 tokens
     assert len(await lease(queue, wait_s=0)) == 10  # no pace, no bound (but max_items)
     normal = asyncio.create_task(queue.run("k", specs(1, tokens=30), 5, Placement(priority=DEFAULT)))
     await asyncio.sleep(0.05)
     [alone] = await lease(queue, max_items=64, wait_s=0, pace=PACE)  # no bulk lengthens the call it waits for
     assert alone.priority == DEFAULT
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 15  # 470 tokens: a default job just came
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 10  # 320 tokens: a default job just came
     urgent = asyncio.create_task(queue.run("k", specs(1, 1, 1, 1, 1, tokens=10), 5, Placement(priority=INTERACTIVE)))
     await asyncio.sleep(0.05)
     taken = await lease(queue, max_items=64, wait_s=0, pace=PACE)
     assert [job.priority for job in taken] == [INTERACTIVE] * 2 and all(job.tokens == 10 for job in taken)  # 20 tokens
     for task in (bulk, normal, urgent):
         task.cancel()
+    await backend.close()
+
+
+async def test_a_queue_drains_as_fast_as_its_engines_full_calls(backend):
+    """The speed admission assumes before it has measured the queue: each engine's last lease,
+    its pace at a call as full as its bounds let it be (inputs, tokens, ``FULL_CALL``)."""
+    queue = await backend.queue()
+    assert queue.speed("k") is None
+    run = asyncio.create_task(queue.run("k", specs(1, 1, 1, tokens=10), timeout_s=5))
+    await asyncio.sleep(0.05)
+    await lease(queue, max_items=2, wait_s=0, pace=(0.5, 0.0001))  # 2 inputs of 10 tokens a call
+    assert queue.speed("k") == pytest.approx(20 / (0.5 + 0.002))
+    await lease(queue, "w2", max_items=64, wait_s=0, pace=(0.01, 0.001))  # a full call: 190 tokens
+    assert queue.speed("k") == pytest.approx(20 / (0.5 + 0.002) + 190 / (0.01 + 0.19))
+    run.cancel()
+    await backend.close()
+
+
+async def test_a_call_that_cannot_meet_the_objective_holds_at_least_its_fixed_part_in_tokens(backend):
+    """On an engine whose fixed part alone outlasts half the interactive objective, smaller calls
+    would not meet it, only waste the engine on starting calls."""
+    queue = await backend.queue(objectives=OBJECTIVES)
+    urgent = asyncio.create_task(queue.run("k", specs(*[1] * 10, tokens=25), 5, Placement(priority=INTERACTIVE)))
+    await asyncio.sleep(0.05)
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=(0.2, 0.001))) == 8  # 200 tokens, not 1 job
+    urgent.cancel()
     await backend.close()
 
 

@@ -5,6 +5,12 @@ An engine call costs a fixed part plus a part per token (vLLM's does: 1 input 9 
 gateway's estimated tokens (each job carries its estimate), so that the gateway can size a call
 to a latency objective in the units it queues by (``LeaseRequest.call_s``/``token_s``).
 
+Calls all of one size cannot tell the two parts apart: then the fixed part is the one last
+measured (by a line, or by the engine at load, with a call of one short input: ``call_s``), and
+the rest is per token. Taken as all per token, a slow engine's calls (0.5 s of fixed part) were bounded to
+their own size: the gateway sized the next call by them, one job a call, a quarter of what the
+engine could do, and the calls never varied to show otherwise.
+
 ``fill_s``: how long the engine stays busy with the call it computes now (its predicted length,
 less what has passed); until then a lease waits, and takes its jobs just before the engine is
 free (the engine could not start them sooner, and a job that arrives meanwhile gets in). Where
@@ -33,11 +39,12 @@ SMALL_BATCH = 16  # a call below 1/16 of a full lease's tokens weighs like one o
 
 
 class EnginePace:
-    def __init__(self, max_lease_tokens: int):
+    def __init__(self, max_lease_tokens: int, call_s: float = 0.0):
         self._max_tokens = max_lease_tokens
         self._recent: deque[tuple[int, float]] = deque(maxlen=RECENT)  # (tokens, seconds) per engine call
         self._since: float | None = None  # when the current engine call started
         self._expected_s = 0.0  # how long it should take
+        self._fixed_s = call_s  # the fixed part of a call, last measured
 
     def started(self, tokens: int) -> None:
         self._since = time.monotonic()
@@ -71,20 +78,22 @@ class EnginePace:
 
     def fit(self) -> tuple[float, float] | None:
         """(seconds per call, seconds per token), least squares over the recent calls; None
-        until a call is measured. Calls all of one size cannot tell the parts apart: then it is
-        all per token (the bound it gives is then a little generous for small calls)."""
+        until a call is measured. Where the calls cannot tell the parts apart, the fixed part
+        last measured (at most the quickest recent call) and the rest per token."""
         if not self._recent:
             return None
         line = self._line()
         if line is None:
             mean_t = sum(t for t, _ in self._recent) / len(self._recent)
             mean_s = sum(s for _, s in self._recent) / len(self._recent)
-            return 0.0, mean_s / mean_t
+            fixed = min(self._fixed_s, min(s for _, s in self._recent))
+            return fixed, max(0.0, mean_s - fixed) / mean_t
         return line
 
     def _line(self) -> tuple[float, float] | None:
         """Least squares over the recent calls; None where their sizes are too alike to tell the
-        fixed part from the per-token part, or the line makes no sense (a part below zero)."""
+        fixed part from the per-token part, or the line makes no sense (a part below zero). A
+        line found is the fixed part last measured, for when the calls no longer tell it."""
         count = len(self._recent)
         mean_t = sum(t for t, _ in self._recent) / count
         mean_s = sum(s for _, s in self._recent) / count
@@ -93,7 +102,10 @@ class EnginePace:
             return None
         slope = sum((t - mean_t) * (s - mean_s) for t, s in self._recent) / var
         fixed = mean_s - slope * mean_t
-        return (fixed, slope) if slope > 0 and fixed >= 0 else None
+        if slope <= 0 or fixed < 0:
+            return None
+        self._fixed_s = fixed
+        return fixed, slope
 
     def hold_s(self) -> float | None:
         if not self._recent:

@@ -76,7 +76,9 @@ class Worker:
         generator = config.generator
         # vLLM's own per-step token budget bounds a lease too; None: max_num_seqs alone.
         self._lease_max_tokens = generator.max_num_batched_tokens if isinstance(generator, VllmGenerator) else None
-        self._pace = EnginePace(self._lease_max_tokens or generator.max_num_seqs * engine.info.max_input_tokens)
+        self._pace = EnginePace(
+            self._lease_max_tokens or generator.max_num_seqs * engine.info.max_input_tokens, engine.info.call_s
+        )
         self._models = _model_cards(config, engine)  # what we serve never changes: built once
         self._chunked = frozenset(name for name, model in config.queue.models.items() if model.chunk_long_inputs)
 

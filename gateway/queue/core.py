@@ -61,6 +61,7 @@ RECENT_S = 2.0
 # engine's throughput, and make whoever arrives meanwhile wait longer. Bounds the calls of a class
 # with no objective (batch), so that a job arriving after a quiet spell waits for one such call.
 FULL_CALL = 20
+PACE_FOR_S = 30.0  # a worker's measured pace speaks for its engine this long after a lease brought it
 _REASONS: dict[Reason, str] = {
     "expired": "its last lease expired",
     "released": "its last worker gave it back",
@@ -75,6 +76,21 @@ class Expect:
     the model embeds over-long inputs in chunks, so an input may count more tokens)."""
 
     max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """A worker's engine as its last lease on a queue described it: its pace, and how many
+    estimated tokens its calls hold when the queue is backlogged (a full call, or what its lease's
+    bounds allow, in the tokens per input of the jobs it took)."""
+
+    call_s: float
+    token_s: float
+    call_tokens: float
+    at: float
+
+    def tokens_per_s(self) -> float:
+        return self.call_tokens / (self.call_s + self.token_s * self.call_tokens)
 
 
 @dataclass
@@ -120,6 +136,7 @@ class JobQueue:
         self._inputs_arrived: dict[str, int] = {}  # per queue, inputs that arrived so far
         self._arrived: dict[str, asyncio.Event] = {}  # per queue, set (and replaced) on arrivals
         self._arrived_at: dict[str, list[float]] = {}  # per queue, when a job of each class last arrived
+        self._engines: dict[str, dict[str, _Engine]] = {}  # per queue, per worker: its engine's pace
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._closing = self._stopped = False
@@ -226,6 +243,8 @@ class JobQueue:
             ask = Ask(worker_id, tags, max_items, max_tokens, 1, hold, self.budgets(key, pace))
             taken = await self._store.take(key, ask)
             if taken.jobs:
+                if pace is not None:
+                    self._note_engine(key, worker_id, pace, taken.jobs, max_items, max_tokens)
                 return taken.jobs
             now = loop.time()
             if now >= deadline:
@@ -272,6 +291,24 @@ class JobQueue:
         """Jobs each worker holds now: the console's leases column."""
         return await self._store.held(worker_ids)
 
+    def speed(self, key: str) -> float | None:
+        """Estimated tokens per second that the engines leasing from queue ``key`` drain while it
+        is backlogged, from the paces their recent leases brought (None: none known): what
+        admission predicts waits with before it has measured the queue's own answers."""
+        now = self._clock()
+        engines = [e for e in self._engines.get(key, {}).values() if now - e.at <= PACE_FOR_S]
+        return sum(engine.tokens_per_s() for engine in engines) or None
+
+    def _note_engine(
+        self, key: str, worker_id: str, pace: tuple[float, float], jobs: list[Job], max_items: int, max_tokens: int | None
+    ) -> None:
+        call_s, token_s = pace
+        per_input = max(1.0, sum(job.tokens for job in jobs) / sum(len(job.inputs) for job in jobs))
+        bounds = [max_items * per_input, _call_tokens(None, pace), max_tokens]
+        call_tokens = min(bound for bound in bounds if bound is not None)
+        if call_s + token_s * call_tokens > 0:
+            self._engines.setdefault(key, {})[worker_id] = _Engine(call_s, token_s, call_tokens, self._clock())
+
     def budgets(self, key: str, pace: tuple[float, float] | None) -> Budgets:
         """Per class, the estimated tokens of a call whose most urgent waiting job is of that
         class, on an engine of this ``pace`` (None: no bound). A job waits for the call running
@@ -280,18 +317,10 @@ class JobQueue:
         while the call runs). A class without an objective gets full calls (``FULL_CALL``)."""
         if pace is None:
             return (None,) * len(CLASSES)
-        call_s, token_s = pace
         now = self._clock()
         arrived = self._arrived_at.get(key, ())
         recent = min((c for c, at in enumerate(arrived) if now - at <= RECENT_S), default=len(CLASSES))
-
-        def fits(objective: float | None) -> int | None:
-            longest = objective / 2 if objective is not None else FULL_CALL * call_s
-            if token_s <= 0 or not longest:
-                return None if objective is None or call_s <= longest else 1
-            return max(1, round((longest - call_s) / token_s))
-
-        return tuple(fits(self._objectives[min(c, recent)]) for c in CLASSES)
+        return tuple(_call_tokens(self._objectives[min(c, recent)], pace) for c in CLASSES)
 
     # -- what stores call back on ----------------------------------------------------------------
 
@@ -370,3 +399,15 @@ class JobQueue:
             await work
         except QueueUnavailable as exc:
             log.warning("a queue call in the background failed: %s", exc)
+
+
+def _call_tokens(objective: float | None, pace: tuple[float, float]) -> int | None:
+    """The estimated tokens of a call that ends within half ``objective`` (None: a full call) on
+    an engine of this pace; None where nothing bounds it. Never fewer than the tokens that cost
+    as much as the call's fixed part: where that part alone outlasts the objective, smaller calls
+    cannot meet it, they would only spend the engine on starting calls (a second engine can)."""
+    call_s, token_s = pace
+    if token_s <= 0 or (objective is None and call_s <= 0):
+        return None  # no part per token, or no fixed part to size a full call by
+    longest = objective / 2 if objective is not None else FULL_CALL * call_s
+    return max(1, round(call_s / token_s), round((longest - call_s) / token_s))

@@ -35,8 +35,8 @@ async def csrf(client: httpx.AsyncClient) -> dict[str, str]:
     return {"X-CSRF-Token": (await client.get("/ui/api/session")).json()["csrf"]}
 
 
-async def test_nothing_opens_without_a_session_and_a_wrong_token_opens_none():
-    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": ":memory:"}) as gateway:
+async def test_nothing_opens_without_a_session_and_a_wrong_token_opens_none(tmp_path):
+    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": str(tmp_path / "keys.db")}) as gateway:
         client = gateway.client
         for path in PAGES:
             page = await client.get(path)
@@ -79,8 +79,8 @@ async def test_sign_in_sets_a_strict_cookie_and_every_answer_a_strict_policy():
         assert "Secure" in behind_an_ingress.headers["set-cookie"]
 
 
-async def test_changes_need_the_csrf_token_and_sign_out_ends_the_session():
-    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": ":memory:"}) as gateway:
+async def test_changes_need_the_csrf_token_and_sign_out_ends_the_session(tmp_path):
+    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": str(tmp_path / "keys.db")}) as gateway:
         client = gateway.client
         await sign_in(client)
         refused = await client.post("/ui/api/keys", json={"name": "no-csrf"})
@@ -110,8 +110,8 @@ async def test_changes_need_the_csrf_token_and_sign_out_ends_the_session():
         assert (await client.get("/ui/")).status_code == 303
 
 
-async def test_credentials_do_not_cross_between_the_console_and_the_apis():
-    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": ":memory:"}) as gateway:
+async def test_credentials_do_not_cross_between_the_console_and_the_apis(tmp_path):
+    async with running({**SETTINGS, "EMBEDQ_KEYS_DB": str(tmp_path / "keys.db")}) as gateway:
         client = gateway.client
         await sign_in(client)
         headers = await csrf(client)

@@ -107,8 +107,14 @@ def test_the_fit_finds_the_fixed_and_the_per_token_part_of_an_engine_call():
         pace._recent.append((tokens, 0.007 + 0.00005 * tokens))
     call_s, token_s = pace.fit()  # type: ignore[misc]
     assert call_s == pytest.approx(0.007, rel=1e-6) and token_s == pytest.approx(0.00005, rel=1e-6)
-    pace._recent = type(pace._recent)([(500, 0.032)] * 8, maxlen=32)  # one size: all of it per token
-    assert pace.fit() == (0.0, pytest.approx(0.032 / 500))
+    pace._recent = type(pace._recent)([(500, 0.032)] * 8, maxlen=32)  # one size: the last fixed part
+    assert pace.fit() == (pytest.approx(0.007), pytest.approx(0.025 / 500))
+    pace = EnginePace(max_lease_tokens=4096)
+    pace._recent.extend([(5, 0.51)] * 8)  # never measured: all of it per token
+    assert pace.fit() == (0.0, pytest.approx(0.51 / 5))
+    pace = EnginePace(max_lease_tokens=4096, call_s=0.5)  # one short input took 0.5 s at load
+    pace._recent.extend([(5, 0.51)] * 8)  # a slow engine's calls: nearly all fixed part
+    assert pace.fit() == (0.5, pytest.approx(0.01 / 5))
 
 
 def test_a_call_unlike_the_recent_ones_is_not_predicted_long_so_no_lease_waits_on_an_idle_engine():

@@ -210,6 +210,17 @@ async def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart(tm
     assert {r["model"]: r["prompt_tokens"] for r in by_model.json()["data"]}["fake-model"] == told
 
 
+def test_an_unmeasured_queue_predicts_waits_from_its_engines_speed():
+    """A wave that fills the queue at once is admitted only as far as the engines' reported speed
+    drains it in time; a request that finds nothing waiting is admitted whatever its size."""
+    load = QueueLoad()
+    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 5000, 100.0, prior=100.0) is None  # nothing waits
+    load.enter(Placement(DEFAULT, "a"), 1000, 100.0)
+    assert load.rate(100.5) is None
+    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 500, 100.5, prior=100.0) == pytest.approx(15)
+    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 500, 100.5) is None  # no engine has said: admitted
+
+
 def test_predicted_wait_puts_higher_classes_first_and_caps_other_tenants_at_their_share():
     load = QueueLoad()
     load.enter(Placement(DEFAULT, "flood"), 1000, 101.0)  # keeps the queue backlogged

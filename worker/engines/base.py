@@ -18,6 +18,7 @@ class EngineInfo:
     max_input_tokens: int
     vocab_size: int
     task: Literal["embed", "score"] = "embed"
+    call_s: float = 0.0  # the fixed part of an engine call: a call of one short input, timed at load (0: not known)
 
 
 class Engine(ABC):

@@ -25,7 +25,10 @@ class FakeEngine(Engine):
     CLS, SEP = 101, 102
 
     def __init__(self, generator: FakeGenerator):
-        self.info = EngineInfo(generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task)
+        self.info = EngineInfo(
+            generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task,
+            call_s=generator.call_s + generator.delay_s,
+        )  # fmt: skip
         self._call_s, self._token_s, self._delay_s = generator.call_s, generator.token_s, generator.delay_s
         self._dead_after = generator.dead_after_batches
         self._hang_after = generator.hang_after_batches

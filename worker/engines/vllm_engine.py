@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -58,20 +61,26 @@ class VllmEngine(Engine):
         self._tokenizer: Any = cast(Any, self._llm.get_tokenizer())  # Hugging Face's: vLLM's protocol names less of it
         max_len = self._llm.llm_engine.model_config.max_model_len
         self._max_len = max_len
+        warm_up: Callable[[], Any]
         if generator.task == "score":
-            self.score([("embedq warm-up", "warm-up")])
+            warm_up = partial(self.score, [("embedq warm-up", "warm-up")])
+            warm_up()
             dimensions = 1
         else:
-            dimensions = self._embed_unchecked(self.tokenize(["embedq warm-up"])).shape[1]
-        self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task)
+            warm_up = partial(self._embed_unchecked, self.tokenize(["embedq warm-up"]))
+            dimensions = warm_up().shape[1]
+        started = time.monotonic()
+        warm_up()  # warmed up, a call of one short input is about the fixed part of any call
+        call_s = time.monotonic() - started
+        self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task, call_s=call_s)
         if not on_gpu:
             log.info("the engine's %d threads yield the CPU to the worker's own (nice %d)", yield_to_control(), ENGINE_NICE)
         # The special tokens around an input's own ids (e.g. [CLS] ... [SEP]): what a chunk is framed with.
         with_specials, bare = self.tokenize(["a"]), self.tokenize(["a"], special_tokens=False)
         head = with_specials[0].index(bare[0][0])
         self._frame = (with_specials[0][:head], with_specials[0][head + len(bare[0]) :])
-        log.info("vLLM engine ready: %s, %s, %d tokens max", generator.model_path,
-                 "a cross-encoder" if generator.task == "score" else f"{dimensions} dims", max_len)  # fmt: skip
+        log.info("vLLM engine ready: %s, %s, %d tokens max, %.0f ms a call of one short input", generator.model_path,
+                 "a cross-encoder" if generator.task == "score" else f"{dimensions} dims", max_len, call_s * 1000)  # fmt: skip
 
     def tokenize(self, texts: list[str], truncate: bool = False, special_tokens: bool = True) -> list[list[int]]:
         cut = {"truncation": True, "max_length": self._max_len} if truncate else {}
