@@ -313,7 +313,9 @@ async def test_a_call_holds_what_fits_the_objective_of_the_most_urgent_class_wai
     await asyncio.sleep(0.05)
     [alone] = await lease(queue, max_items=64, wait_s=0, pace=PACE)  # no bulk lengthens the call it waits for
     assert alone.priority == DEFAULT
-    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 10  # 320 tokens: a default job just came
+    # a default job just came: bulk calls hold what fits its objective, where that is less than full
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=PACE)) == 8  # 253 tokens: full is less than 320
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=(0.05, 0.001))) == 15  # 450 tokens, not a full 950
     urgent = asyncio.create_task(queue.run("k", specs(1, 1, 1, 1, 1, tokens=10), 5, Placement(priority=INTERACTIVE)))
     await asyncio.sleep(0.05)
     taken = await lease(queue, max_items=64, wait_s=0, pace=PACE)
@@ -334,7 +336,41 @@ async def test_a_queue_drains_as_fast_as_its_engines_full_calls(backend):
     assert queue.speed("k") == pytest.approx(20 / (0.5 + 0.002))
     await lease(queue, "w2", max_items=64, wait_s=0, pace=(0.01, 0.001))  # a full call: 190 tokens
     assert queue.speed("k") == pytest.approx(20 / (0.5 + 0.002) + 190 / (0.01 + 0.19))
+    more = asyncio.create_task(queue.run("k", specs(1, tokens=10), timeout_s=5))
+    assert await lease(queue, "w3", wait_s=1)  # one that has no pace: the sum would be too low, so none
+    assert queue.speed("k") is None
+    await queue.release_worker("w3")
+    assert queue.speed("k") == pytest.approx(20 / (0.5 + 0.002) + 190 / (0.01 + 0.19))
     run.cancel()
+    more.cancel()
+    await backend.close()
+
+
+async def test_without_a_pace_a_token_budget_does_not_keep_classes_apart(backend):
+    """Only a call bounded by an objective holds no lower class: a worker with no pace yet (or of
+    protocol 2) fills its call up to its own token budget, on either store."""
+    queue = await backend.queue(objectives=OBJECTIVES)
+    urgent = asyncio.create_task(queue.run("k", specs(1, tokens=10), 5, Placement(priority=INTERACTIVE)))
+    normal = asyncio.create_task(queue.run("k", specs(1, 1, 1, tokens=10), 5, Placement(priority=DEFAULT)))
+    await asyncio.sleep(0.05)
+    taken = await lease(queue, max_items=64, wait_s=0, max_tokens=100)
+    assert [job.priority for job in taken] == [INTERACTIVE] + [DEFAULT] * 3
+    for task in (urgent, normal):
+        task.cancel()
+    await backend.close()
+
+
+async def test_a_more_urgent_class_without_an_objective_does_not_loosen_a_call(backend):
+    queue = await backend.queue(objectives=(None, 1.0, None))
+    urgent = asyncio.create_task(queue.run("k", specs(1, tokens=10), 5, Placement(priority=INTERACTIVE)))
+    await asyncio.sleep(0.05)
+    await lease(queue, wait_s=0)  # interactive came (it has no objective), and went
+    normal = asyncio.create_task(queue.run("k", specs(*[1] * 40, tokens=30), 5, Placement(priority=DEFAULT)))
+    await asyncio.sleep(0.05)
+    # 50 ms a call + 1 ms a token: the default objective bounds the call to 450 tokens; a full call holds 950
+    assert len(await lease(queue, max_items=64, wait_s=0, pace=(0.05, 0.001))) == 15
+    for task in (urgent, normal):
+        task.cancel()
     await backend.close()
 
 

@@ -96,18 +96,19 @@ class GatewayClient:
         await self._http.aclose()
 
     async def heartbeat(self, hello: WorkerHello) -> HeartbeatReply:
-        """Register (again); a gateway of the previous protocol refuses our version's hello, and
-        is spoken to in its own from then on (an upgrade in progress)."""
+        """Register (again) in our protocol; a gateway of the previous one refuses that hello, and
+        is spoken to in its own (an upgrade in progress). Every heartbeat offers ours first, so a
+        worker speaks it once its gateway does."""
         try:
             response = await self._post(
-                "/workers/heartbeat", json=hello.model_copy(update={"protocol": self.protocol}).model_dump()
+                "/workers/heartbeat", json=hello.model_copy(update={"protocol": PROTOCOL_VERSION}).model_dump()
             )
         except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 400 or b"protocol" not in exc.response.content or self.protocol == 2:
+            if exc.response.status_code != 400 or b"protocol" not in exc.response.content:
                 raise
-            log.warning("the gateway speaks an older protocol (2); speaking it until it is upgraded")
-            self.protocol = 2
-            return await self.heartbeat(hello)
+            if self.protocol != 2:
+                log.warning("the gateway speaks an older protocol (2); speaking it until it is upgraded")
+            response = await self._post("/workers/heartbeat", json=hello.model_copy(update={"protocol": 2}).model_dump())
         reply = HeartbeatReply.model_validate_json(response.content)
         self.protocol = reply.protocol
         return reply

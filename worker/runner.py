@@ -52,6 +52,7 @@ GATEWAY_FAILURES = (httpx.HTTPError, ValidationError, NotRegistered)
 # call), so that jobs whose client left meanwhile cost no engine time; a shorter wait is not
 # worth the call: the most it could waste is one batch's compute.
 STALE_AFTER_S = 0.1
+MAX_CALL_S, MAX_TOKEN_S = 60.0, 1.0  # LeaseRequest's bounds on a pace
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
 LEASE_ANSWER_TIMEOUT_S = 5.0  # how long a stopping worker waits for its in-flight lease's answer
 # Heartbeats per gateway TTL at least: a worker idle in a long-poll is touched by nothing else,
@@ -245,8 +246,8 @@ class Worker:
             fill_s=self._pace.fill_s(),
             max_tokens=self._lease_max_tokens,
             hold_s=self._pace.hold_s(),
-            call_s=fit[0] if fit else None,
-            token_s=fit[1] if fit else None,
+            call_s=min(fit[0], MAX_CALL_S) if fit else None,  # the contract's bounds: a wild measure is not fatal
+            token_s=min(fit[1], MAX_TOKEN_S) if fit else None,
         )
         self._leasing = True
         try:

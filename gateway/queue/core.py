@@ -80,16 +80,18 @@ class Expect:
 
 @dataclass(frozen=True)
 class _Engine:
-    """A worker's engine as its last lease on a queue described it: its pace, and how many
-    estimated tokens its calls hold when the queue is backlogged (a full call, or what its lease's
-    bounds allow, in the tokens per input of the jobs it took)."""
+    """A worker's engine as its last lease on a queue described it (``at``): its pace, and how
+    many estimated tokens its calls hold when the queue is backlogged (a full call, or what its
+    lease's bounds allow, in the tokens per input of the jobs it took); no tokens: no pace."""
 
-    call_s: float
-    token_s: float
-    call_tokens: float
     at: float
+    call_s: float = 0.0
+    token_s: float = 0.0
+    call_tokens: float = 0.0
 
-    def tokens_per_s(self) -> float:
+    def tokens_per_s(self) -> float | None:
+        if not self.call_tokens:
+            return None
         return self.call_tokens / (self.call_s + self.token_s * self.call_tokens)
 
 
@@ -243,8 +245,7 @@ class JobQueue:
             ask = Ask(worker_id, tags, max_items, max_tokens, 1, hold, self.budgets(key, pace))
             taken = await self._store.take(key, ask)
             if taken.jobs:
-                if pace is not None:
-                    self._note_engine(key, worker_id, pace, taken.jobs, max_items, max_tokens)
+                self._note_engine(key, worker_id, pace, taken.jobs, max_items, max_tokens)
                 return taken.jobs
             now = loop.time()
             if now >= deadline:
@@ -274,6 +275,8 @@ class JobQueue:
 
     async def release_worker(self, worker_id: str) -> None:
         """The worker left, or the registry dropped it: its jobs go back in line at once."""
+        for engines in self._engines.values():
+            engines.pop(worker_id, None)
         reclaimed = await self._store.release_worker(worker_id)
         if reclaimed.requeued or reclaimed.failed:
             log.warning(
@@ -294,20 +297,28 @@ class JobQueue:
     def speed(self, key: str) -> float | None:
         """Estimated tokens per second that the engines leasing from queue ``key`` drain while it
         is backlogged, from the paces their recent leases brought (None: none known): what
-        admission predicts waits with before it has measured the queue's own answers."""
-        now = self._clock()
-        engines = [e for e in self._engines.get(key, {}).values() if now - e.at <= PACE_FOR_S]
-        return sum(engine.tokens_per_s() for engine in engines) or None
+        admission predicts waits with before it has measured the queue's own answers. Not known
+        while any of them leases without a pace (a worker of protocol 2, or one not yet measured):
+        the sum would be too low, and refuse what fits."""
+        now, engines = self._clock(), self._engines.get(key, {})
+        for worker_id in [w for w, engine in engines.items() if now - engine.at > PACE_FOR_S]:
+            del engines[worker_id]
+        speeds = [engine.tokens_per_s() for engine in engines.values()]
+        return None if not speeds or None in speeds else sum(s for s in speeds if s is not None)
 
     def _note_engine(
-        self, key: str, worker_id: str, pace: tuple[float, float], jobs: list[Job], max_items: int, max_tokens: int | None
-    ) -> None:
-        call_s, token_s = pace
-        per_input = max(1.0, sum(job.tokens for job in jobs) / sum(len(job.inputs) for job in jobs))
-        bounds = [max_items * per_input, _call_tokens(None, pace), max_tokens]
-        call_tokens = min(bound for bound in bounds if bound is not None)
-        if call_s + token_s * call_tokens > 0:
-            self._engines.setdefault(key, {})[worker_id] = _Engine(call_s, token_s, call_tokens, self._clock())
+        self, key: str, worker_id: str, pace: tuple[float, float] | None, jobs: list[Job], max_items: int,
+        max_tokens: int | None,
+    ) -> None:  # fmt: skip
+        engine = _Engine(self._clock())
+        if pace is not None:
+            call_s, token_s = pace
+            per_input = max(1.0, sum(job.tokens for job in jobs) / sum(len(job.inputs) for job in jobs))
+            bounds = [max_items * per_input, _call_tokens(None, pace), max_tokens]
+            call_tokens = min(bound for bound in bounds if bound is not None)
+            if call_s + token_s * call_tokens > 0:
+                engine = _Engine(engine.at, call_s, token_s, call_tokens)
+        self._engines.setdefault(key, {})[worker_id] = engine
 
     def budgets(self, key: str, pace: tuple[float, float] | None) -> Budgets:
         """Per class, the estimated tokens of a call whose most urgent waiting job is of that
@@ -320,7 +331,12 @@ class JobQueue:
         now = self._clock()
         arrived = self._arrived_at.get(key, ())
         recent = min((c for c, at in enumerate(arrived) if now - at <= RECENT_S), default=len(CLASSES))
-        return tuple(_call_tokens(self._objectives[min(c, recent)], pace) for c in CLASSES)
+
+        def bound(c: int) -> int | None:  # the tightest of its own class's and the more urgent ones'
+            bounds = [b for u in range(min(c, recent), c + 1) if (b := _call_tokens(self._objectives[u], pace)) is not None]
+            return min(bounds, default=None)
+
+        return tuple(bound(c) for c in CLASSES)
 
     # -- what stores call back on ----------------------------------------------------------------
 

@@ -73,7 +73,7 @@ class MemoryStore(Store):
         available = items = tokens = 0
         full = False
         bound: int | None = None  # set by the first job taken: its class is the most urgent waiting
-        first = 0
+        first, bounded = 0, False  # a call bounded by its first class's objective holds no lower class
         for cls in self._queues.get(key, ()):
             for entry in cls.waiting:
                 spec = entry.job.spec
@@ -83,10 +83,12 @@ class MemoryStore(Store):
                 priority = entry.job.placement.priority
                 if not taken:
                     first, bound = priority, ask.token_bound(priority)
+                    bounded = ask.budgets[priority] is not None
                 if not full:
                     if taken and (
                         items + len(spec.inputs) > ask.max_items
-                        or (bound is not None and (tokens + spec.tokens > bound or priority > first))
+                        or (bound is not None and tokens + spec.tokens > bound)
+                        or (bounded and priority > first)
                     ):
                         full = True
                     else:

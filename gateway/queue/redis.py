@@ -62,6 +62,7 @@ class RedisStore(Store):
         }
         self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
         link.on_event("jobs", self._on_jobs_event)
+        link.on_event("class", self._on_class_event)
         link.on_event("reconnected", lambda _: self._wake_all())
 
     async def start(self) -> None:
@@ -262,8 +263,12 @@ class RedisStore(Store):
     # -- arrivals ------------------------------------------------------------------------------
 
     def _on_jobs_event(self, argument: str) -> None:
-        inputs, key, *priority = argument.split(" ")  # a replica of protocol 2 sends no class
-        self.core.wake(key, int(inputs), int(priority[0]) if priority else None)
+        inputs, _, key = argument.partition(" ")
+        self.core.wake(key, int(inputs))
+
+    def _on_class_event(self, argument: str) -> None:
+        priority, _, key = argument.partition(" ")
+        self.core.arrived(key, int(priority))
 
     def _wake_all(self) -> None:
         for key in self._keys:

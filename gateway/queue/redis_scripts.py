@@ -69,7 +69,8 @@ local function requeue_or_fail(id, max_attempts, reason, ttl)
   if first[2] then tag = math.min(tag, tonumber(first[2])) end
   redis.call('HSET', j, 'st', 'w', 'lease', '', 'worker', '', 'tag', num(tag))
   redis.call('ZADD', q, num(tag), id)
-  redis.call('PUBLISH', k('events'), 'jobs ' .. f[6] .. ' ' .. f[1] .. ' ' .. f[4])
+  redis.call('PUBLISH', k('events'), 'jobs ' .. f[6] .. ' ' .. f[1])
+  redis.call('PUBLISH', k('events'), 'class ' .. f[4] .. ' ' .. f[1])
   return 1
 end
 local function tally(counts, outcome)
@@ -79,7 +80,8 @@ end
 
 # ARGV: P, queue, owner, front ('1': the jobs go first, Redis lost them), then per job: id, n,
 # tok, tags, job, cls, tenant, weight, w (the columns its answer must have). Tags each job fairly, queues it, and publishes
-# "jobs <inputs> <queue> <cls>" for waiting leases (all of one request's jobs are of one class).
+# "jobs <inputs> <queue>" for waiting leases and "class <cls> <queue>" (all of one request's jobs are of one class;
+# an event of its own, as replicas of the previous version read everything after "jobs <inputs> " as the queue).
 ENQUEUE = (
     _PRELUDE
     + """
@@ -101,7 +103,8 @@ for i = 5, #ARGV, 9 do
   inputs = inputs + tonumber(ARGV[i + 1])
 end
 redis.call('SADD', k('queues'), queue)
-redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue .. ' ' .. ARGV[10])
+redis.call('PUBLISH', k('events'), 'jobs ' .. inputs .. ' ' .. queue)
+redis.call('PUBLISH', k('events'), 'class ' .. ARGV[10] .. ' ' .. queue)
 """
 )
 
