@@ -83,6 +83,9 @@ class WorkerBye(_Strict):
     draining: bool = False
 
 
+MAX_CALL_S, MAX_TOKEN_S = 60.0, 1.0  # the most a lease's pace may say (protocol 3)
+
+
 class LeaseRequest(_Strict):
     worker_id: Name
     max_items: int = Field(gt=0, le=100_000)
@@ -99,8 +102,8 @@ class LeaseRequest(_Strict):
     # Protocol 3: the engine's measured pace, a call's seconds = call_s + token_s * its jobs'
     # estimated tokens (Job.tokens). The gateway sizes the call by it to the latency objective of
     # the most urgent class waiting or recently arriving. None: not measured yet (no bound).
-    call_s: float | None = Field(default=None, ge=0, le=60)
-    token_s: float | None = Field(default=None, ge=0, le=1)
+    call_s: float | None = Field(default=None, ge=0, le=MAX_CALL_S)
+    token_s: float | None = Field(default=None, ge=0, le=MAX_TOKEN_S)
 
 
 class Job(_Strict):

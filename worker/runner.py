@@ -27,6 +27,8 @@ from pydantic import ValidationError
 from contract import software_version
 from contract.frames import encode_results
 from contract.messages import (
+    MAX_CALL_S,
+    MAX_TOKEN_S,
     ErrorReport,
     Job,
     JobRef,
@@ -52,7 +54,6 @@ GATEWAY_FAILURES = (httpx.HTTPError, ValidationError, NotRegistered)
 # call), so that jobs whose client left meanwhile cost no engine time; a shorter wait is not
 # worth the call: the most it could waste is one batch's compute.
 STALE_AFTER_S = 0.1
-MAX_CALL_S, MAX_TOKEN_S = 60.0, 1.0  # LeaseRequest's bounds on a pace
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
 LEASE_ANSWER_TIMEOUT_S = 5.0  # how long a stopping worker waits for its in-flight lease's answer
 # Heartbeats per gateway TTL at least: a worker idle in a long-poll is touched by nothing else,
