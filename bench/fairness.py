@@ -26,6 +26,7 @@ class BesideFlood:
     alone_p50_s: float  # B alone
     alone_p99_s: float
     shared_p50_s: float  # B beside A's flood
+    shared_p90_s: float
     shared_p99_s: float
     light_statuses: list[int]  # B's answers, alone and beside the flood
     flood_statuses: list[int]  # A's
@@ -44,7 +45,8 @@ class BesideFlood:
     def summary(self) -> str:
         return (
             f"B p50/p99 alone {self.alone_p50_s * 1000:.0f}/{self.alone_p99_s * 1000:.0f} ms, beside the flood "
-            f"{self.shared_p50_s * 1000:.0f}/{self.shared_p99_s * 1000:.0f} ms (+{self.p99_added_s * 1000:.0f} ms at p99); "
+            f"{self.shared_p50_s * 1000:.0f}/{self.shared_p90_s * 1000:.0f}/{self.shared_p99_s * 1000:.0f} ms at p50/p90/p99 "
+            f"(+{self.p99_added_s * 1000:.0f} ms at p99); "
             f"A: {self.flood_statuses.count(200)} served ({self.flood_inputs_per_s:.1f} inputs/s), "
             f"{self.flood_statuses.count(429)} 429s, other statuses {sorted(set(self.flood_statuses) - {200, 429})}"
         )
@@ -80,6 +82,7 @@ async def light_beside_flood(
         alone_p50_s=percentile(b_alone, 0.5),
         alone_p99_s=percentile(b_alone, 0.99),
         shared_p50_s=percentile(b_shared, 0.5),
+        shared_p90_s=percentile(b_shared, 0.9),
         shared_p99_s=percentile(b_shared, 0.99),
         light_statuses=[status for status, _ in alone + shared],
         flood_statuses=[status for status, _ in flooded],

@@ -129,7 +129,9 @@ def test_overload_on_defaults_is_shed_early_and_service_returns_at_once(cluster:
     )
     print(summary)
     assert {status for status, _ in outcomes} == {200, 429}, summary  # no 504, no 5xx
-    assert percentile(refused, 0.99) < 0.05, summary
+    # Refused at once, not after waiting in line (up to max_queue_wait_s, 10 s): 7 ms here at p99,
+    # 127 ms once on a loaded CI machine.
+    assert percentile(refused, 0.99) < 0.5, summary
     assert percentile(served, 0.99) < 60, summary
     assert max(rss) < 400, summary
     # Right after the load, the queue still holds up to max_queue_wait_s of work: a probe is
