@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # Version 3 adds what engine calls are sized by: a job's priority class and estimated tokens
-# (LeaseReply), and the worker's measured pace (LeaseRequest). A gateway speaks each worker's
+# (LeaseReply), and the worker's measured pace (LeaseRequest); and, of a model (ModelCard),
+# whether its vectors are unit-length and its default prompt. A gateway speaks each worker's
 # version (the hello says it) and a worker the gateway's (the heartbeat reply says it): a fleet
 # of both versions keeps serving while it is upgraded.
 PROTOCOL_VERSION = 3
@@ -51,6 +52,17 @@ class ModelCard(_Strict):
     # it for (input_type, prompt_name); their tokens count in prompt_tokens.
     prompts: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=4096)]] = {}
     chunked: bool = False  # over-long inputs are embedded in context-sized chunks and averaged, not refused
+    # Protocol 3. Whether the model's vectors are unit-length (its modules end in Normalize); a
+    # cut to a smaller size or a chunks' mean is re-normalised only then. The prompt a text gets
+    # when its request names none (sentence-transformers' default_prompt_name; "": none).
+    normalized: bool = True
+    default_prompt: Annotated[str, StringConstraints(max_length=64)] = ""
+
+    @model_validator(mode="after")
+    def _default_prompt_is_one(self) -> ModelCard:
+        if self.default_prompt and self.default_prompt not in self.prompts:
+            raise ValueError(f"default_prompt {self.default_prompt!r} is not one of the prompts")
+        return self
 
 
 class WorkerHello(_Strict):

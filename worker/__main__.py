@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,6 +26,7 @@ from worker.config import ConfigError, VllmGenerator, WorkerConfig, config_warni
 from worker.engines import build_engine
 from worker.machine import has_gpu, resolve_dtype, this_cpu_flags
 from worker.metrics import WorkerMetrics
+from worker.model_files import length_limit, model_problems, served_prompts
 from worker.runner import Worker
 
 log = logging.getLogger("worker")
@@ -39,15 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check(config: WorkerConfig) -> int:
-    """Print the resolved config, with what this machine makes of it (the dtype, and why)."""
+    """Print the resolved config, with what this machine makes of it (the dtype, and why) and of
+    the model's own files (the longest input, the prompts that apply); 2 if they refuse it."""
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
+    if problems := model_problems(config):
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     resolved = config.redacted()
-    if isinstance(config.generator, VllmGenerator):
-        dtype = resolve_dtype(config.generator.dtype, has_gpu(), this_cpu_flags())
+    generator = config.generator
+    if isinstance(generator, VllmGenerator):
+        dtype = resolve_dtype(generator.dtype, has_gpu(), this_cpu_flags())
         resolved["resolved"] = {"dtype": dtype.dtype, "why": dtype.why}
         if dtype.warning:
             print(f"warning: {dtype.warning}", file=sys.stderr)
+        if Path(generator.model_path).is_dir():
+            limit = length_limit(generator.model_path)
+            resolved["resolved"]["model_max_len"] = limit and {"tokens": limit.tokens, "from": limit.source}
+            resolved["resolved"]["models"] = {
+                name: dataclasses.asdict(served_prompts(generator.model_path, model.prompts, model.default_prompt))
+                for name, model in config.queue.models.items()
+            }
     print(json.dumps(resolved, indent=2))
     return 0
 
@@ -118,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.check:
             return check(config)
+        if problems := model_problems(config):
+            raise ConfigError("\n".join(problems))
         token = config.queue.resolved_token()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

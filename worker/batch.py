@@ -153,7 +153,8 @@ def _embed(engine: Engine, ready: Ready, outcome: BatchOutcome) -> None:
     outcome.engine_inputs += len(flat)
     outcome.engine_tokens += sum(map(len, flat))
     # What the engine gave, row for row: rows it did not give are missing here too (the gateway refuses the job).
-    pooled = [_pooled(vectors, start, weights) for start, weights in spans if start + len(weights) <= len(vectors)]
+    normalized = engine.info.normalized
+    pooled = [_pooled(vectors, start, weights, normalized) for start, weights in spans if start + len(weights) <= len(vectors)]
     rows = np.stack(pooled) if pooled else vectors[:0]
     start = 0
     for job, ids in ready:
@@ -161,12 +162,13 @@ def _embed(engine: Engine, ready: Ready, outcome: BatchOutcome) -> None:
         start += len(ids)
 
 
-def _pooled(vectors: np.ndarray, start: int, weights: list[int]) -> np.ndarray:
-    """An input's vector: its one row, or its chunks' rows averaged by their tokens, re-normalised."""
+def _pooled(vectors: np.ndarray, start: int, weights: list[int], normalized: bool) -> np.ndarray:
+    """An input's vector: its one row, or its chunks' rows averaged by their tokens (re-normalised
+    if the model's vectors are unit-length: the mean is then as long as they are)."""
     if len(weights) == 1:
         return vectors[start]
     mean = np.average(vectors[start : start + len(weights)], axis=0, weights=weights)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12) if normalized else mean).astype(np.float32)
 
 
 # -- scores, a cross-encoder's ------------------------------------------------------------

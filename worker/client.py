@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # 0.2 s, 0.4 s, 0.8 s ... up to 10 s, plus up to 1 s of jitter so that workers cut off together
 # do not come back together (tenacity's wait_exponential_jitter, spelt the same on every version).
 BACKOFF = wait_exponential(multiplier=0.2, max=10.0) + wait_random(0, 1)
+# What a gateway of protocol 2 does not know of a model (it refuses a field it does not know).
+PROTOCOL_3_CARD: Any = {"models": {"__all__": {"normalized", "default_prompt"}}}
 
 
 class NotRegistered(Exception):
@@ -108,7 +110,8 @@ class GatewayClient:
                 raise
             if self.protocol != 2:
                 log.warning("the gateway speaks an older protocol (2); speaking it until it is upgraded")
-            response = await self._post("/workers/heartbeat", json=hello.model_copy(update={"protocol": 2}).model_dump())
+            old = hello.model_copy(update={"protocol": 2}).model_dump(exclude=PROTOCOL_3_CARD)
+            response = await self._post("/workers/heartbeat", json=old)
         reply = HeartbeatReply.model_validate_json(response.content)
         self.protocol = reply.protocol
         return reply

@@ -75,6 +75,7 @@ class FakeGenerator(_Table):
     # the size, or one row fewer than inputs asked for (the gateway must refuse each).
     wrong: Literal["", "nan", "dims", "rows"] = ""
     task: Literal["embed", "score"] = "embed"  # "score": a fake cross-encoder
+    normalize: bool = True  # false: a model without a Normalize module (vectors of lengths 2 to 8)
 
 
 Generator = Annotated[VllmGenerator | FakeGenerator, Field(discriminator="type")]
@@ -93,8 +94,12 @@ class ModelEntry(_Table):
     # Additions.
     matryoshka_dimensions: list[Annotated[int, Field(gt=0)]] = []  # sizes a request may ask for
     truncate: bool = False  # OpenAI requests truncate over-long inputs by default
-    # Named prompts a request picks by input_type or prompt_name, e.g. query = "query: "
+    # Named prompts a request picks by input_type or prompt_name, e.g. query = "query: ", over those
+    # of the model's config_sentence_transformers.json, name by name (worker/model_files.py).
     prompts: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=4096)]] = {}
+    # The prompt a text gets when its request names none; not set: the model's default_prompt_name;
+    # "": none.
+    default_prompt: str | None = Field(default=None, max_length=64)
     # Over-long inputs embedded in context-sized chunks and averaged (weighted by tokens), not
     # refused: costs an engine input per chunk.
     chunk_long_inputs: bool = False

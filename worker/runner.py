@@ -43,6 +43,7 @@ from worker.client import GatewayClient, IdTaken, NotRegistered, describe, sleep
 from worker.config import VllmGenerator, WorkerConfig
 from worker.engines import Engine
 from worker.metrics import WorkerMetrics
+from worker.model_files import served_prompts
 from worker.pace import EnginePace
 from worker.probes import probe_all
 
@@ -327,6 +328,7 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
     """The models of [queue.models], as the gateway is told of them: an embedding model's (those
     not turned off), or a cross-encoder's, which scores pairs."""
     info, cards = engine.info, {}
+    model_path = config.generator.model_path if isinstance(config.generator, VllmGenerator) else None
     for name, model in config.queue.models.items():
         if info.task == "embed" and model.embedding_task.supported is False:
             continue
@@ -334,6 +336,7 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
         if too_big:
             log.warning("queue.models.%s.matryoshka_dimensions: %s not below the model's %d dimensions; ignored",
                         name, too_big, info.dimensions)  # fmt: skip
+        prompts = served_prompts(model_path, model.prompts, model.default_prompt)  # the model's own, then the entry's
         cards[name] = ModelCard(
             description=model.description,
             max_input_tokens=info.max_input_tokens,
@@ -341,8 +344,10 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
             matryoshka_dimensions=[d for d in model.matryoshka_dimensions if d not in too_big],
             truncate=model.truncate,
             tasks=[info.task, "tokenize"],
-            prompts=model.prompts,
             chunked=model.chunk_long_inputs,
+            prompts=prompts.prompts,
+            default_prompt=prompts.default,
+            normalized=info.normalized,
         )
     return cards
 

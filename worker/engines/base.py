@@ -19,6 +19,10 @@ class EngineInfo:
     vocab_size: int
     task: Literal["embed", "score"] = "embed"
     call_s: float = 0.0  # the fixed part of an engine call: a call of one short input, timed at load (0: not known)
+    # Whether its vectors are unit-length: a model whose sentence-transformers modules end in
+    # Normalize (most do), as vLLM follows them. Without one, its vectors are the pooled ones as
+    # they come, as sentence-transformers' encode gives them.
+    normalized: bool = True
 
 
 class Engine(ABC):
@@ -39,7 +43,7 @@ class Engine(ABC):
         tokens an input has (a chunk is embedded as an input would be)."""
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        """A (len(token_ids), dimensions) float32 matrix of L2-normalised rows."""
+        """A (len(token_ids), dimensions) float32 matrix: L2-normalised rows if ``info.normalized``."""
         raise NotImplementedError("this engine scores pairs; it does not embed")
 
     def score(self, pairs: list[tuple[str, str]], truncate: bool = False) -> tuple[np.ndarray, list[int]]:

@@ -27,7 +27,7 @@ class FakeEngine(Engine):
     def __init__(self, generator: FakeGenerator):
         self.info = EngineInfo(
             generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task,
-            call_s=generator.call_s + generator.delay_s,
+            call_s=generator.call_s + generator.delay_s, normalized=generator.normalize,
         )  # fmt: skip
         self._call_s, self._token_s, self._delay_s = generator.call_s, generator.token_s, generator.delay_s
         self._dead_after = generator.dead_after_batches
@@ -56,7 +56,8 @@ class FakeEngine(Engine):
         firsts = self.embed(self.tokenize([a for a, _ in pairs], truncate))
         seconds = self.embed(self.tokenize([b for _, b in pairs], truncate))
         tokens = [len(a) + len(b) - 1 for a, b in zip(self.tokenize([a for a, _ in pairs]), self.tokenize([b for _, b in pairs]))]
-        return np.einsum("ij,ij->i", firsts, seconds).astype(np.float32), tokens
+        cosines = np.einsum("ij,ij->i", firsts, seconds) / np.linalg.norm(firsts, axis=1) / np.linalg.norm(seconds, axis=1)
+        return cosines.astype(np.float32), tokens
 
     def cost_s(self, token_ids: list[list[int]]) -> float:
         """What a call over these inputs takes: its fixed part, its tokens', and the fixed pace."""
@@ -83,6 +84,8 @@ class FakeEngine(Engine):
         x ^= x >> np.uint64(31)
         out = (x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23) - np.float32(1.0)  # uniform in [-1, 1)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
+        if not self.info.normalized:  # a length of its own per input, as a raw pooled vector has
+            out *= (2 + seeds % np.uint64(7)).astype(np.float32)[:, None]
         return self._wrong(out)
 
     def _wrong(self, out: np.ndarray) -> np.ndarray:

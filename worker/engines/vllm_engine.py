@@ -62,25 +62,33 @@ class VllmEngine(Engine):
         max_len = self._llm.llm_engine.model_config.max_model_len
         self._max_len = max_len
         warm_up: Callable[[], Any]
+        normalized = True
         if generator.task == "score":
             warm_up = partial(self.score, [("embedq warm-up", "warm-up")])
             warm_up()
             dimensions = 1
         else:
             warm_up = partial(self._embed_unchecked, self.tokenize(["embedq warm-up"]))
-            dimensions = warm_up().shape[1]
+            vector = warm_up()
+            dimensions = vector.shape[1]
+            # vLLM follows the model's modules.json: unit-length vectors only where it ends in Normalize.
+            normalized = abs(float(np.linalg.norm(vector[0])) - 1.0) < 1e-3
         started = time.monotonic()
         warm_up()  # warmed up, a call of one short input is about the fixed part of any call
         call_s = time.monotonic() - started
-        self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task, call_s=call_s)
+        self.info = EngineInfo(dimensions, max_len, vocab_size=len(self._tokenizer), task=generator.task, call_s=call_s,
+                               normalized=normalized)  # fmt: skip
         if not on_gpu:
             log.info("the engine's %d threads yield the CPU to the worker's own (nice %d)", yield_to_control(), ENGINE_NICE)
         # The special tokens around an input's own ids (e.g. [CLS] ... [SEP]): what a chunk is framed with.
         with_specials, bare = self.tokenize(["a"]), self.tokenize(["a"], special_tokens=False)
         head = with_specials[0].index(bare[0][0])
         self._frame = (with_specials[0][:head], with_specials[0][head + len(bare[0]) :])
-        log.info("vLLM engine ready: %s, %s, %d tokens max, %.0f ms a call of one short input", generator.model_path,
-                 "a cross-encoder" if generator.task == "score" else f"{dimensions} dims", max_len, call_s * 1000)  # fmt: skip
+        kind = (
+            "a cross-encoder" if generator.task == "score" else f"{dimensions} dims" + ("" if normalized else ", not normalised")
+        )
+        log.info("vLLM engine ready: %s, %s, %d tokens max, %.0f ms a call of one short input", generator.model_path, kind,
+                 max_len, call_s * 1000)  # fmt: skip
 
     def tokenize(self, texts: list[str], truncate: bool = False, special_tokens: bool = True) -> list[list[int]]:
         cut = {"truncation": True, "max_length": self._max_len} if truncate else {}
