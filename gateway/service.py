@@ -15,10 +15,17 @@ request predicted to wait longer than ``max_queue_wait_s`` is refused at once
 (``Placement``). A model whose workers all went away gets ``worker_wait_s`` for one to come
 back, for new requests and queued jobs alike, then a 503.
 
-Prompts: a model may name prompts in its config (``query = "query: "``); a request picks one by
-``prompt_name`` (TEI's field: it must exist) or ``input_type`` (Cohere's and vLLM's:
-``search_query`` means ``query``, ``search_document`` means ``document``; a model without that
-prompt embeds the text as it is). The prompt goes before each text, and its tokens count.
+Prompts: a model names prompts in its sentence-transformers config or its worker's config.toml
+(``query = "query: "``); a request picks one by ``prompt_name`` (TEI's field: that prompt, or a
+400) or ``input_type`` (Cohere's and vLLM's: the prompt of that name, else ``search_query`` means
+``query``, ``search_document`` and ``passage`` mean ``document``; a model with neither embeds the
+text as it is). A request that names none gets the model's default prompt, if it has one, as
+sentence-transformers gives it. The prompt goes before each text, and its tokens count.
+
+Vectors are what the model's own modules make of a text, as sentence-transformers' ``encode``
+gives them: unit-length where the model ends in ``Normalize`` (``ModelCard.normalized``), as they
+come where it does not. A cut to a smaller size is re-normalised only where the vectors were
+unit-length; a score of two vectors is their cosine, whatever their lengths.
 
 Longer than most modules on purpose: everything between a parsed request and its queue is here,
 in the order it happens, so that no path of a request can skip a limit, a bound or a count.
@@ -60,14 +67,20 @@ from gateway.tenancy.limits import Decision, Limiter, Limits
 
 log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.25
-INPUT_TYPES = {"search_query": "query", "search_document": "document", "passage": "document"}
+INPUT_TYPES = {
+    "search_query": "query",
+    "search_document": "document",
+    "passage": "document",
+}  # an alias a model's prompt may go by
+INPUT_TYPE_NAMES = ("query", "document", "classification", "clustering")  # input_types any model takes
 
 
 @dataclass(frozen=True)
 class Embeddings:
     model: str
-    vectors: np.ndarray  # (n, dims) float32, L2-normalised rows
+    vectors: np.ndarray  # (n, dims) float32: L2-normalised rows if the model normalises (the module's docstring)
     prompt_tokens: int
+    normalized: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,21 +150,23 @@ class Service:
         key: ApiKey | None,
         dimensions: int | None = None,
         truncate: bool | None = None,
-        prompt: str | None = None,
+        prompt_name: str | None = None,
+        input_type: str | None = None,
         tags: frozenset[str] = frozenset(),
     ) -> Embeddings:
         """Embed ``inputs``; ``truncate=None``: not said (a chunking model chunks, else the model's
-        default); ``prompt``: a prompt's name (see the module's docstring)."""
+        default); ``prompt_name``, ``input_type``: which prompt (see the module's docstring)."""
         _check_dimensions(route, dimensions)
         cut = route.card.truncate if truncate is None and not route.card.chunked else bool(truncate)
         if not cut and not route.card.chunked:
             _check_context(route, inputs)
-        inputs = with_prompt(route, inputs, prompt)
+        inputs = with_prompt(route, inputs, prompt_name=prompt_name, input_type=input_type)
         done = await self._run(route, "embed", inputs, key, single=single, truncate=cut, tags=tags)
         vectors = done[0].vectors if len(done) == 1 else np.concatenate([d.vectors for d in done])
+        normalized = route.card.normalized
         if dimensions is not None and dimensions < vectors.shape[1]:
-            vectors = l2_normalize(vectors[:, :dimensions])  # Matryoshka: a prefix is an embedding
-        return Embeddings(route.model, vectors, _tokens(done))
+            vectors = cut_to(vectors, dimensions, normalized)  # Matryoshka: a prefix is an embedding
+        return Embeddings(route.model, vectors, _tokens(done), normalized)
 
     async def score(
         self,
@@ -175,22 +190,25 @@ class Service:
                 raise _renamed(exc, lambda i: f"{names[0]}[{i}] + {names[1]}[{i}]") from None
             return Scores(route.model, [float(row[0]) for d in done for row in d.vectors], _tokens(done))
         queries, documents = list(dict.fromkeys(first)), list(dict.fromkeys(second))
-        inputs = with_prompt(route, list(queries), "search_query") + with_prompt(route, list(documents), "search_document")
+        inputs = with_prompt(route, list(queries), input_type="search_query") + with_prompt(
+            route, list(documents), input_type="search_document"
+        )
         try:
             done = await self._run(route, "embed", inputs, key, single=False, truncate=truncate)
         except InvalidRequest as exc:
             raise _renamed(exc, lambda i: f"{names[0]}[{i}]" if i < len(queries) else f"{names[1]}[{i - len(queries)}]") from None
-        vectors = np.concatenate([d.vectors for d in done])
+        vectors = l2_normalize(np.concatenate([d.vectors for d in done]))  # a cosine, whatever the model's lengths
         query_row = {text: i for i, text in enumerate(queries)}
         document_row = {text: len(queries) + i for i, text in enumerate(documents)}
-        cosines = [float(vectors[query_row[a]] @ vectors[document_row[b]]) for a, b in zip(first, second)]  # unit vectors
+        cosines = [float(vectors[query_row[a]] @ vectors[document_row[b]]) for a, b in zip(first, second)]
         return Scores(route.model, cosines, _tokens(done))
 
     async def tokenize(
-        self, route: Route, texts: list[str], *, key: ApiKey | None, special_tokens: bool = True, prompt: str | None = None
-    ) -> Tokens:
-        done = await self._run(route, "tokenize", with_prompt(route, list(texts), prompt), key, single=len(texts) == 1,
-                               special_tokens=special_tokens)  # fmt: skip
+        self, route: Route, texts: list[str], *, key: ApiKey | None, special_tokens: bool = True,
+        prompt_name: str | None = None,
+    ) -> Tokens:  # fmt: skip
+        texts = with_prompt(route, list(texts), prompt_name=prompt_name)  # type: ignore[assignment]
+        done = await self._run(route, "tokenize", list(texts), key, single=len(texts) == 1, special_tokens=special_tokens)
         return Tokens(route.model, [ids for d in done for ids in d.token_ids or []], route.card.max_input_tokens)
 
     async def detokenize(self, route: Route, ids: list[list[int]], *, key: ApiKey | None) -> list[str]:
@@ -357,20 +375,40 @@ class Service:
                     orphaned_since.pop(key)
 
 
-def with_prompt(route: Route, inputs: list[JobInput], name: str | None) -> list[JobInput]:
-    """The inputs with the named prompt before each text (see the module's docstring)."""
-    if name is None:
-        return inputs
-    prompts = route.card.prompts
-    prompt = prompts.get(INPUT_TYPES.get(name, name))
+def with_prompt(
+    route: Route, inputs: list[JobInput], *, prompt_name: str | None = None, input_type: str | None = None
+) -> list[JobInput]:
+    """The inputs with the prompt the request picks before each text (the module's docstring)."""
+    prompt = _picked_prompt(route, prompt_name, input_type)
+    if prompt is None and prompt_name is None and input_type is None and route.card.default_prompt:
+        if any(not isinstance(item, str) for item in inputs):
+            return inputs  # token ids are the client's own: no prompt goes before them unasked
+        prompt = route.card.prompts[route.card.default_prompt]
     if prompt is None:
-        if name in INPUT_TYPES or name in ("query", "document", "classification", "clustering"):
-            return inputs  # an input_type the model has no prompt for: its texts as they are
-        known = ", ".join(sorted(prompts)) or "none"
-        raise InvalidRequest(f"model {route.model!r} has no prompt {name!r} (its prompts: {known})", param="prompt_name")
+        return inputs
     if any(not isinstance(item, str) for item in inputs):
         raise InvalidRequest("a prompt applies to texts, not to token ids", param="input", code="invalid_value")
     return [prompt + str(item) for item in inputs]
+
+
+def _picked_prompt(route: Route, prompt_name: str | None, input_type: str | None) -> str | None:
+    """The prompt a request names, None if it names none (or an input_type the model has none
+    for); a 400 for a prompt_name the model lacks, or an input_type no model knows."""
+    prompts = route.card.prompts
+    known = ", ".join(sorted(prompts)) or "none"
+    if prompt_name is not None:
+        if prompt_name not in prompts:
+            raise InvalidRequest(
+                f"model {route.model!r} has no prompt {prompt_name!r} (its prompts: {known})", param="prompt_name"
+            )
+        return prompts[prompt_name]
+    if input_type is None:
+        return None
+    prompt = prompts.get(input_type, prompts.get(INPUT_TYPES.get(input_type, "")))
+    if prompt is None and input_type not in INPUT_TYPES and input_type not in INPUT_TYPE_NAMES:
+        raise InvalidRequest(f"model {route.model!r} has no prompt for input_type {input_type!r} (its prompts: {known})",
+                             param="input_type")  # fmt: skip
+    return prompt
 
 
 def _renamed(exc: InvalidRequest, name: Callable[[int], str]) -> InvalidRequest:
@@ -411,6 +449,12 @@ def job_spans(
 def _estimate(item: JobInput) -> int:
     """An input's tokens, about: text bytes / 4 (and its special tokens), or its token ids."""
     return len(item) // 4 + 2 if isinstance(item, str) else len(item)
+
+
+def cut_to(vectors: np.ndarray, dimensions: int, normalized: bool) -> np.ndarray:
+    """The first ``dimensions`` of each vector, re-normalised if the model's vectors are unit-length."""
+    cut = vectors[:, :dimensions]
+    return l2_normalize(cut) if normalized else np.ascontiguousarray(cut)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -3,10 +3,12 @@
 
 As Ollama's own server: no cap on the number of inputs (tools such as langchain-ollama send every
 text in one call; the body size bounds it), inputs are truncated to the context unless
-``truncate`` is false, ``dimensions`` cuts the vectors to any smaller size and re-normalises them
-(a size at or above the model's own is ignored), vectors are L2-normalised, an empty input
-answers an empty list, durations are nanoseconds, and ``name:latest`` names the same model as
-``name``. Errors are ``{"error": "..."}`` (rendered in ``http.py``).
+``truncate`` is false, ``dimensions`` cuts the vectors to any smaller size (a size at or above
+the model's own is ignored), an empty input answers an empty list, durations are nanoseconds,
+and ``name:latest`` names the same model as ``name``. Errors are ``{"error": "..."}`` (rendered
+in ``http.py``). Unlike Ollama's, vectors are what every route gives (``service.py``): the
+model's own, as sentence-transformers gives them, unit-length for a model that normalises (most
+do) and re-normalised after a cut only then.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from gateway.dialects.schemas import OllamaEmbeddingsRequest, OllamaEmbedRequest
 from gateway.errors import InvalidRequest, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.registry import Route as ModelRoute
-from gateway.service import l2_normalize
+from gateway.service import cut_to
 from gateway.tenancy import calls
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API these endpoints follow; tools gate features on it
@@ -48,10 +50,10 @@ async def embed(request: Request) -> Response:
     result = await unless_disconnected(request, work)
     vectors = result.vectors
     if req.dimensions is not None and req.dimensions < vectors.shape[1]:
-        vectors = vectors[:, : req.dimensions]  # any smaller size, as Ollama: cut, then re-normalised below
+        vectors = cut_to(vectors, req.dimensions, result.normalized)  # any smaller size, as Ollama
     body = {
         "model": req.model,
-        "embeddings": list(l2_normalize(vectors)),
+        "embeddings": list(vectors),
         "total_duration": time.perf_counter_ns() - started,
         "load_duration": 0,  # workers keep their model loaded
         "prompt_eval_count": result.prompt_tokens,
@@ -71,7 +73,7 @@ async def embeddings(request: Request) -> Response:
         return json_response({"embedding": []})
     work = state.service.embed(route, [req.prompt], single=True, key=key, truncate=True)
     result = await unless_disconnected(request, work)
-    return json_response(orjson.dumps({"embedding": l2_normalize(result.vectors)[0]}, option=orjson.OPT_SERIALIZE_NUMPY))
+    return json_response(orjson.dumps({"embedding": result.vectors[0]}, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 async def tags(request: Request) -> Response:

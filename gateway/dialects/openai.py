@@ -45,7 +45,7 @@ async def embeddings(service: Service, key: ApiKey | None, req: EmbeddingsReques
     tags = frozenset(req.tags or ())
     route = await service.route(req.model, key, tags)
     result = await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
-                                 prompt=req.prompt_name or req.input_type, tags=tags)  # fmt: skip
+                                 prompt_name=req.prompt_name, input_type=req.input_type, tags=tags)  # fmt: skip
     return render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
 
 
@@ -69,10 +69,14 @@ async def retrieve_model(request: Request) -> Response:
 
 
 def _model(route: ModelRoute) -> dict[str, Any]:
-    """OpenAI's model object, with what a client must know to use the model."""
+    """OpenAI's model object, with what a client must know to use the model: its sizes, its
+    prompts (by the name ``prompt_name`` or ``input_type`` picks them; the default one, if any, goes
+    before a text whose request names none) and whether its vectors are unit-length."""
     card = route.card
     return {"id": route.model, "object": "model", "created": int(route.registered_at), "owned_by": "embedq",
-            "tasks": serves(route), "dimensions": card.dimensions, "max_input_tokens": card.max_input_tokens}  # fmt: skip
+            "tasks": serves(route), "dimensions": card.dimensions, "max_input_tokens": card.max_input_tokens,
+            "matryoshka_dimensions": card.matryoshka_dimensions, "prompts": card.prompts,
+            "default_prompt": card.default_prompt or None, "normalized": card.normalized}  # fmt: skip
 
 
 def parse_request(body: bytes, max_inputs: int) -> tuple[EmbeddingsRequest, list[JobInput], bool]:

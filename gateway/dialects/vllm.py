@@ -69,7 +69,9 @@ async def tokenize(request: Request) -> Response:
     key = state.auth.client(request)
     req: TokenizeRequest = validate(TokenizeRequest, await _json(request))
     route = await state.service.route(req.model, key, task="tokenize")
-    work = state.service.tokenize(route, [req.prompt], key=key, special_tokens=req.add_special_tokens, prompt=req.prompt_name)
+    work = state.service.tokenize(
+        route, [req.prompt], key=key, special_tokens=req.add_special_tokens, prompt_name=req.prompt_name
+    )
     tokens = await unless_disconnected(request, work)
     ids = tokens.token_ids[0]
     return json_response({"count": len(ids), "max_model_len": tokens.max_input_tokens, "tokens": ids})

@@ -67,7 +67,8 @@ async def test_a_model_can_be_retrieved_and_says_what_it_serves():
         listed = await gateway.client.get("/v1/models")
         missing = await gateway.client.get("/v1/models/nope")
     expected_model = {"id": "fake-model", "object": "model", "created": 0, "owned_by": "embedq",
-                      "tasks": ["embed", "score", "tokenize"], "dimensions": 16, "max_input_tokens": 64}  # fmt: skip
+                      "tasks": ["embed", "score", "tokenize"], "dimensions": 16, "max_input_tokens": 64,
+                      "matryoshka_dimensions": [], "prompts": {}, "default_prompt": None, "normalized": True}  # fmt: skip
     assert one.json() | {"created": 0} == expected_model
     assert listed.json()["data"][0]["tasks"] == ["embed", "score", "tokenize"]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
