@@ -207,8 +207,8 @@ class Service:
         self, route: Route, texts: list[str], *, key: ApiKey | None, special_tokens: bool = True,
         prompt_name: str | None = None,
     ) -> Tokens:  # fmt: skip
-        texts = with_prompt(route, list(texts), prompt_name=prompt_name)  # type: ignore[assignment]
-        done = await self._run(route, "tokenize", list(texts), key, single=len(texts) == 1, special_tokens=special_tokens)
+        inputs = with_prompt(route, list(texts), prompt_name=prompt_name)
+        done = await self._run(route, "tokenize", inputs, key, single=len(inputs) == 1, special_tokens=special_tokens)
         return Tokens(route.model, [ids for d in done for ids in d.token_ids or []], route.card.max_input_tokens)
 
     async def detokenize(self, route: Route, ids: list[list[int]], *, key: ApiKey | None) -> list[str]:
