@@ -39,6 +39,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A hello is bounded, so that a registration costs the gateway little to check and keep: its
+# bytes (the heartbeat's body limit), its models, each model's prompts, each engine value.
+MAX_HELLO_BYTES = 256 * 1024
+MAX_PROMPTS = 32
+EngineValue = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool | None
+
+
 class ModelCard(_Strict):
     """What a worker tells the gateway about one model it serves."""
 
@@ -50,7 +57,9 @@ class ModelCard(_Strict):
     tasks: list[Task] = ["embed", "tokenize"]
     # Named prompts (e.g. "query": "query: "): the gateway puts one before each text a request asks
     # it for (input_type, prompt_name); their tokens count in prompt_tokens.
-    prompts: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=4096)]] = {}
+    prompts: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default={}, max_length=MAX_PROMPTS
+    )
     chunked: bool = False  # over-long inputs are embedded in context-sized chunks and averaged, not refused
     # Protocol 3. Whether the model's vectors are unit-length (its modules end in Normalize); a
     # cut to a smaller size or a chunks' mean is re-normalised only then. The prompt a text gets
@@ -76,9 +85,7 @@ class WorkerHello(_Strict):
     # What the console shows of it: where it runs, which embedq, and its engine's settings.
     host: str = Field(default="", max_length=255)
     software: str = Field(default="", max_length=64)
-    engine: dict[Annotated[str, StringConstraints(max_length=64)], str | int | float | bool | None] = Field(
-        default={}, max_length=32
-    )
+    engine: dict[Annotated[str, StringConstraints(max_length=64)], EngineValue] = Field(default={}, max_length=32)
 
 
 class HeartbeatReply(_Strict):

@@ -27,7 +27,7 @@ from gateway.console import Sessions
 from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError, QueueDown
 from gateway.guard import BrowserGuard
-from gateway.http import ClientGone, error_response, json_response, render_error
+from gateway.http import BodyBytes, ClientGone, error_response, json_response, render_error
 from gateway.metrics import GatewayMetrics, LiveStateCollector
 from gateway.middleware import CLIENT_CLOSED, RequestMetrics
 from gateway.openapi import openapi_document
@@ -96,10 +96,10 @@ def _backend(settings: GatewaySettings) -> tuple[RedisLink | None, Store, Worker
     """Where jobs and worker registrations live: in this process, or shared through Redis. A
     stuck worker sits out as long as the longest lease."""
     if settings.queue == "memory":
-        return None, MemoryStore(), WorkerRegistry(settings.worker_ttl_s, stuck_s=settings.lease_ttl_s)
+        return None, MemoryStore(), WorkerRegistry(settings.worker_ttl_s, settings.lease_ttl_s, settings.model_ttl_s)
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     link = RedisLink(settings.redis_url, password, settings.redis_prefix)
-    return link, RedisStore(link), RedisRegistry(link, settings.worker_ttl_s, stuck_s=settings.lease_ttl_s)
+    return link, RedisStore(link), RedisRegistry(link, settings.worker_ttl_s, settings.lease_ttl_s, settings.model_ttl_s)
 
 
 def create_app(settings: GatewaySettings) -> Starlette:
@@ -200,6 +200,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         },
     )
     app.state.settings = settings
+    app.state.bodies = BodyBytes(settings.max_body_bytes_in_flight)
     app.state.openapi = orjson.dumps(openapi_document(software_version()))
     app.state.registry = registry
     app.state.metrics = gateway_metrics

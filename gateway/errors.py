@@ -99,6 +99,12 @@ class QueueDown(ApiError):
     status, type, code = 503, "service_unavailable", "queue_unavailable"
 
 
+class Busy(ApiError):
+    """The gateway's budget for something all clients share (bodies in flight) is spent for now."""
+
+    status, type, code = 503, "service_unavailable", "server_busy"
+
+
 class ShuttingDown(ApiError):
     status, type, code = 503, "service_unavailable", "shutting_down"
 

@@ -13,14 +13,16 @@ from typing import Any, TypeVar
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
-from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from gateway.errors import ApiError, Busy, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from gateway.tenancy import calls
 
 T = TypeVar("T")
 OFF_LOOP_BYTES = 256 * 1024
+UNCOUNTED_BODY_BYTES = 64 * 1024  # of each body, not counted against the bodies-in-flight budget
 
 
 class ClientGone(Exception):
@@ -32,29 +34,81 @@ def json_response(body: bytes | dict, status: int = 200, headers: dict[str, str]
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed EMBEDQ_MAX_BODY_BYTES,
-    and with 408 (closing the connection) if it takes longer than EMBEDQ_BODY_TIMEOUT_S to arrive."""
-    settings = request.app.state.settings
-    limit = settings.max_body_bytes
+class BodyBytes:
+    """The bytes of request bodies being received, across all connections, against one budget
+    (EMBEDQ_MAX_BODY_BYTES_IN_FLIGHT): stalled uploads hold at most that much memory. The first
+    UNCOUNTED_BODY_BYTES of each body are free, so small requests are never refused for it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+async def read_body(request: Request, limit: int | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` (default
+    EMBEDQ_MAX_BODY_BYTES), with 408 if it stalls (``receive_in_time``), and with 503 while the
+    bytes of bodies in flight are at their budget (``BodyBytes``); 408 and 503 close the connection."""
+    state = request.app.state
+    limit = limit or state.settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body has {declared} bytes; at most {limit} are accepted")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = counted = 0
+    started = asyncio.get_running_loop().time()
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-                chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientGone() from None  # it hung up while sending: nobody to answer, nothing to log
+        more = True
+        while more:
+            message = await receive_in_time(request, size, started)
+            if message["type"] == "http.disconnect":
+                raise ClientGone()  # it hung up while sending: nobody to answer, nothing to log
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            uncounted = size - UNCOUNTED_BODY_BYTES - counted
+            if uncounted > 0:
+                if not state.bodies.take(uncounted):
+                    raise Busy(
+                        "the gateway is receiving as many request bodies as it holds at once; retry shortly",
+                        headers={"Retry-After": str(state.settings.retry_after_s), "Connection": "close"},
+                    )
+                counted += uncounted
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+    finally:
+        state.bodies.give(counted)
+    return b"".join(chunks)
+
+
+async def receive_in_time(request: Request, received: int, started: float) -> Message:
+    """The request's next ASGI message, or 408 if the body pauses longer than EMBEDQ_BODY_TIMEOUT_S,
+    or, once that long has passed since ``started``, falls below EMBEDQ_BODY_MIN_RATE bytes/s on
+    average (``received`` bytes so far): a body that drips is stalled too."""
+    settings = request.app.state.settings
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    deadline = now + settings.body_timeout_s
+    if settings.body_min_rate:
+        deadline = min(deadline, started + max(settings.body_timeout_s, received / settings.body_min_rate))
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await request.receive()
     except TimeoutError:
         raise RequestTimeout(
-            f"the request body did not arrive within {settings.body_timeout_s:g}s", headers={"Connection": "close"}
+            f"the request body stalled: it must arrive with pauses under {settings.body_timeout_s:g}s and, after "
+            f"the first {settings.body_timeout_s:g}s, at {settings.body_min_rate} bytes/s or more",
+            headers={"Connection": "close"},
         ) from None
-    return b"".join(chunks)
 
 
 def is_json(content_type: str) -> bool:
@@ -62,7 +116,7 @@ def is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_json(request: Request, also: tuple[str, ...] = ()) -> bytes:
+async def read_json(request: Request, also: tuple[str, ...] = (), limit: int | None = None) -> bytes:
     """The body of a JSON route: a JSON content type (or one of ``also``) first, 415 otherwise, so
     that no web page can post here with a form or plain text."""
     content_type = request.headers.get("content-type", "")
@@ -72,7 +126,7 @@ async def read_json(request: Request, also: tuple[str, ...] = ()) -> bytes:
             f"send the body as JSON with 'Content-Type: application/json' (got {content_type[:100] or 'none'!r}; "
             f"this endpoint takes {wanted})"
         )
-    return await read_body(request)
+    return await read_body(request, limit)
 
 
 async def off_loop(size: int, work: Callable[..., T], *args: Any) -> T:

@@ -52,6 +52,8 @@ class GatewaySettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)  # leases per job before its request fails
     # A worker silent this long is dropped, and its leases go back in line at once.
     worker_ttl_s: float = Field(default=10.0, gt=0)
+    # A model no live worker has named for this long is forgotten (it answers 404, not 503).
+    model_ttl_s: float = Field(default=3600.0, gt=0)
     job_max_inputs: int = Field(default=32, ge=1)  # requests are split into jobs of this size
     # ... and of at most this many estimated tokens (an input above it is a job alone): a call can
     # be bounded no finer than one job (see the objectives).
@@ -73,9 +75,18 @@ class GatewaySettings(BaseModel):
     max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # HTTP edges: slow or bloated clients are closed, healthy ones served.
-    max_connections: int = Field(default=4096, ge=16)  # beyond, new connections get 503 at once
+    # Connections held at once; never more than the process's file limit leaves room for (see
+    # server.py). Beyond, a new connection takes the place of the one that has waited longest
+    # without sending a request; if every one is mid-request, the new one gets 503.
+    max_connections: int = Field(default=4096, ge=16)
     head_timeout_s: float = Field(default=10.0, gt=0)  # to send a request's line and headers
-    body_timeout_s: float = Field(default=60.0, gt=0)  # to send its body, once the headers are in
+    # A body may pause this long between bytes, and after its first body_timeout_s it must have
+    # come at body_min_rate bytes/s on average (a slow drip is a stalled body too); 408 beyond.
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_min_rate: int = Field(default=64 * 1024, ge=0)
+    # Bytes of request bodies being received, across all connections: beyond, a body (past its
+    # first 64 KiB) gets 503 with Retry-After, so that stalled uploads cannot take the memory.
+    max_body_bytes_in_flight: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024)
     max_headers: int = Field(default=100, ge=10)
     max_header_bytes: int = Field(default=65536, ge=1024)  # all header names and values together
     # Browsers: Host names answered besides loopback ones when bound to loopback ("*": any), and

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from contract.frames import FrameError, decode_results
 from contract.messages import (
+    MAX_HELLO_BYTES,
     PREFIX,
     PROTOCOL_VERSION,
     RESULTS_CONTENT_TYPE,
@@ -48,9 +49,9 @@ SIT_OUT_POLL_S = 1.0  # a stuck or faulty worker's lease call waits this long, t
 _NEWER_THAN_2 = {"reply": {"protocol"}, "job": {"priority", "tokens"}}
 
 
-async def _read(request: Request, model: type[BaseModel]) -> Any:
+async def _read(request: Request, model: type[BaseModel], limit: int | None = None) -> Any:
     request.app.state.auth.worker(request)
-    body = await read_json(request)
+    body = await read_json(request, limit=limit)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -76,7 +77,7 @@ async def _touch(request: Request, worker_id: str) -> WorkerHello:
 
 
 async def heartbeat(request: Request) -> Response:
-    hello: WorkerHello = await _read(request, WorkerHello)
+    hello: WorkerHello = await _read(request, WorkerHello, limit=MAX_HELLO_BYTES)
     state = request.app.state
     await state.workers.heartbeat(hello, _session(request))
     protocol: Literal[2, 3] = 3 if hello.protocol >= 3 and PROTOCOL_VERSION >= 3 else 2

@@ -4,6 +4,7 @@ not exist (404), as OpenAI does. The work itself is the runner's (``runner.py``)
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from gateway.batches.runner import batch_object
 from gateway.batches.store import BatchRecord, FileRecord
 from gateway.dialects.schemas import BatchRequest, parse_body, validate
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from gateway.http import json_response, read_json
+from gateway.http import json_response, read_json, receive_in_time
 from gateway.tenancy.keys import ApiKey
 
 T = TypeVar("T")
@@ -77,12 +78,14 @@ async def upload_file(request: Request) -> Response:
 
 
 def _capped(request: Request, limit: int) -> Request:
-    """The request, its body refused with 413 past ``limit`` bytes as it arrives."""
+    """The request, its body refused with 413 past ``limit`` bytes as it arrives, and with 408 if
+    it stalls (the form parser spools the file to disk, so it holds no budget of bodies in flight)."""
     size = 0
+    started = asyncio.get_running_loop().time()
 
     async def receive() -> Message:
         nonlocal size
-        message = await request.receive()
+        message = await receive_in_time(request, size, started)
         size += len(message.get("body", b""))
         if size > limit:
             raise PayloadTooLarge(f"the upload exceeds {limit} bytes; a batch input file may have at most {MAX_FILE_BYTES}")

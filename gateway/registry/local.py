@@ -13,6 +13,9 @@ holds, to answer or give back. A worker sits out (no leases, no model) for ``stu
 *stuck* (it let a lease expire; answering anything ends it) or *faulty* (its answers were refused
 in ``FAULTY_AFTER`` posts in a row). A model is listed while at least one serving worker has it;
 a model that was served once but has no serving worker left answers 503, not 404: it may come back.
+What departed workers named is forgotten in time, so registrations cost nothing once they are
+gone: a model no live worker has named for ``model_ttl_s`` answers 404 again, and the console
+lists at most ``GONE_KEPT`` departed workers, for at most ``GONE_KEPT_S``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +35,7 @@ Departed = Callable[[str], Awaitable[None]]
 State = Literal["serving", "draining", "stuck", "faulty"]
 FAULTY_AFTER = 3  # posts in a row with refused answers
 GONE_KEPT_S = 600.0  # how long the console still lists a departed worker
+GONE_KEPT = 100  # ... and how many of them, newest first
 
 
 class UnknownWorker(Exception):
@@ -82,13 +86,18 @@ async def _nobody(worker_id: str) -> None:
 
 
 class WorkerRegistry:
-    def __init__(self, worker_ttl_s: float, stuck_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, worker_ttl_s: float, stuck_s: float, model_ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+    ):
         self._ttl_s = worker_ttl_s
         self._stuck_s = stuck_s
+        self._model_ttl_s = model_ttl_s
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
         self._ever_served: dict[str, set[frozenset[str]]] = {}  # model -> tag sets it was served with
         self._first_seen: dict[str, float] = {}
+        self._named_by: dict[str, set[str]] = {}  # model -> the live workers that name it
+        self._last_named: dict[str, float] = {}  # model named by no live worker -> since when (monotonic)
         self._departed: list[str] = []  # dropped for silence, not yet told to on_departed
         self._gone: dict[str, WorkerView] = {}  # departed lately, for the console
         self._sweeper: asyncio.Task | None = None
@@ -110,14 +119,16 @@ class WorkerRegistry:
     def check_claims(self, hello: WorkerHello, session: str) -> None:
         """Refuse a heartbeat under another worker's id, or for a model another checkpoint serves
         or that is served with another card."""
-        known = self._live().get(hello.worker_id)
+        live = self._live()
+        known = live.get(hello.worker_id)
         if known is not None and known.session != session:
             raise Forbidden(f"worker id {hello.worker_id!r} is registered by another worker process", code="worker_session")
         for model, card in hello.models.items():
-            for other in self._live().values():
-                theirs = other.hello.models.get(model)
-                if other.hello.worker_id == hello.worker_id or theirs is None:
+            for other_id in self._named_by.get(model, ()):
+                if other_id == hello.worker_id:
                     continue
+                other = live[other_id]
+                theirs = other.hello.models[model]
                 same_card = (theirs.dimensions, theirs.max_input_tokens) == (card.dimensions, card.max_input_tokens)
                 if other.hello.checkpoint_name != hello.checkpoint_name or not same_card:
                     log.warning(
@@ -144,12 +155,25 @@ class WorkerRegistry:
         if known is None:
             known = self._workers[hello.worker_id] = _Worker(hello, session, self._clock(), own=own)
         else:
+            self._unname(known.hello.worker_id, set(known.hello.models) - set(hello.models))
             known.hello, known.last_seen, known.own = hello, self._clock(), own
         known.heartbeat_at = heartbeat_at or time.time()
         self._gone.pop(hello.worker_id, None)
         for model in hello.models:
             self._ever_served.setdefault(model, set()).add(frozenset(hello.tags))
             self._first_seen.setdefault(model, time.time())
+            self._named_by.setdefault(model, set()).add(hello.worker_id)
+            self._last_named.pop(model, None)
+
+    def _unname(self, worker_id: str, models: Iterable[str]) -> None:
+        """``worker_id`` no longer names ``models``: those left with no live worker start to age."""
+        for model in models:
+            named_by = self._named_by.get(model)
+            if named_by is not None:
+                named_by.discard(worker_id)
+                if not named_by:
+                    del self._named_by[model]
+                    self._last_named[model] = self._clock()
 
     async def touch(self, worker_id: str, session: str) -> WorkerHello:
         """Mark a worker alive and return what it registered; UnknownWorker if it is not, and 403
@@ -183,7 +207,10 @@ class WorkerRegistry:
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
             worker.leaving.set()  # its pending lease calls return at once
+            self._unname(worker_id, worker.hello.models)
             self._gone[worker_id] = WorkerView(worker.hello, "gone", worker.heartbeat_at)
+            if len(self._gone) > GONE_KEPT:
+                del self._gone[next(iter(self._gone))]  # the longest gone
 
     def leaving(self, worker_id: str) -> asyncio.Event:
         """Set once the registered worker drains or leaves; UnknownWorker if it is not registered."""
@@ -313,3 +340,21 @@ class WorkerRegistry:
         self._live()
         while self._departed:
             await self.on_departed(self._departed.pop(0))
+        stale = self._stale_models()
+        if stale:
+            await self.forget_models(stale)
+
+    def _stale_models(self) -> list[str]:
+        """Models that no live worker has named for model_ttl_s."""
+        cutoff = self._clock() - self._model_ttl_s
+        return [model for model, at in self._last_named.items() if at < cutoff]
+
+    async def forget_models(self, models: list[str]) -> None:
+        log.info("forgetting %d models that no live worker has named for %gs", len(models), self._model_ttl_s)
+        for model in models:
+            self._drop_model(model)
+
+    def _drop_model(self, model: str) -> None:
+        self._ever_served.pop(model, None)
+        self._first_seen.pop(model, None)
+        self._last_named.pop(model, None)

@@ -9,10 +9,15 @@ Each replica keeps the view of ``local.py`` for the request path and syncs it:
     P:out:<worker>   string  present while the worker sits out: until when (wall clock), and why
     P:first_seen     hash    model -> wall-clock time a worker first served it
     P:tagsets:<m>    set     tag sets (JSON) model m was ever served with
+    P:models_v       counter moved whenever a model or a tag set is added or forgotten
 
 Every replica reloads the view every REFRESH_S, and at once when a request names a model or a
 worker it does not know, so a worker registered through replica A is served by replica B
-straight away. A worker that drops out of a replica's view (its record expired, or it left) is
+straight away; it reloads the models only when ``models_v`` moved, so a refresh costs what the
+live workers cost, not what was ever served. A model that no live worker has named for
+model_ttl_s is forgotten by the replica that notices (in Redis too; any replica may, it is
+idempotent); a heartbeat writes its models again each time, so one forgotten by a replica that
+had not yet seen it come back is restored at once. A worker that drops out of a replica's view (its record expired, or it left) is
 passed to ``on_departed`` by that replica: returning its leases is idempotent, so it does not
 matter which replica does it first. A worker's draining and leaving are published, so that the
 replica holding its lease long-poll answers it at once.
@@ -35,11 +40,13 @@ from gateway.registry.local import Route, State, UnknownWorker, WorkerRegistry
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
+FORGET_CHUNK = 1000  # models forgotten per Redis round trip
 
 
 class RedisRegistry(WorkerRegistry):
-    def __init__(self, link: RedisLink, worker_ttl_s: float, stuck_s: float):
-        super().__init__(worker_ttl_s, stuck_s)
+    def __init__(self, link: RedisLink, worker_ttl_s: float, stuck_s: float, model_ttl_s: float = 3600.0):
+        super().__init__(worker_ttl_s, stuck_s, model_ttl_s)
+        self._models_v: str | None = None  # the models_v this replica's models were loaded at
         self._link = link
         self._ttl_ms = int(worker_ttl_s * 1000)
         self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
@@ -64,17 +71,29 @@ class RedisRegistry(WorkerRegistry):
         if hello.worker_id not in self._workers:
             await self._refresh_on_miss()  # its claims are checked against every replica's workers
         self.check_claims(hello, session)
-        new_models = [m for m in hello.models if frozenset(hello.tags) not in self._ever_served.get(m, set())]
         self._remember(hello, session)
         link = self._link
         async with link.redis.pipeline(transaction=False) as pipe:
             pipe.set(link.key("w", hello.worker_id), self._record(hello, session, draining=False), px=self._ttl_ms)
             pipe.sadd(link.key("workers"), hello.worker_id)
-            for model in new_models:
+            for model in hello.models:
                 pipe.hsetnx(link.key("first_seen"), model, time.time())
                 pipe.sadd(link.key("tagsets", model), orjson.dumps(sorted(hello.tags)))
-            await _or_503(pipe.execute())
+            added = await _or_503(pipe.execute())
+        if any(added[2:]):
+            await _or_503(link.redis.incr(link.key("models_v")))
         self._written[hello.worker_id] = time.monotonic()
+
+    async def forget_models(self, models: list[str]) -> None:
+        await super().forget_models(models)
+        link = self._link
+        for start in range(0, len(models), FORGET_CHUNK):
+            chunk = models[start : start + FORGET_CHUNK]
+            async with link.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(link.key("first_seen"), *chunk)
+                pipe.delete(*(link.key("tagsets", m) for m in chunk))
+                pipe.incr(link.key("models_v"))
+                await pipe.execute()
 
     async def touch(self, worker_id: str, session: str) -> WorkerHello:
         try:
@@ -161,11 +180,6 @@ class RedisRegistry(WorkerRegistry):
         ids = sorted(text(i) for i in await link.redis.smembers(link.key("workers")))
         records = await link.redis.mget([link.key("w", i) for i in ids]) if ids else []
         outs = await link.redis.mget([link.key("out", i) for i in ids]) if ids else []
-        first_seen = await link.redis.hgetall(link.key("first_seen"))
-        async with link.redis.pipeline(transaction=False) as pipe:
-            for model in first_seen:
-                pipe.smembers(link.key("tagsets", text(model)))
-            tagsets = await pipe.execute()
         gone = [worker_id for worker_id, record in zip(ids, records) if record is None]
         if gone:
             await link.redis.srem(link.key("workers"), *gone)
@@ -189,11 +203,33 @@ class RedisRegistry(WorkerRegistry):
                 self._departed.append(worker_id)
         for worker_id in [w for w in self._written if w not in self._workers]:
             del self._written[worker_id]  # nothing kept per departed worker
+        await self._load_models()
+        self._refreshed_at = max(self._refreshed_at, started_at)
+
+    async def _load_models(self) -> None:
+        """Every model ever served and its tag sets, as Redis holds them, if they changed since
+        the last load: models another replica forgot are forgotten here too."""
+        link = self._link
+        found = await link.redis.get(link.key("models_v"))
+        version = text(found) if found is not None else str(await link.redis.incr(link.key("models_v")))  # a new Redis
+        if version == self._models_v:
+            return
+        first_seen = await link.redis.hgetall(link.key("first_seen"))
+        async with link.redis.pipeline(transaction=False) as pipe:
+            for model in first_seen:
+                pipe.smembers(link.key("tagsets", text(model)))
+            tagsets = await pipe.execute()
+        held = set()
         for model, sets in zip(first_seen, tagsets):
             name = text(model)
+            held.add(name)
             self._first_seen[name] = float(first_seen[model])
             self._ever_served.setdefault(name, set()).update(frozenset(orjson.loads(s)) for s in sets)
-        self._refreshed_at = max(self._refreshed_at, started_at)
+            if name not in self._named_by:
+                self._last_named.setdefault(name, self._clock())  # it ages from now, here
+        for name in [m for m in self._ever_served if m not in held and m not in self._named_by]:
+            self._drop_model(name)
+        self._models_v = version
 
 
 async def _or_503(call):
