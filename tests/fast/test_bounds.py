@@ -1,0 +1,159 @@
+"""What stalled bodies, hellos and departed workers may hold of the gateway: bounded, and given
+back (the connection-level bounds, with real sockets, are in tests/system/test_http_edges.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.applications import Starlette
+
+from contract.messages import MAX_HELLO_BYTES, MAX_PROMPTS, ModelCard, WorkerHello
+from gateway.app import create_app
+from gateway.errors import ModelNotFound, NoLiveWorker
+from gateway.registry.local import GONE_KEPT, WorkerRegistry
+from gateway.settings import load_settings
+from tests.fast.conftest import HandWorker, running
+
+pytestmark = pytest.mark.anyio
+MiB = 1024 * 1024
+
+
+async def _post(app: Starlette, chunks: asyncio.Queue) -> tuple[int, dict[bytes, bytes], bytes]:
+    """POST /v1/embeddings through ASGI, its body taken from ``chunks`` as they come (None ends
+    it; "gone" hangs up): the status, headers and body of the answer."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        chunk = await chunks.get()
+        if chunk == "gone":
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "app": app, "scheme": "http",
+             "server": ("gateway", 80), "client": ("127.0.0.1", 5000), "root_path": "", "http_version": "1.1",
+             "asgi": {"version": "3.0"}}  # fmt: skip
+    await app(scope, receive, send)
+    start = next((m for m in sent if m["type"] == "http.response.start"), None)
+    if start is None:
+        return 0, {}, b""  # it hung up: no answer
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), body
+
+
+async def test_bodies_past_the_budget_in_flight_get_503_and_a_finished_body_gives_its_bytes_back():
+    app = create_app(load_settings({"EMBEDQ_MAX_BODY_BYTES_IN_FLIGHT": str(1 * MiB)}))
+    async with running(app=app):
+        stalled: asyncio.Queue = asyncio.Queue()
+        stalled.put_nowait(b'{"model": "fake-model", "input": "' + b"x" * (MiB - 100 * 1024))
+        holder = asyncio.ensure_future(_post(app, stalled))
+        await asyncio.sleep(0.05)
+        assert app.state.bodies.held > 800 * 1024  # all but its first 64 KiB counted
+
+        second: asyncio.Queue = asyncio.Queue()
+        for chunk in (b'{"model": "fake-model", "input": "', b"y" * 300 * 1024, b'"}', None):
+            second.put_nowait(chunk)
+        status, headers, body = await _post(app, second)
+        assert status == 503 and b"server_busy" in body, body
+        assert headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+
+        small: asyncio.Queue = asyncio.Queue()
+        for chunk in (b'{"model": "fake-model", "input": "', b"z" * 30 * 1024, b'"}', None):
+            small.put_nowait(chunk)
+        status, _, body = await _post(app, small)
+        assert status != 503, body  # a body within its first 64 KiB is never refused for the budget
+
+        stalled.put_nowait("gone")
+        await holder
+        assert app.state.bodies.held == 0
+        for chunk in (b'{"model": "fake-model", "input": "', b"y" * 300 * 1024, b'"}', None):
+            second.put_nowait(chunk)
+        status, _, body = await _post(app, second)
+        assert status != 503, body
+
+
+@pytest.mark.parametrize("min_rate, refused", [(1000, True), (0, False)], ids=["floor-rate", "no-floor"])
+async def test_a_body_that_drips_below_the_floor_rate_gets_408(min_rate: int, refused: bool):
+    """Bytes every 0.05 s (no pause reaches the 0.3 s timeout) at 200 bytes/s: stalled, by the floor."""
+    app = create_app(load_settings({"EMBEDQ_BODY_TIMEOUT_S": "0.3", "EMBEDQ_BODY_MIN_RATE": str(min_rate)}))
+    async with running(app=app):
+        drip: asyncio.Queue = asyncio.Queue()
+
+        async def feed() -> None:
+            drip.put_nowait(b'{"model": "fake-model", "input": "')
+            for _ in range(12):
+                await asyncio.sleep(0.05)
+                drip.put_nowait(b"x" * 10)
+            drip.put_nowait(b'"}')
+            drip.put_nowait(None)
+
+        feeder = asyncio.ensure_future(feed())
+        status, headers, body = await _post(app, drip)
+        feeder.cancel()
+    if refused:
+        assert status == 408 and b"stalled" in body and headers[b"connection"] == b"close", body
+    else:
+        assert status not in (0, 408), body
+
+
+async def test_a_hello_is_bounded_in_bytes_prompts_and_engine_values():
+    async with running() as gateway:
+        worker = HandWorker(gateway)
+        huge = await worker.register(description="d" * 2000, prompts={f"p{i}": "x" * 4000 for i in range(MAX_HELLO_BYTES // 4000)})
+        many = await worker.register(prompts={f"p{i}": "x" for i in range(MAX_PROMPTS + 1)})
+        hello = {"worker_id": "w", "checkpoint_name": "c", "max_batch_items": 8, "engine": {"model_path": "x" * 1025},
+                 "models": {"m": {"max_input_tokens": 64, "dimensions": 16}}}  # fmt: skip
+        long_value = await worker.call("/workers/heartbeat", json=hello)
+    assert huge.status_code == 413, huge.text
+    assert many.status_code == 400 and "prompts" in many.json()["error"]["message"], many.text
+    assert long_value.status_code == 400 and "engine" in long_value.json()["error"]["message"], long_value.text
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _hello(worker_id: str, *models: str) -> WorkerHello:
+    card = ModelCard(max_input_tokens=64, dimensions=16)
+    return WorkerHello(worker_id=worker_id, checkpoint_name="c", max_batch_items=8, models={m: card for m in models})
+
+
+async def test_a_model_no_live_worker_names_is_forgotten_after_model_ttl():
+    clock = _Clock()
+    registry = WorkerRegistry(worker_ttl_s=10, stuck_s=30, model_ttl_s=100, clock=clock)
+    await registry.heartbeat(_hello("w1", "kept", "dropped"), "s1")
+    await registry.heartbeat(_hello("w2", "kept"), "s2")
+    clock.now += 50
+    await registry.heartbeat(_hello("w2", "kept"), "s2")  # w1 has gone silent; w2 still names "kept"
+    clock.now += 11
+    await registry.sweep()
+    with pytest.raises(NoLiveWorker):
+        await registry.resolve("dropped")  # gone for now: it may come back
+    clock.now += 100
+    await registry.heartbeat(_hello("w2", "kept"), "s2")
+    await registry.sweep()
+    with pytest.raises(ModelNotFound):
+        await registry.resolve("dropped")  # no live worker named it for model_ttl_s: forgotten
+    assert (await registry.resolve("kept")).workers == 1
+    assert not registry.knows("dropped") and registry.knows("kept")
+
+
+async def test_what_departed_workers_named_leaves_nothing_behind():
+    clock = _Clock()
+    registry = WorkerRegistry(worker_ttl_s=10, stuck_s=30, model_ttl_s=100, clock=clock)
+    for i in range(3 * GONE_KEPT):
+        await registry.heartbeat(_hello(f"w{i}", *(f"model-{i}-{j}" for j in range(4))), f"s{i}")
+        await registry.leave(f"w{i}")
+    assert len(registry.views()) == GONE_KEPT  # the console lists the newest departed, not all
+    clock.now += 101
+    await registry.sweep()
+    held = [registry._ever_served, registry._first_seen, registry._named_by, registry._last_named, registry._workers]
+    assert not any(held), [len(h) for h in held]
