@@ -36,7 +36,9 @@ JobKind = Literal["embed", "score", "tokenize", "detokenize"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No string cache: pydantic's (16,384 strings, process-wide) would keep the ids and names of
+    # workers long gone, strewn over the allocator's arenas; these messages gain nothing from it.
+    model_config = ConfigDict(extra="forbid", frozen=True, cache_strings=False)
 
 
 # A hello is bounded, so that a registration costs the gateway little to check and keep: its

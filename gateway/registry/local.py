@@ -71,6 +71,19 @@ class WorkerView:
 
 
 @dataclass(frozen=True)
+class _GoneView:
+    """A departed worker, for the console: its hello kept as one JSON string, not as the many
+    small objects of a parsed one, which would be strewn over the allocator's arenas and keep
+    them all from being given back once the rest of what it named is forgotten."""
+
+    hello: bytes
+    heartbeat_at: float
+
+    def view(self) -> WorkerView:
+        return WorkerView(WorkerHello.model_validate_json(self.hello), "gone", self.heartbeat_at)
+
+
+@dataclass(frozen=True)
 class Route:
     """Where a model's jobs go, and what the gateway knows of the model."""
 
@@ -99,7 +112,7 @@ class WorkerRegistry:
         self._named_by: dict[str, set[str]] = {}  # model -> the live workers that name it
         self._last_named: dict[str, float] = {}  # model named by no live worker -> since when (monotonic)
         self._departed: list[str] = []  # dropped for silence, not yet told to on_departed
-        self._gone: dict[str, WorkerView] = {}  # departed lately, for the console
+        self._gone: dict[str, _GoneView] = {}  # departed lately, for the console
         self._sweeper: asyncio.Task | None = None
         self.on_departed: Departed = _nobody  # set by the app: the queue's release_worker
 
@@ -208,7 +221,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.leaving.set()  # its pending lease calls return at once
             self._unname(worker_id, worker.hello.models)
-            self._gone[worker_id] = WorkerView(worker.hello, "gone", worker.heartbeat_at)
+            self._gone[worker_id] = _GoneView(worker.hello.model_dump_json().encode(), worker.heartbeat_at)
             if len(self._gone) > GONE_KEPT:
                 del self._gone[next(iter(self._gone))]  # the longest gone
 
@@ -312,7 +325,7 @@ class WorkerRegistry:
         cutoff = time.time() - GONE_KEPT_S
         for worker_id in [i for i, view in self._gone.items() if view.heartbeat_at < cutoff]:
             del self._gone[worker_id]
-        return sorted([*live, *self._gone.values()], key=lambda view: view.hello.worker_id)
+        return sorted([*live, *(gone.view() for gone in self._gone.values())], key=lambda view: view.hello.worker_id)
 
     def live_count(self) -> int:
         return len(self._live())
@@ -353,6 +366,9 @@ class WorkerRegistry:
         log.info("forgetting %d models that no live worker has named for %gs", len(models), self._model_ttl_s)
         for model in models:
             self._drop_model(model)
+        # A dict keeps the table it grew to: copied, each is as small as what it still holds.
+        self._ever_served, self._first_seen = dict(self._ever_served), dict(self._first_seen)
+        self._named_by, self._last_named = dict(self._named_by), dict(self._last_named)
 
     def _drop_model(self, model: str) -> None:
         self._ever_served.pop(model, None)

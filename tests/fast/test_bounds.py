@@ -103,7 +103,9 @@ async def test_a_body_that_drips_below_the_floor_rate_gets_408(min_rate: int, re
 async def test_a_hello_is_bounded_in_bytes_prompts_and_engine_values():
     async with running() as gateway:
         worker = HandWorker(gateway)
-        huge = await worker.register(description="d" * 2000, prompts={f"p{i}": "x" * 4000 for i in range(MAX_HELLO_BYTES // 4000)})
+        huge = await worker.register(
+            description="d" * 2000, prompts={f"p{i}": "x" * 4000 for i in range(MAX_HELLO_BYTES // 4000)}
+        )
         many = await worker.register(prompts={f"p{i}": "x" for i in range(MAX_PROMPTS + 1)})
         hello = {"worker_id": "w", "checkpoint_name": "c", "max_batch_items": 8, "engine": {"model_path": "x" * 1025},
                  "models": {"m": {"max_input_tokens": 64, "dimensions": 16}}}  # fmt: skip

@@ -134,9 +134,7 @@ async def test_a_model_is_served_by_one_checkpoint_with_one_card(caplog):
     assert [m["id"] for m in models] == ["fake-model"]
 
 
-@pytest.mark.parametrize(
-    "worker_id", ["w\nFAKE LOG LINE", "x" * 4096, "", "w x"], ids=["newline", "4-KiB", "empty", "space"]
-)
+@pytest.mark.parametrize("worker_id", ["w\nFAKE LOG LINE", "x" * 4096, "", "w x"], ids=["newline", "4-KiB", "empty", "space"])
 async def test_worker_ids_are_short_and_printable(worker_id, caplog):
     async with running() as gateway:
         response = await HandWorker(gateway, worker_id).register()
