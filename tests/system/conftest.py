@@ -9,6 +9,7 @@ backends override the ``queue_backend`` fixture with a parametrised one.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -51,9 +52,11 @@ class Proc:
     args: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    nofile: int | None = None  # its file limit, soft and hard (None: this process's)
     popen: subprocess.Popen | None = None
 
     def start(self) -> Proc:
+        limit = self.nofile
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.popen = subprocess.Popen(
                 [sys.executable, *self.args],
@@ -61,8 +64,25 @@ class Proc:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                preexec_fn=None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
             )
         return self
+
+    def rss_mib(self) -> float:
+        """Its resident memory now."""
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    def cpu_s(self) -> float:
+        """The CPU time it has used so far, user and system."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def idle_cpu(self, seconds: float = 5.0) -> float:
+        """The share of a core it uses over ``seconds`` while nobody calls it."""
+        before = self.cpu_s()
+        time.sleep(seconds)
+        return (self.cpu_s() - before) / seconds
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int | None:
         if self.popen is None or self.popen.poll() is not None:
@@ -177,13 +197,14 @@ class Cluster:
         host: str = "127.0.0.1",
         port: int | None = None,
         defaults: bool = False,
+        nofile: int | None = None,
     ) -> Gateway:
         """A gateway with a data directory of its own; unless ``defaults``, with a short worker TTL
-        and wait, to keep tests short."""
+        and wait, to keep tests short. ``nofile``: its file limit, soft and hard."""
         port = port or free_port()
         quick = {} if defaults else {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1"}
         env = {"EMBEDQ_DATA_DIR": str(self.tmp / f"data-{port}"), **quick, **self.queue_env(), **(env or {})}
-        proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env)
+        proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env, nofile)
         gateway = Gateway(proc, port)
         wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")
         return gateway
@@ -198,8 +219,8 @@ class Cluster:
         path.write_text(config_text)
         return self._start("worker", ["-m", "worker", "--config", str(path)], env or {})
 
-    def _start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
-        proc = Proc(name, args, self.tmp / f"{name}-{len(self.procs)}.log", env).start()
+    def _start(self, name: str, args: list[str], env: dict[str, str], nofile: int | None = None) -> Proc:
+        proc = Proc(name, args, self.tmp / f"{name}-{len(self.procs)}.log", env, nofile).start()
         self.procs.append(proc)
         return proc
 

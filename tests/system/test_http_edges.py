@@ -3,6 +3,8 @@ heads, huge bodies, too many connections. Healthy clients are served all along."
 
 from __future__ import annotations
 
+import resource
+import selectors
 import socket
 import threading
 import time
@@ -122,13 +124,140 @@ def test_a_body_that_stops_arriving_gets_408(cluster: Cluster):
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
 
 
-def test_connections_beyond_the_bound_get_503(cluster: Cluster):
+def test_past_the_connection_cap_the_longest_idle_is_shed_and_503_comes_only_when_all_are_busy(cluster: Cluster):
     gateway = cluster.gateway(env={"EMBEDQ_MAX_CONNECTIONS": "16"})
-    held = [_connect(gateway) for _ in range(16)]
-    for conn in held:
-        conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # kept alive afterwards
-    time.sleep(0.5)
-    response = httpx.get(gateway.url + "/health", headers={"Connection": "close"})
-    assert response.status_code == 503
+    idle = [_connect(gateway) for _ in range(16)]  # they never send a byte
+    time.sleep(0.3)
+    assert httpx.get(gateway.url + "/health").status_code == 200  # it took the place of an idle one
+    assert _answer(idle[0], timeout_s=5) == b"", "the longest idle connection is the one closed"
+    busy = [_connect(gateway) for _ in range(16)]
+    for conn in busy:  # mid-request: a head, and a body that does not come yet
+        conn.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+    time.sleep(0.3)
+    refused = _answer(_connect(gateway), timeout_s=5)
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused, refused[:300]
+    assert all(_answer(conn, timeout_s=5) == b"" for conn in idle[1:]), "every idle connection made room for a busy one"
+    for conn in busy:
+        conn.close()
+
+
+def _own_file_limit(at_least: int) -> None:
+    """This test process opens the connections: raise its file limit (and so its children's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < at_least:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (at_least, max(hard, at_least)))
+        except (ValueError, OSError) as exc:
+            pytest.fail(f"this test opens {at_least} sockets and could not raise its file limit from {soft}: {exc}")
+
+
+class _Healthy:
+    """A client calling /v1/embeddings every 0.2 s, each time on a new connection (as a new
+    client would: one kept alive since before the attack proves nothing); what failed."""
+
+    def __init__(self, gateway: Gateway):
+        self.client = httpx.Client(base_url=gateway.url, timeout=10, headers={"Connection": "close"})
+        self.calls, self.failures = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> _Healthy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self.client.post("/v1/embeddings", json={"model": "fake-model", "input": "healthy"})
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as exc:
+                self.failures.append(repr(exc))
+            self.calls += 1
+            self._stop.wait(0.2)
+
+
+def _stall_a_body(gateway: Gateway, size: int, held: list[socket.socket]) -> None:
+    """A request whose body stops one byte short of its length."""
+    conn = _connect(gateway)
+    held.append(conn)
+    try:
+        conn.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size + b"x" * (size - 1))  # fmt: skip
+    except OSError:
+        pass  # refused (503) past the budget of bodies in flight, or timed out: the point
+
+
+def test_at_nofile_1024_idle_connections_and_stalled_bodies_cost_a_healthy_client_nothing(cluster: Cluster):
+    """Default settings, a file limit of 1024 for the gateway: 1,100 connections that never send
+    a byte and 24 bodies of 16 MiB stalled on their last byte, all at once, for 15 s. The healthy
+    client's every call is answered, and the gateway's memory grows by less than the budget of
+    bodies in flight (128 MiB) and 64 MiB for everything else."""
+    _own_file_limit(4096)
+    gateway = cluster.gateway(defaults=True, nofile=1024)
+    cluster.worker(fake_worker_config(gateway.url))
+    gateway.wait_for_model("fake-model")
+    for _ in range(20):
+        assert httpx.post(gateway.url + "/v1/embeddings", json={"model": "fake-model", "input": "warm"}).status_code == 200
+    before, peak = gateway.proc.rss_mib(), 0.0
+    held: list[socket.socket] = []
+    with _Healthy(gateway) as healthy:
+        stallers = [threading.Thread(target=_stall_a_body, args=(gateway, 16 * 1024 * 1024, held)) for _ in range(24)]
+        for thread in stallers:
+            thread.start()
+        held += [_connect(gateway) for _ in range(1100)]
+        started = time.monotonic()
+        while time.monotonic() - started < 15:
+            peak = max(peak, gateway.proc.rss_mib())
+            time.sleep(0.1)
+        for thread in stallers:
+            thread.join()
     for conn in held:
         conn.close()
+    summary = (
+        f"{healthy.calls} healthy calls, failed: {healthy.failures[:5]}; RSS {before:.0f} MiB before, {peak:.0f} MiB at most"
+    )
+    print(summary)
+    assert healthy.calls >= 50 and not healthy.failures, summary
+    assert peak - before < 128 + 64, summary
+
+
+def test_ten_thousand_idle_connections_are_closed_within_the_head_timeout_and_healthy_clients_served(cluster: Cluster):
+    _own_file_limit(12000)
+    gateway = cluster.gateway(defaults=True)
+    cluster.worker(fake_worker_config(gateway.url))
+    gateway.wait_for_model("fake-model")
+    selector = selectors.DefaultSelector()
+    with _Healthy(gateway) as healthy:
+        opened = time.monotonic()
+        for _ in range(10_000):
+            conn = _connect(gateway)
+            conn.setblocking(False)
+            selector.register(conn, selectors.EVENT_READ)
+        connected_s = time.monotonic() - opened
+        open_ = 10_000
+        while open_ and time.monotonic() - opened < 10 + connected_s + 5:  # the head timeout, and slack
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    if key.fileobj.recv(65536):
+                        continue  # the 408, then the close
+                except OSError:
+                    pass  # reset: closed too
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+                open_ -= 1
+        closed_s = time.monotonic() - opened
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()
+    closed = f"{10_000 - open_} of 10,000 closed by the server {closed_s:.1f}s after the first was opened"
+    summary = f"{closed} ({connected_s:.1f}s to open them all); {healthy.calls} healthy calls, failed: {healthy.failures[:3]}"
+    print(summary)
+    assert open_ == 0, summary
+    assert healthy.calls >= 30 and not healthy.failures, summary
