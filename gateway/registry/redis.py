@@ -13,8 +13,8 @@ Each replica keeps the view of ``local.py`` for the request path and syncs it:
 
 Every replica reloads the view every REFRESH_S, and at once when a request names a model or a
 worker it does not know, so a worker registered through replica A is served by replica B
-straight away; it reloads the models only when ``models_v`` moved, so a refresh costs what the
-live workers cost, not what was ever served. A model that no live worker has named for
+straight away; it reloads the models ever served only when ``models_v`` moved, and at most every
+MODELS_EVERY_S, so a refresh costs what the live workers cost, not what was ever served. A model that no live worker has named for
 model_ttl_s is forgotten by the replica that notices (in Redis too; any replica may, it is
 idempotent); a heartbeat writes its models again each time, so one forgotten by a replica that
 had not yet seen it come back is restored at once. A worker that drops out of a replica's view (its record expired, or it left) is
@@ -41,15 +41,18 @@ from gateway.registry.local import Route, State, UnknownWorker, WorkerRegistry
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 FORGET_CHUNK = 1000  # models forgotten per Redis round trip
+MODELS_EVERY_S = 5.0  # the most often a replica reloads every model ever served (when they changed)
 
 
 class RedisRegistry(WorkerRegistry):
     def __init__(self, link: RedisLink, worker_ttl_s: float, stuck_s: float, model_ttl_s: float = 3600.0):
         super().__init__(worker_ttl_s, stuck_s, model_ttl_s)
         self._models_v: str | None = None  # the models_v this replica's models were loaded at
+        self._models_loaded_at = -MODELS_EVERY_S  # when (monotonic) it last looked
         self._link = link
         self._ttl_ms = int(worker_ttl_s * 1000)
         self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
+        self._parsed: dict[str, tuple[dict, WorkerHello]] = {}  # worker id -> its hello as last read, and parsed
         self._refreshed_at = 0.0  # when the newest finished refresh started (monotonic)
         self._refreshing: asyncio.Task | None = None
         link.on_event("leave", self._forget)
@@ -69,7 +72,9 @@ class RedisRegistry(WorkerRegistry):
 
     async def heartbeat(self, hello: WorkerHello, session: str) -> None:
         if hello.worker_id not in self._workers:
-            await self._refresh_on_miss()  # its claims are checked against every replica's workers
+            # Its claims are checked against every replica's workers, as of a refresh at most
+            # REFRESH_S old (a flood of new workers costs a refresh per REFRESH_S, not one each).
+            await self._refresh_on_miss(REFRESH_S)
         self.check_claims(hello, session)
         self._remember(hello, session)
         link = self._link
@@ -148,11 +153,11 @@ class RedisRegistry(WorkerRegistry):
                 raise QueueUnavailable("the worker registry (Redis) is unreachable") from None
             return await super().resolve(model, tags, visible)
 
-    async def _refresh_on_miss(self) -> bool:
-        """Reload the view from Redis, by a refresh that started after this call (concurrent
-        misses share one: a flood of unknown names costs one refresh at a time); False if
-        Redis could not be reached."""
-        missed_at = time.monotonic()
+    async def _refresh_on_miss(self, stale_s: float = 0.0) -> bool:
+        """Reload the view from Redis, by a refresh that started after this call (or at most
+        ``stale_s`` before it; concurrent misses share one: a flood of unknown names costs one
+        refresh at a time); False if Redis could not be reached."""
+        missed_at = time.monotonic() - stale_s
         while self._refreshed_at < missed_at:
             if self._refreshing is None or self._refreshing.done():
                 self._refreshing = asyncio.ensure_future(self.refresh())
@@ -188,7 +193,7 @@ class RedisRegistry(WorkerRegistry):
             if record is None:
                 continue
             found = orjson.loads(record)
-            hello = WorkerHello.model_validate(found["hello"])
+            hello = self._hello(found["hello"])
             self._remember(hello, found["session"], own=found["via"] == link.replica, heartbeat_at=found.get("at"))
             worker = self._workers[hello.worker_id]
             sitting = orjson.loads(out) if out else None
@@ -201,14 +206,29 @@ class RedisRegistry(WorkerRegistry):
             if worker_id not in live and worker.last_seen < started:
                 self._forget(worker_id)  # expired or left: its record is gone
                 self._departed.append(worker_id)
-        for worker_id in [w for w in self._written if w not in self._workers]:
-            del self._written[worker_id]  # nothing kept per departed worker
+        for kept in (self._written, self._parsed):
+            for worker_id in [w for w in kept if w not in self._workers]:
+                del kept[worker_id]  # nothing kept per departed worker
         await self._load_models()
         self._refreshed_at = max(self._refreshed_at, started_at)
 
+    def _hello(self, raw: dict) -> WorkerHello:
+        """A worker's hello as its record holds it, parsed only when it changed since the last
+        refresh (64 model cards take a while to check, and every refresh reads every record)."""
+        worker_id = raw.get("worker_id", "")
+        parsed = self._parsed.get(worker_id)
+        if parsed is None or parsed[0] != raw:
+            parsed = self._parsed[worker_id] = (raw, WorkerHello.model_validate(raw))
+        return parsed[1]
+
     async def _load_models(self) -> None:
         """Every model ever served and its tag sets, as Redis holds them, if they changed since
-        the last load: models another replica forgot are forgotten here too."""
+        the last load and that was MODELS_EVERY_S ago (live workers' models are known from their
+        records at every refresh; this is for the others): models another replica forgot are
+        forgotten here too."""
+        if time.monotonic() - self._models_loaded_at < MODELS_EVERY_S:
+            return
+        self._models_loaded_at = time.monotonic()
         link = self._link
         found = await link.redis.get(link.key("models_v"))
         version = text(found) if found is not None else str(await link.redis.incr(link.key("models_v")))  # a new Redis
