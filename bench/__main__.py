@@ -9,7 +9,8 @@ as a ratio, and everything is written as JSON:
   round after round (an idle one costs under 2% of a core), so that a slow spell of a shared
   machine hits each of them alike; ratios are taken within each round and the median is reported;
 - gateway: the gateway path with a zero-delay fake worker against a bare ASGI endpoint that
-  returns the same bytes, at 1 and 64 clients;
+  returns the same bytes, at 1 and 64 clients; and the gateway on CPython's own allocator
+  against the C library's malloc it runs on (gateway/memory.py);
 - scaling: 1, 2, 4, 8 fake workers of fixed per-batch delay;
 - queue: the Redis queue backend against the in-memory one, one gateway and two zero-delay fake
   workers each, at 64 clients x 1 input and 32 clients x 16 inputs (the queue is all there is);
@@ -50,6 +51,7 @@ TARGETS = {
     "embedq / offline, 64x1": 0.6,
     "embedq / vLLM server, 64x1": 1.2,
     "gateway / bare ASGI requests/s, 64 clients": 0.5,
+    "gateway on malloc / on pymalloc requests/s, 64 clients": 0.85,
     "8 fake workers / 1": 7.0,
     **{f"batch ({e}): the batch's share of what interactive leaves": 0.8 for e in ENGINES},
 }
@@ -124,7 +126,10 @@ def gateway_path() -> dict:
         wait_for_model(url)
         body = httpx.post(url + "/v1/embeddings", json={"model": MODEL, "input": ["request 0"]}).content
         bare = s.bare(body)
-        for name, target in (("bare", bare), ("gateway", url)):
+        on_pymalloc = s.gateway({"PYTHONMALLOC": "pymalloc"})  # CPython's own allocator (gateway/memory.py)
+        s.fake_worker(on_pymalloc, cost=FREE)
+        wait_for_model(on_pymalloc)
+        for name, target in (("bare", bare), ("gateway", url), ("gateway_pymalloc", on_pymalloc)):
             run_load(target + "/v1/embeddings", MODEL, texts[:200], 8, 1)  # warm-up
             results[name] = {
                 "1_client": run_load(target + "/v1/embeddings", MODEL, texts[:500], 1, 1).as_dict(),
@@ -205,6 +210,9 @@ def ratios(results: dict) -> dict[str, float]:
             g["gateway"]["64_clients"]["requests_per_s"] / g["bare"]["64_clients"]["requests_per_s"]
         )
         out["gateway p50 added latency ms, 1 client"] = g["gateway"]["1_client"]["p50_ms"] - g["bare"]["1_client"]["p50_ms"]
+        out["gateway on malloc / on pymalloc requests/s, 64 clients"] = (
+            g["gateway"]["64_clients"]["requests_per_s"] / g["gateway_pymalloc"]["64_clients"]["requests_per_s"]
+        )
     if "scaling" in results:
         sc = results["scaling"]
         for workers in ("2", "4", "8"):
@@ -239,7 +247,7 @@ def report(results: dict) -> None:
     if "gateway" in results:
         for name, r in results["gateway"].items():
             print(
-                f"{name:8} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
+                f"{name:16} 1 client p50 {r['1_client']['p50_ms']:.2f} ms; "
                 f"64 clients {r['64_clients']['requests_per_s']:.0f} req/s"
             )
     if "scaling" in results:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from gateway import memory
 from gateway.app import create_app
 from gateway.server import DrainingServer, server_config
 from gateway.settings import SettingsError, load_settings
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1, or EMBEDQ_HOST)")
     parser.add_argument("--port", type=int, help="port to bind (default 8080, or EMBEDQ_PORT)")
     args = parser.parse_args(argv)
+    memory.use_system_allocator()  # returns at once when it already runs on it
     try:
         settings = load_settings(os.environ, host=args.host, port=args.port)
     except SettingsError as exc:

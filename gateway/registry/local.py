@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from contract.messages import ModelCard, WorkerHello
+from gateway import memory
 from gateway.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, NoLiveWorker
 
 log = logging.getLogger(__name__)
@@ -364,11 +365,15 @@ class WorkerRegistry:
 
     async def forget_models(self, models: list[str]) -> None:
         log.info("forgetting %d models that no live worker has named for %gs", len(models), self._model_ttl_s)
+        self._drop_models(models)
+
+    def _drop_models(self, models: Iterable[str]) -> None:
         for model in models:
             self._drop_model(model)
         # A dict keeps the table it grew to: copied, each is as small as what it still holds.
         self._ever_served, self._first_seen = dict(self._ever_served), dict(self._first_seen)
         self._named_by, self._last_named = dict(self._named_by), dict(self._last_named)
+        memory.give_back()
 
     def _drop_model(self, model: str) -> None:
         self._ever_served.pop(model, None)

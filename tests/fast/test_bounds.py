@@ -4,6 +4,9 @@ back (the connection-level bounds, with real sockets, are in tests/system/test_h
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 from starlette.applications import Starlette
@@ -159,3 +162,23 @@ async def test_what_departed_workers_named_leaves_nothing_behind():
     await registry.sweep()
     held = [registry._ever_served, registry._first_seen, registry._named_by, registry._last_named, registry._workers]
     assert not any(held), [len(h) for h in held]
+
+
+PROBE = """import os, sys
+print(os.getpid(), os.environ.get("PYTHONMALLOC"), flush=True)
+from gateway import memory
+memory.use_system_allocator()
+memory.give_back()
+print(os.getpid(), os.environ["PYTHONMALLOC"], flush=True)
+"""
+
+
+@pytest.mark.parametrize(("chosen", "lines"), [(None, ["None", "malloc", "malloc"]), ("pymalloc", ["pymalloc", "pymalloc"])])
+def test_the_gateway_runs_on_malloc_unless_the_operator_chose(chosen: str | None, lines: list[str]):
+    """CPython's pymalloc keeps what a burst of departed workers held (gateway/memory.py): the
+    serving process starts itself again, same process, on the C library's malloc."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"} | ({"PYTHONMALLOC": chosen} if chosen else {})
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=30, check=True)
+    printed = [line.split() for line in done.stdout.splitlines()]
+    assert [allocator for _, allocator in printed] == lines
+    assert len({pid for pid, _ in printed}) == 1  # exec, not a child
