@@ -9,12 +9,15 @@ Each replica keeps the view of ``local.py`` for the request path and syncs it:
     P:out:<worker>   string  present while the worker sits out: until when (wall clock), and why
     P:first_seen     hash    model -> wall-clock time a worker first served it
     P:tagsets:<m>    set     tag sets (JSON) model m was ever served with
-    P:models_v       counter moved whenever a model or a tag set is added or forgotten
+    P:models_log     stream  the names of models added or forgotten (a JSON list an entry), for
+                             LOG_KEPT_S
 
 Every replica reloads the view every REFRESH_S, and at once when a request names a model or a
 worker it does not know, so a worker registered through replica A is served by replica B
-straight away; it reloads the models ever served only when ``models_v`` moved, and at most every
-MODELS_EVERY_S, so a refresh costs what the live workers cost, not what was ever served. A model that no live worker has named for
+straight away. Of the models ever served it reads what changed since its last look: the log's
+newer entries name them, and it reads those names' state, so a refresh costs what the live
+workers and the changes cost, not what was ever served. It reads all of them only at start, and
+when the log dropped entries it had not read. A model that no live worker has named for
 model_ttl_s is forgotten by the replica that notices (in Redis too; any replica may, it is
 idempotent); a heartbeat writes its models again each time, so one forgotten by a replica that
 had not yet seen it come back is restored at once. A worker that drops out of a replica's view (its record expired, or it left) is
@@ -28,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import orjson
+import redis
 
 from contract.messages import WorkerHello
 from gateway.errors import ApiError
@@ -41,14 +45,16 @@ from gateway.registry.local import Route, State, UnknownWorker, WorkerRegistry
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 FORGET_CHUNK = 1000  # models forgotten per Redis round trip
-MODELS_EVERY_S = 5.0  # the most often a replica reloads every model ever served (when they changed)
+LOG_KEPT_S = 60.0  # how long the models' change log keeps an entry
+LOG_READ = 50  # log entries read per round trip (an entry names up to FORGET_CHUNK models)
 
 
 class RedisRegistry(WorkerRegistry):
     def __init__(self, link: RedisLink, worker_ttl_s: float, stuck_s: float, model_ttl_s: float = 3600.0):
         super().__init__(worker_ttl_s, stuck_s, model_ttl_s)
-        self._models_v: str | None = None  # the models_v this replica's models were loaded at
-        self._models_loaded_at = -MODELS_EVERY_S  # when (monotonic) it last looked
+        self._log_at: str | None = None  # the models_log id its models are up to; None: read them all
+        self._log_read = 0  # how many entries ever added to the log that is
+        self._skew_s = 0.0  # Redis's clock less this one's, as last read (log ids are Redis's time)
         self._link = link
         self._ttl_ms = int(worker_ttl_s * 1000)
         self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
@@ -85,8 +91,9 @@ class RedisRegistry(WorkerRegistry):
                 pipe.hsetnx(link.key("first_seen"), model, time.time())
                 pipe.sadd(link.key("tagsets", model), orjson.dumps(sorted(hello.tags)))
             added = await _or_503(pipe.execute())
-        if any(added[2:]):
-            await _or_503(link.redis.incr(link.key("models_v")))
+        changed = [model for model, new, new_tags in zip(hello.models, added[2::2], added[3::2]) if new or new_tags]
+        if changed:
+            await _or_503(self._log_change(link.redis, changed))
         self._written[hello.worker_id] = time.monotonic()
 
     async def forget_models(self, models: list[str]) -> None:
@@ -97,8 +104,18 @@ class RedisRegistry(WorkerRegistry):
             async with link.redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(link.key("first_seen"), *chunk)
                 pipe.delete(*(link.key("tagsets", m) for m in chunk))
-                pipe.incr(link.key("models_v"))
+                self._log_change(pipe, chunk)
                 await pipe.execute()
+
+    def _log_change(self, client: redis.asyncio.Redis, models: list[str]):
+        """Tell the other replicas to read these models' state again; entries older than
+        LOG_KEPT_S go (a replica behind them reads everything)."""
+        return client.xadd(
+            self._link.key("models_log"), {"models": orjson.dumps(models)}, minid=self._log_floor(), approximate=False
+        )
+
+    def _log_floor(self) -> str:
+        return f"{int((time.time() + self._skew_s - LOG_KEPT_S) * 1000)}-0"
 
     async def touch(self, worker_id: str, session: str) -> WorkerHello:
         try:
@@ -222,34 +239,93 @@ class RedisRegistry(WorkerRegistry):
         return parsed[1]
 
     async def _load_models(self) -> None:
-        """Every model ever served and its tag sets, as Redis holds them, if they changed since
-        the last load and that was MODELS_EVERY_S ago (live workers' models are known from their
-        records at every refresh; this is for the others): models another replica forgot are
-        forgotten here too."""
-        if time.monotonic() - self._models_loaded_at < MODELS_EVERY_S:
-            return
-        self._models_loaded_at = time.monotonic()
-        link = self._link
-        found = await link.redis.get(link.key("models_v"))
-        version = text(found) if found is not None else str(await link.redis.incr(link.key("models_v")))  # a new Redis
-        if version == self._models_v:
-            return
-        first_seen = await link.redis.hgetall(link.key("first_seen"))
-        async with link.redis.pipeline(transaction=False) as pipe:
-            for model in first_seen:
-                pipe.smembers(link.key("tagsets", text(model)))
+        """Catch up with the models' change log: every model ever served, as Redis holds it
+        (live workers' models are known from their records at every refresh; this is for the
+        others), so that models another replica forgot are forgotten here too."""
+        if self._log_at is None:
+            return await self._load_all_models()
+        key = self._link.key("models_log")
+        while True:
+            async with self._link.redis.pipeline(transaction=True) as pipe:  # no trim between count and read
+                pipe.time()
+                pipe.xinfo_stream(key)
+                pipe.xrange(key, min=f"({self._log_at}", count=LOG_READ)
+                pipe.xtrim(key, minid=self._log_floor(), approximate=False)
+                now, info, entries, _ = await pipe.execute(raise_on_error=False)
+            self._skew_s = now[0] + now[1] / 1e6 - time.time()
+            if _no_log(info):  # a new Redis, or one that lost its data
+                return await self._load_all_models() if self._log_read else None
+            if self._missed(info, self._log_at):
+                log.info("the models' change log moved past this replica: reading every model again")
+                return await self._load_all_models()
+            if not entries:
+                return
+            await self._read_models(sorted({name for _, fields in entries for name in orjson.loads(fields[b"models"])}))
+            self._log_at, self._log_read = text(entries[-1][0]), self._log_read + len(entries)
+            if len(entries) < LOG_READ:
+                return
+
+    def _missed(self, info: dict, at: str) -> bool:
+        """Whether the log dropped entries this replica has not read, or is no longer the log it
+        read (Redis restarted from an older copy, or lost its data)."""
+        added = info["entries-added"]
+        moved_past = added - info["length"] > self._log_read
+        return moved_past or added < self._log_read or _log_id(info["last-generated-id"]) < _log_id(at)
+
+    async def _read_models(self, names: list[str]) -> None:
+        client, link = self._link.redis, self._link
+        first_seen = await client.hmget(link.key("first_seen"), names)
+        found = [(name, seen) for name, seen in zip(names, first_seen) if seen is not None]
+        async with client.pipeline(transaction=False) as pipe:
+            for name, _ in found:
+                pipe.smembers(link.key("tagsets", name))
             tagsets = await pipe.execute()
-        held = set()
-        for model, sets in zip(first_seen, tagsets):
-            name = text(model)
-            held.add(name)
-            self._first_seen[name] = float(first_seen[model])
+        gone = {name for name, seen in zip(names, first_seen) if seen is None}
+        self._take_models([(name, seen, sets) for (name, seen), sets in zip(found, tagsets)], gone)
+
+    async def _load_all_models(self) -> None:
+        link, key = self._link, self._link.key("models_log")
+        async with link.redis.pipeline(transaction=True) as pipe:  # first: what changes after it, it reads again
+            pipe.time()
+            pipe.xinfo_stream(key)
+            now, info = await pipe.execute(raise_on_error=False)
+        self._skew_s = now[0] + now[1] / 1e6 - time.time()
+        if _no_log(info):
+            info = {"last-generated-id": "0-0", "entries-added": 0}
+        first_seen = await link.redis.hgetall(link.key("first_seen"))
+        names = [text(model) for model in first_seen]
+        async with link.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.smembers(link.key("tagsets", name))
+            tagsets = await pipe.execute()
+        held = set(names)
+        self._take_models(list(zip(names, first_seen.values(), tagsets)), [m for m in self._ever_served if m not in held])
+        self._log_at, self._log_read = text(info["last-generated-id"]), info["entries-added"]
+
+    def _take_models(self, found: list[tuple[str, bytes | str, set]], absent: Iterable[str]) -> None:
+        """Models' state as Redis holds it: when first seen and with which tag sets; those it
+        holds no more (forgotten) are forgotten here, unless a live worker names them."""
+        for name, seen, sets in found:
+            self._first_seen[name] = float(seen)
             self._ever_served.setdefault(name, set()).update(frozenset(orjson.loads(s)) for s in sets)
             if name not in self._named_by:
                 self._last_named.setdefault(name, self._clock())  # it ages from now, here
-        for name in [m for m in self._ever_served if m not in held and m not in self._named_by]:
-            self._drop_model(name)
-        self._models_v = version
+        gone = [m for m in absent if m not in self._named_by and (m in self._ever_served or m in self._last_named)]
+        if gone:
+            self._drop_models(gone)
+
+
+def _no_log(info) -> bool:
+    """Whether XINFO STREAM found no log (an error for any other reason is raised)."""
+    if isinstance(info, redis.ResponseError):
+        if "no such key" not in str(info).lower():
+            raise info
+        return True
+    return False
+
+
+def _log_id(value: bytes | str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text(value).split("-"))
 
 
 async def _or_503(call):
