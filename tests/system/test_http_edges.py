@@ -103,16 +103,19 @@ def test_a_huge_body_of_token_ids_does_not_stall_other_requests(served: Gateway)
 
     thread = threading.Thread(target=big)
     thread.start()
-    slowest = 0.0
+    slowest, answered = 0.0, 0
     while thread.is_alive():
         started = time.monotonic()
         assert httpx.get(served.url + "/health", timeout=10).status_code == 200
-        slowest = max(slowest, time.monotonic() - started)
+        slowest, answered = max(slowest, time.monotonic() - started), answered + 1
     thread.join()
     response = result["response"]
-    summary = f"{len(body)} bytes answered {response.status_code} in {result['seconds']:.2f}s; slowest /health {slowest:.3f}s"
+    summary = (f"{len(body)} bytes answered {response.status_code} in {result['seconds']:.2f}s; {answered} /health "
+               f"meanwhile, the slowest {slowest:.3f}s")  # fmt: skip
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded", summary
-    assert slowest < 0.5, summary
+    # orjson holds the GIL through the parse (0.24-0.29 s for this body here, 0.3-0.87 s beside
+    # this client on 2 cores); on the loop, /health would wait the whole 0.8-1.5 s, answered once.
+    assert slowest < 1.0 and answered >= 5, summary
 
 
 def test_a_body_that_stops_arriving_gets_408(cluster: Cluster):
