@@ -16,7 +16,7 @@ Content types are the routes' own business: JSON routes take only JSON (``http.r
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +30,17 @@ LOOPBACK_NAMES = ("localhost",)
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_EXPOSED = "Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, " \
     "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"  # fmt: skip
+
+
+def _split(url: str) -> SplitResult:
+    """``url`` split, or nothing at all where it does not parse (``[`` opens an IPv6 address that
+    never closes): any header a stranger sends must be refused, never raise."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname, parts.port  # noqa: B018  # both parse lazily, and raise on "[::1" or ":99999"
+        return parts
+    except ValueError:
+        return SplitResult("", "", "", "", "")
 
 
 class MisdirectedRequest(ApiError):
@@ -79,7 +90,7 @@ class BrowserGuard:
     def _host_allowed(self, host: str) -> bool:
         if self._any_host or not host:  # no Host at all (HTTP/1.0): no browser sent it
             return True
-        name = urlsplit("//" + host).hostname or ""
+        name = _split("//" + host).hostname or ""
         if name in self._hosts or host.lower() in self._hosts or name in LOOPBACK_NAMES:
             return True
         try:
@@ -90,7 +101,7 @@ class BrowserGuard:
     @staticmethod
     def _same_site(origin: str, host: str) -> bool:
         """The page is the gateway's own (the console): its origin names the host it called."""
-        parts = urlsplit(origin)
+        parts = _split(origin)
         return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
 
     async def _preflight(self, origin: str, headers: Headers, send: Send) -> None:

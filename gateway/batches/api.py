@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -109,6 +110,14 @@ async def _own_file(request: Request) -> FileRecord:
     return _visible(await request.app.state.batches.file(file_id), viewer, "file", file_id)
 
 
+def _attachment(filename: str) -> str:
+    """A download's Content-Disposition for any upload's name (RFC 6266): an ASCII stand-in in
+    ``filename`` (no quote, backslash or control character can end the header or start another)
+    and the name itself, percent-encoded UTF-8, in ``filename*``, which browsers and curl prefer."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='', errors='replace')}"
+
+
 async def retrieve_file(request: Request) -> Response:
     return json_response((await _own_file(request)).as_openai())
 
@@ -116,7 +125,7 @@ async def retrieve_file(request: Request) -> Response:
 async def file_content(request: Request) -> Response:
     record = await _own_file(request)
     store = request.app.state.batches
-    headers = {"Content-Disposition": f'attachment; filename="{record.filename}"'}
+    headers = {"Content-Disposition": _attachment(record.filename)}
     if record.batch_id is None:
         return Response(await store.content(record), media_type="application/jsonl", headers=headers)
     batch = await store.batch(record.batch_id)

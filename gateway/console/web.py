@@ -34,6 +34,7 @@ from gateway.redis_link import DOWN
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+SERVED = (".js", ".css", ".svg")
 Handler = Callable[[Request], Awaitable[Response]]
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -105,7 +106,10 @@ async def login(request: Request) -> Response:
         return _form_page("The console is off: no admin token is configured (set EMBEDQ_ADMIN_TOKENS).", 403)
     if request.headers.get("content-type", "").partition(";")[0].strip() != "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("sign in with the form: application/x-www-form-urlencoded, field 'token'")
-    form = parse_qs((await read_body(request)).decode("utf-8", "replace"), max_num_fields=4)
+    try:
+        form = parse_qs((await read_body(request)).decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:  # more fields than the form has: no browser sent it
+        return _form_page("Sign in with the form: one field, 'token'.", 400)
     fingerprint = auth.admin_fingerprint(form.get("token", [""])[0].strip())
     if fingerprint is None:
         return _form_page("That is not an admin token of this gateway.", 401)
@@ -139,8 +143,8 @@ async def to_shell(request: Request) -> Response:
 
 async def static(request: Request) -> Response:
     name = request.path_params["name"]
-    path = (STATIC / name).resolve()
-    if not path.is_relative_to(STATIC.resolve()) or not path.is_file() or path.suffix not in (".js", ".css", ".svg"):
+    path = (STATIC / name.replace("\0", "")).resolve()  # a NUL is in no file's name; os calls raise on it
+    if "\0" in name or not path.is_relative_to(STATIC.resolve()) or not path.is_file() or path.suffix not in SERVED:
         raise NotFound(f"no console file {name!r}")
     media_type = "text/javascript" if path.suffix == ".js" else mimetypes.guess_type(path.name)[0]
     return Response(path.read_bytes(), media_type=media_type)

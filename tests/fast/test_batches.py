@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import urllib.parse
 
 import httpx
 import numpy as np
@@ -235,3 +236,15 @@ async def test_a_batch_whose_input_file_was_deleted_fails_when_it_is_taken_up_ag
         done = await finished(client(gateway), batch.id)
         assert done.status == "failed" and done.errors is not None
         assert done.errors.data[0].code == "file_not_found"
+
+
+@pytest.mark.parametrize("name", ["отчёт.jsonl", "📄.jsonl", 'a"b\r\nSet-Cookie: x=1.jsonl'])
+async def test_a_file_of_any_name_downloads_under_that_name_and_injects_no_header(name):
+    async with running() as gateway:
+        oai = client(gateway)
+        uploaded = await oai.files.create(file=(name, io.BytesIO(jsonl([request_line("a", "x")]))), purpose="batch")
+        download = await gateway.client.get(f"/v1/files/{uploaded.id}/content")
+    assert download.status_code == 200 and "set-cookie" not in download.headers
+    disposition = download.headers["content-disposition"]
+    assert disposition.isascii() and "\n" not in disposition and disposition.count('"') == 2
+    assert urllib.parse.unquote(disposition.partition("filename*=UTF-8''")[2]) == uploaded.filename

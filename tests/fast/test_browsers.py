@@ -146,3 +146,23 @@ async def test_metrics_can_require_their_own_token(tmp_path):
 )
 def test_every_form_of_redis_password_is_masked_in_logs(url, masked):
     assert safe_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    "headers", [{"Host": "["}, {"Host": "[::1"}, {"Host": "127.0.0.1:99999"}, {"Origin": "http://["}, {"Origin": "http://[::1"}]
+)
+async def test_a_host_or_origin_that_does_not_parse_is_refused_not_a_500(headers, caplog):
+    """Any stranger can send these: each was a 500 and a logged traceback."""
+    async with running() as gateway:
+        for path in ("/health", "/v1/embeddings", "/ui/login"):
+            response = await gateway.client.get(path, headers=headers)
+            assert response.status_code in (403, 421), (path, response.status_code, response.text)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+async def test_the_consoles_odd_paths_and_forms_get_4xx_not_500():
+    async with running({"EMBEDQ_ADMIN_TOKENS": "admin-token-for-browser-tests"}) as gateway:
+        nul = await gateway.client.get("/ui/static/app.js%00.py")
+        fields = await gateway.client.post("/ui/login", data={f"field{i}": "x" for i in range(6)})
+    assert nul.status_code == 404 and "no console file" in nul.json()["error"]["message"]
+    assert fields.status_code == 400 and "one field, &#x27;token&#x27;" in fields.text
