@@ -171,8 +171,7 @@ async def errors(request: Request) -> Response:
 async def _answered(request: Request, worker_id: str, answers: list[Answer]) -> Response:
     state = request.app.state
     hello = await _touch(request, worker_id)
-    card = next(iter(hello.models.values()))  # a worker's models share one engine: one context
-    settled = await state.queue.answer(worker_id, answers, Expect(None if card.chunked else card.max_input_tokens))
+    settled = await state.queue.answer(worker_id, answers, _expect(hello))
     if settled.refused:
         problems = sorted(set(settled.refused.values()))
         log.warning("refused %d answers from worker %s: %s", len(settled.refused), worker_id, "; ".join(problems))
@@ -184,6 +183,14 @@ async def _answered(request: Request, worker_id: str, answers: list[Answer]) -> 
     state.metrics.worker_posts.labels("refused").inc(len(settled.refused))
     reply = PostReply(accepted=settled.accepted, ignored=settled.stale + len(settled.refused))
     return json_response(reply.model_dump())
+
+
+def _expect(hello: WorkerHello) -> Expect:
+    """What any answer of this worker must respect: its models share one engine, so one context,
+    but an over-long input of a model that chunks counts more tokens than that, and answers carry
+    no model name to tell them apart: no bound if any of its models chunks."""
+    cards = hello.models.values()
+    return Expect(None if any(card.chunked for card in cards) else max(card.max_input_tokens for card in cards))
 
 
 async def release(request: Request) -> Response:

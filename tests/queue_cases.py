@@ -454,7 +454,7 @@ async def test_an_answer_that_does_not_fit_its_job_is_refused_and_the_job_goes_b
     run = asyncio.create_task(queue.run("k", specs(2), timeout_s=5))
     (job,) = await lease(queue)
     settled = await queue.answer(W, [(job.job_id, job.lease_id, done(1))], EXPECT)  # one row for two inputs
-    assert (settled.accepted, settled.refused) == (0, {job.job_id: "not one row per input, of the job's width"})
+    assert (settled.accepted, settled.refused) == (0, {job.job_id: "not one row per input, of the job's width or kind"})
     (again,) = await lease(queue, OTHER, wait_s=0)  # back in line at once
     assert again.job_id == job.job_id
     nan = JobDone(np.full((2, 2), np.nan, dtype=np.float32), [3, 3])
@@ -462,6 +462,22 @@ async def test_an_answer_that_does_not_fit_its_job_is_refused_and_the_job_goes_b
     (third,) = await lease(queue, W, wait_s=0)
     assert await answer(queue, third, done(2, 4.0))
     assert (await run)[0].vectors[0, 0] == 4.0
+    await backend.close()
+
+
+async def test_a_tokenize_answer_must_carry_token_ids_and_a_detokenize_answer_texts(backend):
+    queue = await backend.queue()
+    nothing = np.zeros((1, 0), dtype=np.float32)
+    tokenize = asyncio.create_task(queue.run("k", [JobSpec("m", ["a text"], kind="tokenize")], timeout_s=5))
+    detokenize = asyncio.create_task(queue.run("k", [JobSpec("m", [[7, 8]], kind="detokenize")], timeout_s=5))
+    first, second = await lease(queue)
+    wrong = [(first.job_id, first.lease_id, JobDone(nothing, [2], texts=["a text"])),  # texts for a tokenize job
+             (second.job_id, second.lease_id, JobDone(nothing, [2]))]  # fmt: skip  # neither
+    assert len((await queue.answer(W, wrong, EXPECT)).refused) == 2
+    first, second = await lease(queue, OTHER, wait_s=0)
+    assert await answer(queue, first, JobDone(nothing, [2], token_ids=[[7, 8]]), OTHER)
+    assert await answer(queue, second, JobDone(nothing, [2], texts=["a text"]), OTHER)
+    assert (await tokenize)[0].token_ids == [[7, 8]] and (await detokenize)[0].texts == ["a text"]
     await backend.close()
 
 

@@ -9,7 +9,8 @@ an upkeep loop expires leases that outlived what their worker asked for.
 
 Answers are checked before any client sees them (``answer``): every value finite, token counts
 within the model's context, a row per input of the job's width (the model's size for vectors, one
-for scores), an error index within the job. An answer that fails is refused, and its job goes back in line for another worker.
+for scores; token ids for a tokenize job, texts for a detokenize one), an error index within the
+job. An answer that fails is refused, and its job goes back in line for another worker.
 
 Lease length: a worker says how long it needs (``hold_s``, from its engine's measured pace);
 the core bounds that by ``lease_ttl_s`` (and uses the bound for a worker that has not measured
@@ -265,7 +266,7 @@ class JobQueue:
             elif verdict is Verdict.STALE:
                 settled.stale += 1
             else:
-                misfit = "not one row per input, of the job's width" if isinstance(outcome, JobDone) else None
+                misfit = "not one row per input, of the job's width or kind" if isinstance(outcome, JobDone) else None
                 settled.refused[job_id] = wrong.get(job_id) or misfit or "an input index outside the job"
         return settled
 

@@ -29,6 +29,12 @@ class JobSpec:
     pairs_with: list[str] = field(default_factory=list)  # score: the second text of each pair
     special_tokens: bool = True  # tokenize: count the model's special tokens too
 
+    @property
+    def shape(self) -> str:
+        """What its answer must carry (``store.answer_shape``): so many columns of vectors, or the
+        token ids of a tokenize job, or the texts of a detokenize job."""
+        return {"tokenize": "t", "detokenize": "x"}.get(self.kind, str(self.width))
+
     def job_fields(self, priority: int) -> dict[str, Any]:
         """What a worker is sent of this job, besides its ids (``priority``: its class)."""
         return {"model": self.model, "kind": self.kind, "inputs": self.inputs, "pairs_with": self.pairs_with,

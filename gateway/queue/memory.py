@@ -118,7 +118,7 @@ class MemoryStore(Store):
             entry = self._unlease(job_id, lease_id, worker_id)
             if entry is None:
                 verdicts.append(Verdict.STALE)
-            elif job_id in refused or not fits(len(entry.job.spec.inputs), entry.job.spec.width, outcome):
+            elif job_id in refused or not fits(len(entry.job.spec.inputs), entry.job.spec.shape, outcome):
                 self._requeue_or_fail(entry, "refused", Reclaimed())
                 verdicts.append(Verdict.REFUSED)
             else:

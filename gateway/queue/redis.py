@@ -33,7 +33,7 @@ from contract.frames import decode_results, encode_results
 from contract.messages import Job, JobResult, ResultsHeader
 from gateway.queue.jobs import CLASSES, Answer, JobDone, JobFailed, Outcome, Pending, QueueStats, QueueUnavailable
 from gateway.queue.redis_scripts import ANSWER, ENQUEUE, EXPIRE, GIVE_BACK, LEASE, RELEASE_WORKER, WITHDRAW
-from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, Verdict
+from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, Verdict, answer_shape
 from gateway.redis_link import DOWN, RedisLink, text, unless_cancelled
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RedisStore(Store):
                 placement.priority,
                 placement.tenant,
                 placement.weight,
-                spec.width,
+                spec.shape,
             ]
         with _unavailable():
             await self._scripts["ENQUEUE"](args=args)
@@ -138,7 +138,7 @@ class RedisStore(Store):
                 payload = b"" if wrong or job_id in self.core.pending else _encode(job_id, lease_id, worker_id, outcome)
                 kind, count = _shape(outcome)
                 args: list[Any] = [self._link.prefix, job_id, lease_id, payload, RESULT_TTL_MS, self._link.replica, worker_id,
-                        "1" if wrong else "0", kind, count, self.max_attempts, _width(outcome)]  # fmt: skip
+                        "1" if wrong else "0", kind, count, self.max_attempts, _shape_of(outcome)]  # fmt: skip
                 await script(args=args, client=pipe)
             with _unavailable():
                 stored = await pipe.execute()
@@ -298,8 +298,8 @@ def _unavailable() -> Iterator[None]:
         raise QueueUnavailable(f"the job queue (Redis) is unreachable: {exc}") from None
 
 
-def _width(outcome: Outcome) -> int:
-    return outcome.vectors.shape[1] if isinstance(outcome, JobDone) else 0
+def _shape_of(outcome: Outcome) -> str:
+    return answer_shape(outcome) if isinstance(outcome, JobDone) else ""
 
 
 def _shape(outcome: Outcome) -> tuple[str, int]:

@@ -186,7 +186,7 @@ return out
 
 # ARGV: P, job id, lease id, payload, result_ttl_ms, this replica, worker id, refused ('1': the
 # gateway found the answer wrong), kind ('D' vectors, 'F' a failure), count (rows of vectors, or
-# the failure's input index, -1 for none), max_attempts, width (columns of the vectors).
+# the failure's input index, -1 for none), max_attempts, shape (store.answer_shape).
 # 0: not the worker's current lease (nothing changes); 1: stored for its owner; 2: the owner is
 # this replica, which delivers the outcome itself (the job is gone from Redis); 3: refused, or it
 # does not fit the job (store.fits: a row per input, an index within the inputs): back in line.
@@ -198,7 +198,9 @@ local f = redis.call('HMGET', j, 'lease', 'st', 'queue', 'owner', 'worker', 'n',
 if f[2] ~= 'l' or f[1] ~= ARGV[3] or f[5] ~= ARGV[7] then return 0 end
 unlease(ARGV[2], f[3], f[5])
 local n, count = tonumber(f[6]), tonumber(ARGV[10])
-local fits = (ARGV[9] == 'D' and count == n and ARGV[12] == f[7]) or (ARGV[9] == 'F' and count < n)
+-- A (de)tokenize job stored by a gateway before answer shapes ('t', 'x') has width '0'.
+local shaped = ARGV[12] == f[7] or (f[7] == '0' and (ARGV[12] == 't' or ARGV[12] == 'x'))
+local fits = (ARGV[9] == 'D' and count == n and shaped) or (ARGV[9] == 'F' and count < n)
 if ARGV[8] == '1' or not fits then
   requeue_or_fail(ARGV[2], tonumber(ARGV[11]), 'refused', ARGV[5])
   return 3

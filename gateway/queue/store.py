@@ -43,12 +43,21 @@ class Verdict(IntEnum):
     REFUSED = 2  # under the worker's lease, but not an answer to that job: back in line
 
 
-def fits(inputs: int, width: int, outcome: Outcome) -> bool:
-    """Whether an outcome can be the answer to a job of ``inputs`` inputs whose answer has
-    ``width`` columns (the Redis store's ANSWER script checks the same in Lua)."""
+def fits(inputs: int, shape: str, outcome: Outcome) -> bool:
+    """Whether an outcome can be the answer to a job of ``inputs`` inputs whose answer has this
+    ``shape`` (``JobSpec.shape``; the Redis store's ANSWER script checks the same in Lua)."""
     if isinstance(outcome, JobDone):
-        return outcome.vectors.shape == (inputs, width) and len(outcome.prompt_tokens) == inputs
+        return len(outcome.vectors) == inputs and answer_shape(outcome) == shape and len(outcome.prompt_tokens) == inputs
     return outcome.input_index is None or 0 <= outcome.input_index < inputs
+
+
+def answer_shape(done: JobDone) -> str:
+    """What an answer carries, as ``JobSpec.shape`` says it: its vectors' columns, or (with no
+    columns) token ids alone, "t", or texts alone, "x"; anything else fits no job."""
+    columns = done.vectors.shape[1]
+    if columns or (done.token_ids is None) == (done.texts is None):
+        return str(columns) if done.token_ids is None and done.texts is None else "?"
+    return "t" if done.token_ids is not None else "x"
 
 
 def fair_tag(clock: float, last: float, cost: int, weight: float) -> float:

@@ -82,6 +82,25 @@ async def test_token_counts_outside_the_models_context_are_refused(count):
         await _answered_by_a_healthy_worker_after(gateway, request, ["counted"])
 
 
+@pytest.mark.parametrize(
+    "long, plain, entries",
+    [("fake-model", "plain", 'chunk_long_inputs = true\n[queue.models."plain"]\n'),
+     ("long", "fake-model", '[queue.models."long"]\nchunk_long_inputs = true\n')],
+    ids=["chunked-first", "chunked-second"],
+)  # fmt: skip
+async def test_a_worker_serving_a_chunked_and_a_plain_model_on_one_checkpoint_serves_both(long, plain, entries):
+    """Its answers carry no model name: the chunked one's over-long inputs count more tokens than
+    the engine's context, which must not make every answer of the worker wrong."""
+    async with running() as gateway:
+        await gateway.worker(model_extra=entries)
+        chunked = await gateway.embed(["word " * 300, "short"], model=long)
+        refused = await gateway.embed(["word " * 300], model=plain)
+        fits = await gateway.embed(["short"], model=plain)
+    assert chunked.status_code == 200 and chunked.json()["usage"]["prompt_tokens"] > 300, chunked.text
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert fits.status_code == 200
+
+
 @pytest.mark.parametrize("count", [-5, 2**70], ids=["negative", "2**70"])
 async def test_absurd_token_counts_are_a_bad_frame_not_a_500(count):
     async with running() as gateway:
