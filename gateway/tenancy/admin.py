@@ -44,7 +44,8 @@ class KeyLimits(BaseModel):
     budget: str | None = Field(default=None, description="TOKENS/day or TOKENS/month")
     weight: float | None = Field(default=None, gt=0)
     max_priority: PriorityName | None = None
-    models: list[str] | None = None
+    # None: every model. An empty list would read as that too, where its sender meant none: refused.
+    models: list[str] | None = Field(default=None, min_length=1)
 
 
 class NewKey(KeyLimits):

@@ -29,7 +29,10 @@ LIMIT_FLAGS = ("rpm", "tpm", "concurrency", "budget", "weight", "max_priority")
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # past year 9999: a key made before lifetimes were bounded
+        return "far future"
 
 
 def _store_flags(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,7 @@ LAST_USED_EVERY_S = 60.0  # note last_used_at at most this often per key
 WRITE_EVERY_S = 1.0  # write what was noted this often (off the event loop)
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_LIFETIME_DAYS = 36500
 
 
 class KeysError(Exception):
@@ -128,10 +129,17 @@ def digest(key: str) -> str:
 
 
 def parse_duration(text: str) -> float:
+    """A key's lifetime: at least a second, at most MAX_LIFETIME_DAYS (a date past that is no date
+    a calendar, or the CLI's listing, can show)."""
     match = _DURATION.match(text.strip())
     if not match:
         raise KeysError(f"cannot read the duration {text!r}: use a number and s, m, h or d (e.g. 30d)")
-    return int(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    if not 1 <= seconds <= MAX_LIFETIME_DAYS * 86400:
+        raise KeysError(
+            f"a key's lifetime must be between 1s and {MAX_LIFETIME_DAYS}d (got {text!r}); omit it for a key that never expires"
+        )
+    return seconds
 
 
 class _Lookup:

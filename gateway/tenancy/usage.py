@@ -219,8 +219,11 @@ class UsageLedger:
         key: str | None = None,
         model: str | None = None,
     ) -> list[dict[str, object]]:
-        """Sums over [start, end) per period (hour or day, UTC) and per key or model, oldest first."""
+        """Sums over [start, end) per period (hour or day, UTC) and per key or model, oldest first.
+        Only the hours kept are read: a range of a century costs what the retention holds."""
         await self.flush()
+        now = self._clock()
+        start, end = max(start, now - self._retention_s - HOUR_S), min(end, now + HOUR_S)
         if end <= start:
             return []
         totals = await self._store.read(hour_of(start), hour_of(end - 1))

@@ -11,6 +11,7 @@ from gateway.admission import QueueLoad
 from gateway.queue import BATCH, DEFAULT, INTERACTIVE, Placement
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits, MemoryLimiter
+from gateway.tenancy.usage import MemoryUsage, UsageLedger
 from tests.fast.conftest import running
 
 pytestmark = pytest.mark.anyio
@@ -185,6 +186,37 @@ async def test_admin_api_manages_keys_and_a_change_holds_at_the_next_request(tmp
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
     assert unknown.status_code == 404 and duplicate.status_code == 400
     assert revoked.json()["state"] == "revoked" and after.status_code == 401
+
+
+async def test_admin_api_refuses_a_lifetime_of_nothing_or_of_millennia_and_a_scope_of_no_model(tmp_path):
+    """ "0s" made a key that never expired, 99,999,999 days one that `keys list` could not show, and
+    "models": [] one for every model."""
+    _, env = _keys(tmp_path)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with running(env) as gateway:
+        answers = [await gateway.client.post("/admin/v1/keys", json={"name": f"k{i}", **body}, headers=admin)
+                   for i, body in enumerate([{"expires_in": "0s"}, {"expires_in": "99999999d"}, {"models": []}])]  # fmt: skip
+        narrowed = await gateway.client.patch("/admin/v1/keys/team", json={"models": []}, headers=admin)
+        listed = await gateway.client.get("/admin/v1/keys", headers=admin)
+    for response, field in zip([*answers, narrowed], ["expires_in", "expires_in", "models", "models"]):
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    assert {k["name"] for k in listed.json()["data"]} == {"team"}
+
+
+async def test_a_usage_report_of_a_century_reads_only_the_hours_kept():
+    """Each hour is a Redis read: 876,000 of them kept /health waiting 1.8 s."""
+    asked: list[tuple[int, int]] = []
+
+    class Recording(MemoryUsage):
+        async def read(self, first_hour: int, last_hour: int):
+            asked.append((first_hour, last_hour))
+            return await super().read(first_hour, last_hour)
+
+    now = 2_000_000_000.0
+    ledger = UsageLedger(Recording(), retention_days=400, clock=lambda: now)
+    await ledger.report(now - 100 * 365 * 86400, now + 100 * 365 * 86400)
+    [(first, last)] = asked
+    assert (last - first) / 3600 <= 401 * 24
 
 
 async def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart(tmp_path):
