@@ -186,6 +186,9 @@ async def render_error(request: Request, exc: Exception) -> Response:
     return error_response(path, error)
 
 
+JINA_PATHS = ("/v1/rerank", "/rerank")
+
+
 def error_response(path: str, error: ApiError) -> Response:
     """The error in the shape of the dialect that was called."""
     if path.startswith("/api/"):
@@ -194,6 +197,8 @@ def error_response(path: str, error: ApiError) -> Response:
         body = {"message": error.message}  # Cohere's
     else:
         body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+        if path in JINA_PATHS:  # Jina's clients (LangChain's, LlamaIndex's, jina-haystack) read "detail"
+            body["detail"] = error.message
     return json_response(body, status=error.status, headers=error.headers)
 
 

@@ -89,6 +89,18 @@ async def test_a_field_of_the_wrong_type_is_a_400_naming_it(path, body):
         assert response.json()["error"]["code"] == "invalid_type"
 
 
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+async def test_a_jina_rerank_error_carries_jinas_detail_beside_our_error(path):
+    """What LangChain's and LlamaIndex's JinaRerank and jina-haystack do with an answer without
+    results: ``raise RuntimeError(resp["detail"])``; a KeyError there hides what was wrong."""
+    async with running() as gateway:
+        await gateway.worker()
+        response = await gateway.client.post(path, json={"model": "no-such-model", "query": "q", "documents": ["d"]})
+    payload = response.json()
+    assert response.status_code == 404 and "results" not in payload
+    assert payload["detail"] == payload["error"]["message"] and "no-such-model" in payload["detail"]
+
+
 async def test_credentials_refused_in_openais_words(tmp_path):
     from gateway.tenancy.keys import SqliteKeyStore
 
