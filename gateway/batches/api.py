@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from gateway.auth import CONSOLE_ADMIN
 from gateway.batches.lines import MAX_FILE_BYTES
-from gateway.batches.runner import batch_object
+from gateway.batches.runner import batch_object, no_usage
 from gateway.batches.store import BatchRecord, FileRecord
 from gateway.dialects.schemas import BatchRequest, parse_body, validate
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -162,7 +162,8 @@ async def create_batch(request: Request) -> Response:
            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
            "expires_at": now + WINDOW_S[req.completion_window], "finalizing_at": None, "completed_at": None,
            "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-           "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata}  # fmt: skip
+           "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata,
+           "model": None, "usage": no_usage()}  # fmt: skip
     record = BatchRecord(doc["id"], _owner(key), await store.next_seq(), doc)
     await store.save_batch(record)
     state.batch_runner.look_now()
@@ -189,7 +190,7 @@ async def cancel_batch(request: Request) -> Response:
         record.doc["cancelling_at"] = record.doc.get("cancelling_at") or int(time.time())
         return json_response(batch_object(record, True))
     if record.status == "cancelled":
-        return json_response(record.doc)
+        return json_response(batch_object(record, False))
     raise InvalidRequest(f"batch {record.id!r} is {record.status}: only a batch still running can be cancelled",
                          param="batch_id", code="invalid_state")  # fmt: skip
 
@@ -199,7 +200,9 @@ async def list_batches(request: Request) -> Response:
     viewer = _viewer(request)
     store = request.app.state.batches
     batches = await store.batches(viewer)
-    render = (lambda b: b.doc) if viewer is not None else (lambda b: {**b.doc, "owner": b.owner})
+    render = (
+        (lambda b: batch_object(b, False)) if viewer is not None else (lambda b: {**batch_object(b, False), "owner": b.owner})
+    )
     return json_response(_page(request, batches, lambda b: b.id, render, default_limit=20, max_limit=100))
 
 

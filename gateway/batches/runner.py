@@ -58,7 +58,12 @@ PROGRESS_S = 1.0  # request_counts are written this often
 RETRY_S = 1.0  # a line refused for now waits this long before it tries again
 WINDOW_BATCHES = 2  # a batch's inputs in the queue at once: this many engine batches of each worker
 MAX_WINDOW_LINES_SHARE = 4  # and at most a quarter of a queue's request bound in lines
-CANCEL_LOOK_S = 0.25  # a cancel stops a batch's new lines within this (and a store read)
+CANCEL_LOOK_S = 0.25  # a cancel, or a change to the batch's key, holds for new lines within this (and a store read)
+# How a batch that ends with lines unrun says why, in each such line of its error file.
+UNRUN = {
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "revoked": ("api_key_revoked", "The batch's API key was revoked or expired before this request was run."),
+}
 TRANSIENT = {408, 429, 503, 504}  # answers a line waits out: busy, no worker up, timed out in line
 
 
@@ -78,6 +83,7 @@ class _Run:
     lines: list[Line]
     key: ApiKey | None
     finished: list[tuple[int, bool, bytes]] = field(default_factory=list)  # answered, not yet recorded
+    tokens: int = 0  # of the answered lines not yet recorded: added to the batch's usage with them
     in_flight: dict[asyncio.Task, Line] = field(default_factory=dict)
     left: Counter[str] = field(default_factory=Counter)  # lines without an answer, per model (the backlog)
 
@@ -177,7 +183,8 @@ class BatchRunner:
         if errors:
             await self._fail(record, errors)
             return []
-        record.doc.update(status="in_progress", in_progress_at=now_s(),
+        models = sorted({line.model for line in lines})  # OpenAI's batches have one; ours may have several
+        record.doc.update(status="in_progress", in_progress_at=now_s(), model=",".join(models) or None,
                           request_counts={"total": len(lines), "completed": 0, "failed": 0})  # fmt: skip
         await self._store.save_batch(record)
         return lines
@@ -230,6 +237,8 @@ class BatchRunner:
                     looked = time.monotonic()
                     if await self._store.cancel_requested(record.id):
                         return "cancelled"
+                    if not self._key_holds(run):
+                        return "revoked"
                 if time.time() >= record.doc["expires_at"]:
                     return "expired"
                 self._fill_window(run, todo)
@@ -244,7 +253,7 @@ class BatchRunner:
                 if run.finished and (not todo or time.monotonic() - written >= PROGRESS_S / 4):
                     await self._record(run)
                     written = time.monotonic()
-            return "completed"
+            return "cancelled" if await self._store.cancel_requested(record.id) else "completed"
         finally:
             for task in run.in_flight:
                 task.cancel()
@@ -253,6 +262,17 @@ class BatchRunner:
                 await self._record(run)
             for model, n in run.left.items():
                 self._metrics.child(self._metrics.batch_backlog, model).dec(n)
+
+    def _key_holds(self, run: _Run) -> bool:
+        """Whether the batch's key may still run lines; the lines that start next see it as it is
+        now (its scope and limits changed since the batch began, or since the last look)."""
+        if run.key is None:
+            return True
+        key = self._key(run.record.owner)
+        if key is None or not key.usable(time.time()):
+            return False
+        run.key = key
+        return True
 
     def _fill_window(self, run: _Run, todo: list[int]) -> None:
         queued: dict[str, int] = {}
@@ -293,6 +313,7 @@ class BatchRunner:
         if status in TRANSIENT:
             await asyncio.sleep(RETRY_S)
             return index, None
+        run.tokens += call.tokens if status == 200 else 0
         self._usage.record(
             run.key.name if run.key else None, line.model, "batch",
             inputs=call.inputs if status == 200 else 0, tokens=call.tokens if status == 200 else 0,
@@ -320,9 +341,13 @@ class BatchRunner:
         if not run.finished:
             return
         batch, run.finished = run.finished, []
+        tokens, run.tokens = run.tokens, 0
         await self._store.record(run.record.id, batch)
         completed, failed, _, _ = await self._store.counts(run.record.id)
         run.record.doc["request_counts"] = {"total": len(run.lines), "completed": completed, "failed": failed}
+        usage = run.record.doc.setdefault("usage", no_usage())
+        usage["input_tokens"] += tokens
+        usage["total_tokens"] += tokens
         await self._store.save_batch(run.record)
 
     async def _finish(self, run: _Run, ending: str) -> None:
@@ -334,10 +359,15 @@ class BatchRunner:
         if ending == "completed" and doc["status"] != "finalizing":
             doc.update(status="finalizing", finalizing_at=now_s())
             await self._store.save_batch(record)
-        if ending == "expired":
+        if ending in UNRUN:
+            code, message = UNRUN[ending]
             done = await self._store.done(record.id)
-            await self._store.record(record.id, [(i, False, self._expired_line(record.id, i, line))
+            await self._store.record(record.id, [(i, False, self._unrun_line(record.id, i, line, code, message))
                                                  for i, line in enumerate(run.lines) if i not in done])  # fmt: skip
+        if ending == "revoked":  # the key's owner may no longer run it: cancelled, saying why
+            doc["errors"] = {"object": "list", "data": [problem(*UNRUN[ending])]}
+            ending = "cancelled"
+            doc.update(cancelling_at=doc.get("cancelling_at") or now_s())
         completed, failed, ok_bytes, failed_bytes = await self._store.counts(record.id)
         doc["request_counts"] = {"total": len(run.lines), "completed": completed, "failed": failed}
         for ok, size, field_name in ((True, ok_bytes, "output_file_id"), (False, failed_bytes, "error_file_id")):
@@ -348,22 +378,30 @@ class BatchRunner:
             await self._store.put_file(FileRecord(file_id, record.owner, "batch_output", name, size, now_s(),
                                                   await self._store.next_seq(), record.id, ok), None)  # fmt: skip
             doc[field_name] = file_id
+        if ending == "completed" and await self._store.cancel_requested(record.id):
+            ending = "cancelled"  # acknowledged as cancelling meanwhile: it ends as its client was told
         doc.update(status=ending, **{f"{ending}_at": now_s()})
         await self._store.save_batch(record)
         log.info("batch %s %s: %d lines completed, %d failed", record.id, ending, completed, failed)
 
     @staticmethod
-    def _expired_line(batch_id: str, index: int, line: Line) -> bytes:
+    def _unrun_line(batch_id: str, index: int, line: Line, code: str, message: str) -> bytes:
         request_id = hashlib.sha256(f"{batch_id}/{index}".encode()).hexdigest()[:24]
-        error = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
+        error = {"code": code, "message": message}
         return (
             orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": line.custom_id, "response": None, "error": error}) + b"\n"
         )
 
 
+def no_usage() -> dict[str, Any]:
+    """OpenAI's batch usage before any line is answered (embeddings have input tokens only)."""
+    return {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}  # fmt: skip
+
+
 def batch_object(record: BatchRecord, cancel_requested: bool) -> dict[str, Any]:
     """OpenAI's batch object; a cancel asked for and not yet seen by the driver reads as cancelling."""
-    doc = dict(record.doc)
+    doc = {"model": None, "usage": no_usage(), **record.doc}  # a batch begun before both were kept has neither
     if cancel_requested and doc["status"] in ("validating", "in_progress", "finalizing"):
         doc["status"] = "cancelling"
     return doc

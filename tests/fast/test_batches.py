@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.batches import api
+from gateway.batches import api, runner
 from gateway.batches.store import DataDirBusy
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits
@@ -76,6 +76,8 @@ async def test_the_openai_client_runs_a_batch_and_every_line_comes_back_once_as_
             vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
             assert np.array_equal(vectors, expected(texts[line["custom_id"]])), line["custom_id"]
             tokens += body["usage"]["prompt_tokens"]
+        assert done.model == "fake-model" and done.usage is not None
+        assert done.usage.input_tokens == done.usage.total_tokens == tokens and done.usage.output_tokens == 0
         direct = await gateway.embed(texts["line-7"])
         assert direct.json()["data"] == next(o for o in output if o["custom_id"] == "line-7")["response"]["body"]["data"]
         errors = [orjson.loads(line) for line in (await oai.files.content(done.error_file_id)).content.splitlines()]
@@ -201,6 +203,53 @@ async def test_a_second_gateway_on_the_same_data_directory_is_refused(tmp_path):
         with pytest.raises(DataDirBusy):
             async with running(env):
                 pass
+
+
+async def test_a_cancel_acknowledged_as_the_last_lines_finish_ends_cancelled(monkeypatch):
+    """The runner looks for a cancel only every CANCEL_LOOK_S: here never while the lines run, so
+    every line is done before it looks; the client was told "cancelling", and so it ends."""
+    monkeypatch.setattr(runner, "CANCEL_LOOK_S", 60)
+    async with running() as gateway:
+        await gateway.worker(delay_s=0.05)
+        oai = client(gateway)
+        _, batch = await start(oai, [request_line(f"line-{i}", f"text {i}") for i in range(5)])
+        assert (await oai.batches.cancel(batch.id)).status == "cancelling"
+        done = await finished(oai, batch.id, timeout_s=10)
+    assert done.status == "cancelled" and done.cancelled_at is not None, done
+
+
+async def test_a_batch_whose_key_is_revoked_stops_within_a_second_its_unrun_lines_saying_why(tmp_path):
+    store = SqliteKeyStore(tmp_path / "keys.db")
+    secret, _ = store.create("team", None, None)
+    store.close()
+    env = {"EMBEDQ_KEYS_DB": str(tmp_path / "keys.db"), "EMBEDQ_ADMIN_TOKENS": ADMIN}
+    async with running(env) as gateway:
+        await gateway.worker(delay_s=0.05, max_num_seqs=2)
+        oai = client(gateway, secret)
+        _, batch = await start(oai, [request_line(f"line-{i}", f"text {i}") for i in range(2000)])
+        while (await oai.batches.retrieve(batch.id)).request_counts.completed < 10:
+            await asyncio.sleep(0.05)
+        revoked = await gateway.client.delete("/admin/v1/keys/team", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert revoked.status_code == 200
+        stopped, batches = asyncio.get_running_loop().time(), gateway.app.state.batches
+        while (record := await batches.batch(batch.id)).status != "cancelled":
+            assert asyncio.get_running_loop().time() - stopped < 1.0, record.status
+            await asyncio.sleep(0.02)
+        served = gateway.workers[0].engine.batches
+        await asyncio.sleep(0.5)
+        assert gateway.workers[0].engine.batches <= served + 1  # nothing more of it runs
+        error_file = await batches.file(record.doc["error_file_id"])
+        errors = [orjson.loads(line) async for line in _lines(batches, error_file)]
+    counts = record.doc["request_counts"]
+    assert 10 <= counts["completed"] < 2000 and counts["completed"] + counts["failed"] == 2000
+    assert record.doc["errors"]["data"][0]["code"] == "api_key_revoked"
+    assert len(errors) == counts["failed"] and {e["error"]["code"] for e in errors} == {"api_key_revoked"}
+
+
+async def _lines(store, record):
+    async for chunk in store.results(record.batch_id, record.ok, 2000):
+        for line in chunk.splitlines():
+            yield line
 
 
 async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):
