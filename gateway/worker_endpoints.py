@@ -10,9 +10,10 @@ checked against their jobs before any client sees them (queue/core.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -119,7 +120,8 @@ async def lease(request: Request) -> Response:
         )
     # A worker that hangs up mid-poll must not be handed jobs it will never see; one that leaves
     # gets its answer at once.
-    jobs = await unless_disconnected(request, _unless_leaving(leasing, leaving))
+    give_back = functools.partial(state.queue.release_soon, req.worker_id)
+    jobs = await unless_disconnected(request, _unless_leaving(leasing, leaving, give_back))
     if hello.protocol < 3:
         return json_response(LeaseReply(jobs=jobs).model_dump_json(exclude={"jobs": {"__all__": _NEWER_THAN_2["job"]}}).encode())
     return json_response(LeaseReply(jobs=jobs).model_dump_json().encode())
@@ -130,19 +132,27 @@ async def _nothing_after(seconds: float) -> list[Job]:
     return []
 
 
-async def _unless_leaving(leasing: Awaitable[list[Job]], leaving: asyncio.Event) -> list[Job]:
+async def _unless_leaving(
+    leasing: Awaitable[list[Job]], leaving: asyncio.Event, give_back: Callable[[list[tuple[str, str]]], None]
+) -> list[Job]:
     """The lease, or no jobs as soon as the worker says it is leaving: a stopping worker waits
-    for this answer rather than hang up on it, so no job is ever handed to a closed connection."""
+    for this answer rather than hang up on it, so no job is ever handed to a closed connection.
+    A worker that hangs up (this is cancelled) takes nothing: the lease still waiting is
+    cancelled (``asyncio.wait`` would leave it running, to take jobs for nobody), and what it took
+    just then goes back at once."""
     lease = asyncio.ensure_future(leasing)
     left = asyncio.ensure_future(leaving.wait())
     try:
         await asyncio.wait({lease, left}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if lease.done() and not lease.cancelled() and lease.exception() is None:
+            give_back([(job.job_id, job.lease_id) for job in lease.result()])
+        raise
     finally:
         left.cancel()
-    if lease.done():
-        return lease.result()
-    lease.cancel()  # still waiting for jobs: nothing was taken
-    return []
+        taken = lease.done()
+        lease.cancel()  # still waiting for jobs: nothing was taken
+    return lease.result() if taken else []
 
 
 async def results(request: Request) -> Response:

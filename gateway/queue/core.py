@@ -274,6 +274,11 @@ class JobQueue:
         """Jobs the worker gives back go back in line now; how many were its own."""
         return await self._store.give_back(worker_id, refs)
 
+    def release_soon(self, worker_id: str, refs: list[tuple[str, str]]) -> None:
+        """``release``, from a task of its own: for a caller being cancelled, which cannot await."""
+        if refs:
+            self._in_background(self.release(worker_id, refs))
+
     async def release_worker(self, worker_id: str) -> None:
         """The worker left, or the registry dropped it: its jobs go back in line at once."""
         for engines in self._engines.values():

@@ -64,6 +64,21 @@ async def test_a_leaving_workers_leases_go_back_at_once():
     assert response.status_code == 200
 
 
+async def test_a_worker_that_hangs_up_mid_poll_takes_no_job_for_nobody():
+    """Its lease was left running after the hang-up and took the next job, which then waited for
+    the lease to expire (30.7 s in a probe); a healthy worker answers it at once now."""
+    async with running() as gateway:
+        gone = HandWorker(gateway, "w-gone")
+        await gone.register()
+        poll = asyncio.create_task(gone.lease(wait_s=20, hold_s=30))
+        await asyncio.sleep(0.2)  # the poll is waiting in the queue
+        poll.cancel()  # the worker hangs up
+        await asyncio.sleep(0.05)
+        await gateway.worker()
+        response = await asyncio.wait_for(gateway.embed(["after the hang-up"]), 3)
+    assert response.status_code == 200
+
+
 async def test_a_worker_whose_engine_hangs_loses_its_jobs_and_sits_out():
     async with running() as gateway:
         hung = await gateway.worker(delay_s=0.05, generator_extra="hang_after_batches = 3")
