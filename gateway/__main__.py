@@ -10,9 +10,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gateway import memory
 from gateway.app import create_app
+from gateway.batches.store import DataDirBusy, DirStore
 from gateway.server import DrainingServer, server_config
 from gateway.settings import SettingsError, load_settings
 from gateway.tenancy import cli as tenancy_cli
@@ -35,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.queue == "memory":  # on Redis, files and batches live there: no directory to share
+        try:
+            DirStore.lock(Path(settings.data_dir)).close()
+        except DataDirBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     app = create_app(settings)
     DrainingServer(server_config(app, settings), app, drain_timeout_s=settings.request_timeout_s).run()
     return 0

@@ -152,17 +152,25 @@ class DirStore(BatchStore):
     async def start(self) -> None:
         await asyncio.to_thread(self._open)
 
-    def _open(self) -> None:
-        (self._root / "files").mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self._root / "lock", "wb")  # noqa: SIM115  # held until stop()
+    @staticmethod
+    def lock(root: Path) -> IO[bytes]:
+        """The data directory's lock, taken (it is held while the file stays open); DataDirBusy if
+        another gateway holds it. ``python -m gateway`` takes it once before it serves, to fail
+        in one line rather than in a traceback of its start-up."""
+        (root / "files").mkdir(parents=True, exist_ok=True)
+        lock_file = open(root / "lock", "wb")  # noqa: SIM115  # its holder closes it
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock_file.close()
+            lock_file.close()
             raise DataDirBusy(
-                f"another gateway uses the data directory {self._root}: give each gateway its own "
+                f"another gateway uses the data directory {root}: give each gateway its own "
                 "EMBEDQ_DATA_DIR, or run replicas with EMBEDQ_QUEUE=redis (files and batches then live in Redis)"
             ) from None
+        return lock_file
+
+    def _open(self) -> None:
+        self._lock_file = self.lock(self._root)  # held until stop()
         self._db = sqlite3.connect(self._root / "batches.db", check_same_thread=False, timeout=10)
         self._db.executescript(
             """

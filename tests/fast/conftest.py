@@ -153,11 +153,12 @@ class HandWorker:
 
 
 @contextlib.asynccontextmanager
-async def running(env: dict[str, str] | None = None, app: Starlette | None = None) -> AsyncIterator[Gateway]:
+async def running(env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
     """A gateway app on the given EMBEDQ_* settings (the defaults otherwise, but for a data
-    directory of its own), lifespan and all."""
+    directory of its own: a gateway of ``make run`` beside the tests holds the default one),
+    lifespan and all."""
     with tempfile.TemporaryDirectory(prefix="embedq-data-") as data_dir:
-        app = app or create_app(load_settings({"EMBEDQ_DATA_DIR": data_dir, **(env or {})}))
+        app = create_app(load_settings({"EMBEDQ_DATA_DIR": data_dir, **(env or {})}))
         async with app.router.lifespan_context(app):
             gateway = Gateway(app)
             try:

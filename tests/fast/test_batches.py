@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import urllib.parse
 
 import httpx
@@ -14,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.batches import api, runner
-from gateway.batches.store import DataDirBusy
+from gateway.batches.store import DataDirBusy, DirStore
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits
 from tests.fakes import expected, metric
@@ -250,6 +253,18 @@ async def _lines(store, record):
     async for chunk in store.results(record.batch_id, record.ok, 2000):
         for line in chunk.splitlines():
             yield line
+
+
+def test_a_second_gateway_process_on_a_held_data_directory_exits_with_one_line(tmp_path):
+    held = DirStore.lock(tmp_path)  # what a running gateway (make run) holds
+    try:
+        env = {**os.environ, "EMBEDQ_DATA_DIR": str(tmp_path), "EMBEDQ_PORT": "1"}  # never bound: it stops before
+        done = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("error: another gateway uses the data directory") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):

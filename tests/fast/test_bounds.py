@@ -12,10 +12,8 @@ import pytest
 from starlette.applications import Starlette
 
 from contract.messages import MAX_HELLO_BYTES, MAX_PROMPTS, ModelCard, WorkerHello
-from gateway.app import create_app
 from gateway.errors import ModelNotFound, NoLiveWorker
 from gateway.registry.local import GONE_KEPT, WorkerRegistry
-from gateway.settings import load_settings
 from tests.fast.conftest import HandWorker, running
 
 pytestmark = pytest.mark.anyio
@@ -49,8 +47,8 @@ async def _post(app: Starlette, chunks: asyncio.Queue) -> tuple[int, dict[bytes,
 
 
 async def test_bodies_past_the_budget_in_flight_get_503_and_a_finished_body_gives_its_bytes_back():
-    app = create_app(load_settings({"EMBEDQ_MAX_BODY_BYTES_IN_FLIGHT": str(1 * MiB)}))
-    async with running(app=app):
+    async with running({"EMBEDQ_MAX_BODY_BYTES_IN_FLIGHT": str(1 * MiB)}) as gateway:
+        app = gateway.app
         stalled: asyncio.Queue = asyncio.Queue()
         stalled.put_nowait(b'{"model": "fake-model", "input": "' + b"x" * (MiB - 100 * 1024))
         holder = asyncio.ensure_future(_post(app, stalled))
@@ -82,8 +80,8 @@ async def test_bodies_past_the_budget_in_flight_get_503_and_a_finished_body_give
 @pytest.mark.parametrize("min_rate, refused", [(1000, True), (0, False)], ids=["floor-rate", "no-floor"])
 async def test_a_body_that_drips_below_the_floor_rate_gets_408(min_rate: int, refused: bool):
     """Bytes every 0.05 s (no pause reaches the 0.3 s timeout) at 200 bytes/s: stalled, by the floor."""
-    app = create_app(load_settings({"EMBEDQ_BODY_TIMEOUT_S": "0.3", "EMBEDQ_BODY_MIN_RATE": str(min_rate)}))
-    async with running(app=app):
+    async with running({"EMBEDQ_BODY_TIMEOUT_S": "0.3", "EMBEDQ_BODY_MIN_RATE": str(min_rate)}) as gateway:
+        app = gateway.app
         drip: asyncio.Queue = asyncio.Queue()
 
         async def feed() -> None:

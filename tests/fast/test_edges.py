@@ -13,8 +13,6 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.app import create_app
-from gateway.settings import load_settings
 from gateway.tenancy.keys import SqliteKeyStore
 from tests.fakes import fake_worker_config, metric
 from tests.fast.conftest import HandWorker, running
@@ -25,13 +23,11 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_an_unexpected_error_is_a_generic_500_counted_as_500_and_logged_once(caplog):
-    app = create_app(load_settings({}))
-
     async def broken(request: Request) -> Response:
         raise RuntimeError("internal detail the client must not see")
 
-    app.add_route("/v1/broken", broken, methods=["POST"])
-    async with running(app=app) as gateway:
+    async with running() as gateway:
+        gateway.app.add_route("/v1/broken", broken, methods=["POST"])
         response = await gateway.client.post("/v1/broken", json={})
         metrics = await gateway.metrics()
     assert response.status_code == 500
@@ -107,9 +103,9 @@ async def test_the_key_database_is_owner_only(tmp_path):
 
 
 async def test_a_client_hanging_up_mid_body_is_a_quiet_499(caplog):
-    app = create_app(load_settings({}))
     sent: list[dict] = []
-    async with running(app=app) as gateway:
+    async with running() as gateway:
+        app = gateway.app
         messages = iter(
             [{"type": "http.request", "body": b'{"model": "fake-model", "inp', "more_body": True}, {"type": "http.disconnect"}]
         )
