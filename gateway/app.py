@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from gateway.batches.store import BatchStore, DirStore
 from gateway.batches.store import RedisStore as RedisBatchStore
 from gateway.console import Sessions
 from gateway.dialects import cohere, ollama, openai, vllm
-from gateway.errors import ApiError, QueueDown
+from gateway.errors import ApiError
 from gateway.guard import BrowserGuard
 from gateway.http import BodyBytes, ClientGone, error_response, json_response, render_error
 from gateway.metrics import GatewayMetrics, LiveStateCollector
@@ -33,7 +34,7 @@ from gateway.middleware import CLIENT_CLOSED, RequestMetrics
 from gateway.openapi import openapi_document
 from gateway.queue import JobQueue, MemoryStore, QueueUnavailable, Reason, Reclaimed, RedisStore
 from gateway.queue.store import Store
-from gateway.redis_link import RedisLink, safe_url
+from gateway.redis_link import RedisLink, safe_url, unreachable
 from gateway.registry import RedisRegistry, WorkerRegistry
 from gateway.service import Service
 from gateway.settings import GatewaySettings
@@ -66,10 +67,10 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED)
 
 
-async def _queue_down(request: Request, exc: Exception) -> Response:
-    """A shared queue's Redis is unreachable: 503 for clients and workers alike (workers retry)."""
-    retry_after = str(request.app.state.settings.retry_after_s)
-    return error_response(request.url.path, QueueDown(f"{exc}; retry shortly", headers={"Retry-After": retry_after}))
+async def _redis_down(request: Request, exc: Exception) -> Response:
+    """Redis is unreachable, for whatever a route asked of it (the queue, keys, limits, usage,
+    files, batches): 503 for clients and workers alike (workers retry)."""
+    return error_response(request.url.path, unreachable(exc, request.app.state.settings.retry_after_s))
 
 
 def _key_store(settings: GatewaySettings) -> KeyStore | None:
@@ -196,7 +197,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             ApiError: render_error,
             HTTPException: render_error,
             ClientGone: _client_gone,
-            QueueUnavailable: _queue_down,
+            QueueUnavailable: _redis_down,
+            RedisError: _redis_down,
         },
     )
     app.state.settings = settings

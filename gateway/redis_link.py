@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 
@@ -22,6 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import RedisError
+
+from gateway.errors import QueueDown
 
 log = logging.getLogger(__name__)
 ALIVE_REFRESH_S = 1.0
@@ -32,6 +35,20 @@ DOWN = (RedisError, OSError)  # what a command raises while Redis cannot be reac
 
 class RedisTooOld(Exception):
     pass
+
+
+_said_down_at = 0.0
+
+
+def unreachable(exc: BaseException, retry_after_s: int) -> QueueDown:
+    """The one answer to a call that Redis (or the queue on it) failed: 503 with Retry-After, in
+    words that name no host, port or command; the detail goes to the log, at most every 5 s."""
+    global _said_down_at
+    if time.monotonic() - _said_down_at >= 5:
+        _said_down_at = time.monotonic()
+        log.warning("answering 503 while Redis is unreachable: %s", exc)
+    return QueueDown("the gateway's shared store (Redis) is unreachable; retry shortly",
+                     headers={"Retry-After": str(retry_after_s)})  # fmt: skip
 
 
 def safe_url(url: str) -> str:

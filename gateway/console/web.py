@@ -22,15 +22,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import CONSOLE_ADMIN
 from gateway.console.session import COOKIE, CSRF_HEADER, SESSION_TTL_S, Session
-from gateway.errors import ApiError, NotFound, QueueDown, Unauthorized, UnsupportedMediaType
+from gateway.errors import ApiError, NotFound, Unauthorized, UnsupportedMediaType
 from gateway.http import error_response, read_body
 from gateway.queue import QueueUnavailable
-from gateway.redis_link import DOWN
+from gateway.redis_link import unreachable
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -66,9 +67,8 @@ def guarded(handler: Handler, *, signed_in: bool = True, page: bool = False) -> 
             response = await handler(request)
         except ApiError as error:
             response = error_response(request.url.path, error)
-        except (*DOWN, QueueUnavailable) as exc:  # sessions, and with replicas the console's data, live in Redis
-            retry = {"Retry-After": str(request.app.state.settings.retry_after_s)}
-            response = error_response(request.url.path, QueueDown(f"Redis is unreachable: {exc}; retry shortly", headers=retry))
+        except (RedisError, QueueUnavailable) as exc:  # sessions, and with replicas the console's data, live in Redis
+            response = error_response(request.url.path, unreachable(exc, request.app.state.settings.retry_after_s))
         return _secured(response)
 
     return endpoint

@@ -169,3 +169,68 @@ def test_bad_queue_settings_stop_the_gateway_naming_the_variable(env, message):
         [sys.executable, "-m", "gateway"], env={**environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_with_redis_stopped_every_call_is_a_503_naming_no_address_and_all_recovers(cluster: Cluster, tmp_path):
+    """What a Redis outage costs each kind of caller: keyed clients with a limit, the admin API,
+    the Files and Batches API, the console. One boundary maps Redis failures to 503 with
+    Retry-After, in the caller's dialect, without Redis's host or port in any answer."""
+    admin = "admin-token-for-the-outage-test"
+    redis = cluster.redis = RedisServer(tmp_path).start()
+    try:
+        gateway = cluster.gateway(env={"EMBEDQ_KEYS_REDIS": "true", "EMBEDQ_ADMIN_TOKENS": admin})
+        cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS))
+        gateway.wait_for_model(MODEL)
+        boss = {"Authorization": f"Bearer {admin}"}
+        created = httpx.post(gateway.url + "/admin/v1/keys", json={"name": "team", "rpm": 1000}, headers=boss)
+        assert created.status_code == 201, created.text
+        auth = {"Authorization": f"Bearer {created.json()['key']}"}
+        body = {"model": MODEL, "input": "hello"}
+        assert httpx.post(gateway.url + "/v1/embeddings", json=body, headers=auth, timeout=10).status_code == 200
+        upload = httpx.post(gateway.url + "/v1/files", headers=auth, data={"purpose": "batch"},
+                            files={"file": ("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", '
+                                                        b'"body": {"model": "fake-model", "input": "x"}}\n')})  # fmt: skip
+        assert upload.status_code == 200, upload.text
+        file_id = upload.json()["id"]
+        console = httpx.Client(base_url=gateway.url, follow_redirects=False)
+        assert console.post("/ui/login", data={"token": admin}).status_code == 303
+        calls = [
+            ("POST", "/v1/embeddings", {"json": body, "headers": auth}),
+            ("POST", "/api/embed", {"json": body, "headers": auth}),
+            ("POST", "/v1/rerank", {"json": {"model": MODEL, "query": "q", "documents": ["d"]}, "headers": auth}),
+            ("GET", "/v1/models", {"headers": auth}),
+            ("GET", "/admin/v1/keys", {"headers": boss}),
+            ("POST", "/admin/v1/keys", {"json": {"name": "another"}, "headers": boss}),
+            ("PATCH", "/admin/v1/keys/team", {"json": {"rpm": 5}, "headers": boss}),
+            ("DELETE", "/admin/v1/keys/team", {"headers": boss}),
+            ("GET", "/admin/v1/usage", {"headers": boss}),
+            ("GET", "/v1/files", {"headers": auth}),
+            ("GET", f"/v1/files/{file_id}", {"headers": auth}),
+            ("GET", f"/v1/files/{file_id}/content", {"headers": auth}),
+            (
+                "POST",
+                "/v1/batches",
+                {"json": {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}, "headers": auth},
+            ),  # fmt: skip
+            ("GET", "/v1/batches", {"headers": auth}),
+        ]
+        redis.stop(signal.SIGKILL)
+        time.sleep(1.0)
+        answers = [(method, path, httpx.request(method, gateway.url + path, timeout=15, **options))
+                   for method, path, options in calls]  # fmt: skip
+        answers += [("GET", path, console.get(path, timeout=15)) for path in ("/ui/api/fleet", "/ui/api/session")]
+        for method, path, response in answers:
+            where = f"{method} {path}: {response.status_code} {response.text[:300]}"
+            assert response.status_code == 503 or (path == "/v1/models" and response.status_code == 200), where
+            assert str(redis.port) not in response.text and "127.0.0.1" not in response.text, where
+            if response.status_code == 503:
+                assert response.headers.get("retry-after"), where
+        redis.start()
+        wait_until(lambda: httpx.post(gateway.url + "/v1/embeddings", json=body, headers=auth, timeout=10).status_code == 200,
+                   15, "keyed embeddings again")  # fmt: skip
+        assert httpx.get(gateway.url + "/admin/v1/keys", headers=boss).status_code == 200
+        assert httpx.get(gateway.url + f"/v1/files/{file_id}/content", headers=auth).status_code == 200
+        assert console.get("/ui/api/fleet").status_code == 200
+    finally:
+        redis.stop()
+    assert "Traceback" not in cluster.logs()
