@@ -29,6 +29,7 @@ from gateway.dialects import cohere, ollama, openai, vllm
 from gateway.errors import ApiError
 from gateway.guard import BrowserGuard
 from gateway.http import BodyBytes, ClientGone, error_response, json_response, render_error
+from gateway.loops import Loops
 from gateway.metrics import GatewayMetrics, LiveStateCollector
 from gateway.middleware import CLIENT_CLOSED, RequestMetrics
 from gateway.openapi import openapi_document
@@ -48,10 +49,15 @@ log = logging.getLogger("gateway")
 
 
 async def health(request: Request) -> Response:
+    """503 while draining (readiness probes take us out) or while a background loop waits to
+    start again after a failure (``loops.py``), naming it."""
     state = request.app.state
-    status = "draining" if state.draining else "ok"  # 503 while draining: readiness probes take us out
+    down = state.loops.down()
+    status = "draining" if state.draining else "degraded" if down else "ok"
     body = {"status": status, "workers": state.workers.live_count(), "models": sorted(state.workers.routes())}
-    return json_response(body, status=503 if state.draining else 200)
+    if down:
+        body["loops_down"] = down
+    return json_response(body, status=200 if status == "ok" else 503)
 
 
 async def openapi(request: Request) -> Response:
@@ -137,6 +143,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
     runner = BatchRunner(batches, service, workers, keys, usage, activity, gateway_metrics, settings,
                          holder=link.replica if link is not None else "local")  # fmt: skip
 
+    loops = Loops(on_restart=lambda name: gateway_metrics.loop_restarts.labels(name).inc())
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.workers_open:
@@ -152,16 +160,16 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 settings.redis_prefix,
                 link.replica,
             )
-            await link.start()
+            await link.start(loops)
         await batches.start()
         if link is None:
             log.info("files and batches in %s", settings.data_dir)
-        await queue.start()
-        await workers.start()
-        background = [asyncio.create_task(service.fail_orphans_forever()), asyncio.create_task(usage.run()),
-                      asyncio.create_task(runner.run()), asyncio.create_task(activity.run())]  # fmt: skip
-        if keys is not None:
-            background.append(asyncio.create_task(keys.run()))
+        background: list[asyncio.Task] = []
+        await queue.start(loops)
+        await workers.start(loops)
+        for name, forever in [("orphaned jobs", service.fail_orphans_forever), ("usage", usage.run), ("batches", runner.run),
+                              ("activity", activity.run), *([("keys", keys.run)] if keys is not None else [])]:  # fmt: skip
+            background.append(loops.keep(name, forever))
         try:
             yield
         finally:
@@ -176,6 +184,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 await link.stop()
             if keys is not None:
                 await keys.stop()
+            await loops.stop()
 
     routes = [
         *openai.routes,
@@ -202,6 +211,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         },
     )
     app.state.settings = settings
+    app.state.loops = loops
     app.state.bodies = BodyBytes(settings.max_body_bytes_in_flight)
     app.state.openapi = orjson.dumps(openapi_document(software_version()))
     app.state.registry = registry

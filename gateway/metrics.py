@@ -39,6 +39,9 @@ class GatewayMetrics:
             p + "request_inputs", "Inputs per embeddings request", buckets=INPUT_BUCKETS, registry=registry
         )
         self.inputs = Counter(p + "inputs_total", "Inputs embedded, by model", ["model"], registry=registry)
+        self.loop_restarts = Counter(
+            p + "loop_restarts_total", "Background loops started again after a failure (loops.py)", ["loop"], registry=registry
+        )
         self.tokens = Counter(p + "tokens_total", "Prompt tokens embedded, by model", ["model"], registry=registry)
         self.key_requests = Counter(
             p + "key_requests_total", "Embeddings requests answered, by API key name", ["key"], registry=registry

@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import RedisError
 
 from gateway.errors import QueueDown
+from gateway.loops import Loops
 
 log = logging.getLogger(__name__)
 ALIVE_REFRESH_S = 1.0
@@ -108,7 +109,7 @@ class RedisLink:
         """Queue a PUBLISH of the event on a pipeline."""
         pipe.publish(self.key("events"), f"{kind} {argument}")
 
-    async def start(self) -> None:
+    async def start(self, loops: Loops | None = None) -> None:
         try:
             version = (await self.redis.info("server"))["redis_version"]
             await self._mark_alive()
@@ -117,7 +118,8 @@ class RedisLink:
         else:
             if int(version.split(".")[0]) < 7:
                 raise RedisTooOld(f"Redis {version} is too old: the queue needs Redis 7 or later (it uses BLMPOP)")
-        self._tasks = [asyncio.create_task(self._alive_forever()), asyncio.create_task(self._listen_forever())]
+        loops = loops or Loops()
+        self._tasks = [loops.keep("redis alive", self._alive_forever), loops.keep("redis events", self._listen_forever)]
 
     async def stop(self) -> None:
         for task in self._tasks:

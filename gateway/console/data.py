@@ -83,7 +83,7 @@ async def fleet(request: Request) -> Response:
             "posts_per_s": recent[f"worker\t{worker_id}\tposts"] / RATE_WINDOW_S,
             "inputs_per_s": recent[f"worker\t{worker_id}\tinputs"] / RATE_WINDOW_S,
         })  # fmt: skip
-    return json_response({"now": time.time(), "models": models, "workers": workers})
+    return json_response({"now": time.time(), "models": models, "workers": workers, "loops_down": state.loops.down()})
 
 
 async def activity(request: Request) -> Response:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from contract.messages import Job
+from gateway.loops import Loops
 from gateway.queue.jobs import (
     CLASSES,
     Answer,
@@ -148,9 +149,11 @@ class JobQueue:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        await self._store.start()
-        self._tasks = [asyncio.create_task(self._upkeep_forever())]
+    async def start(self, loops: Loops | None = None) -> None:
+        """Its loops (and its store's) kept by ``loops``: the gateway's, or ones of its own."""
+        loops = loops or Loops()
+        await self._store.start(loops)
+        self._tasks = [loops.keep("queue upkeep", self._upkeep_forever)]
 
     async def stop(self) -> None:
         self._stopped = True

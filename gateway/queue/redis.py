@@ -31,6 +31,7 @@ import orjson
 
 from contract.frames import decode_results, encode_results
 from contract.messages import Job, JobResult, ResultsHeader
+from gateway.loops import Loops
 from gateway.queue.jobs import CLASSES, Answer, JobDone, JobFailed, Outcome, Pending, QueueStats, QueueUnavailable
 from gateway.queue.redis_scripts import ANSWER, ENQUEUE, EXPIRE, GIVE_BACK, LEASE, RELEASE_WORKER, WITHDRAW
 from gateway.queue.store import Ask, Reason, Reclaimed, Store, Taken, Verdict, answer_shape
@@ -65,8 +66,8 @@ class RedisStore(Store):
         link.on_event("class", self._on_class_event)
         link.on_event("reconnected", lambda _: self._wake_all())
 
-    async def start(self) -> None:
-        self._reader = asyncio.create_task(self._results_forever())
+    async def start(self, loops: Loops) -> None:
+        self._reader = loops.keep("queue results", self._results_forever)
 
     async def stop(self) -> None:
         self._stopped = True

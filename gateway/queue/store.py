@@ -29,6 +29,7 @@ from enum import IntEnum
 from typing import Literal, Protocol
 
 from contract.messages import Job
+from gateway.loops import Loops
 from gateway.queue.jobs import Answer, JobDone, Outcome, Pending, QueueStats
 
 # Why a lease ended without an answer.
@@ -129,7 +130,7 @@ class Store(ABC):
         self.core = core
         self.max_attempts = max_attempts
 
-    async def start(self) -> None:  # noqa: B027 - a store without background work need not override it
+    async def start(self, loops: Loops) -> None:  # noqa: B027 - a store without background work need not override it
         """Start background work, if the store has any."""
 
     async def stop(self) -> None:  # noqa: B027

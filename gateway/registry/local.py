@@ -30,6 +30,7 @@ from typing import Literal
 from contract.messages import ModelCard, WorkerHello
 from gateway import memory
 from gateway.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, NoLiveWorker
+from gateway.loops import Loops
 
 log = logging.getLogger(__name__)
 Departed = Callable[[str], Awaitable[None]]
@@ -117,8 +118,8 @@ class WorkerRegistry:
         self._sweeper: asyncio.Task | None = None
         self.on_departed: Departed = _nobody  # set by the app: the queue's release_worker
 
-    async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+    async def start(self, loops: Loops | None = None) -> None:
+        self._sweeper = (loops or Loops()).keep("registry sweep", self._sweep_forever)
 
     async def stop(self) -> None:
         if self._sweeper is not None:

@@ -38,6 +38,7 @@ import redis
 
 from contract.messages import WorkerHello
 from gateway.errors import ApiError
+from gateway.loops import Loops
 from gateway.queue import QueueUnavailable
 from gateway.redis_link import DOWN, RedisLink, text, unless_cancelled
 from gateway.registry.local import Route, State, UnknownWorker, WorkerRegistry
@@ -64,8 +65,8 @@ class RedisRegistry(WorkerRegistry):
         link.on_event("leave", self._forget)
         link.on_event("drain", self._draining)
 
-    async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._refresh_forever())
+    async def start(self, loops: Loops | None = None) -> None:
+        self._sweeper = (loops or Loops()).keep("registry refresh", self._refresh_forever)
 
     async def stop(self) -> None:
         for task in (self._sweeper, self._refreshing):

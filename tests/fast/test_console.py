@@ -143,6 +143,7 @@ async def test_the_fleet_shows_models_workers_their_leases_and_the_last_hours_ca
         await gateway.app.state.activity.flush()
         fleet = (await client.get("/ui/api/fleet")).json()
         [model] = fleet["models"]
+        assert fleet["loops_down"] == []  # the overview warns when there are any (loops.py)
         assert model["id"] == "fake-model" and model["workers"] == 1 and model["dimensions"] == 16
         assert model["inputs_per_s"] == pytest.approx(6 / 60)
         [seen] = fleet["workers"]

@@ -149,3 +149,39 @@ async def test_a_taken_metrics_port_is_one_line_naming_the_key(caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "monitoring.metrics_port" in line and str(port) in line
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_a_background_loop_that_raises_is_restarted_counted_and_shown_in_health(caplog):
+    """Lease expiry's loop, broken twice by a bug: /health says so meanwhile, and then leases
+    expire again (a job held by a silent worker is answered by another)."""
+    async with running({"EMBEDQ_LEASE_TTL_S": "1"}) as gateway:
+        store = gateway.app.state.queue._store
+        expire, failures = store.expire, [RuntimeError("a bug in lease expiry")] * 2
+
+        async def broken_twice():
+            if failures:
+                raise failures.pop()
+            return await expire()
+
+        store.expire = broken_twice
+        seen_down = False
+        for _ in range(200):
+            health = await gateway.client.get("/health")
+            if health.status_code == 503:
+                assert health.json()["loops_down"] == ["queue upkeep"] and health.json()["status"] == "degraded"
+                seen_down = True
+            if not failures and health.status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        silent = HandWorker(gateway, "w-silent")
+        await silent.register()
+        request = asyncio.create_task(gateway.embed("held by a silent worker"))
+        assert len(await silent.lease(hold_s=1)) == 1
+        await gateway.worker()
+        response = await asyncio.wait_for(request, 5)
+        metrics = await gateway.metrics()
+    assert seen_down and response.status_code == 200
+    assert metric(metrics, 'embedq_gateway_loop_restarts_total{loop="queue upkeep"}') == 2
+    assert (
+        sum("a bug in lease expiry" in r.getMessage() or "a bug in lease expiry" in str(r.exc_info) for r in caplog.records) == 2
+    )

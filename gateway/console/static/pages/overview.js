@@ -36,7 +36,10 @@ export default {
     const live = fleet.workers.filter((w) => w.state !== "gone");
     const recent = (values) => [...values].reverse().find((v) => v !== null) ?? null;
     const xLabels = [`${windowName === "hour" ? "1 hour" : windowName} ago`, "now"];
+    const down = fleet.loops_down.length === 0 ? [] : [h("p", { class: "alert", role: "alert" },
+      `Background work is failing and restarting: ${fleet.loops_down.join(", ")}. The gateway's log says why.`)];
     view.content.replaceChildren(
+      ...down,
       h("section", { class: "tiles", "aria-label": "Now" },
         tile("models", fleet.models.length),
         tile("live workers", live.length),
