@@ -12,12 +12,15 @@ subscription and the liveness key come back by themselves once Redis does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -39,6 +42,13 @@ class RedisTooOld(Exception):
 
 
 _said_down_at = 0.0
+
+
+def known(cls: Any, raw: bytes | str) -> Any:
+    """A dataclass record read from Redis, with the fields this version knows: a newer replica,
+    in a rolling upgrade, may have written more, which must not make the record unreadable."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in orjson.loads(raw).items() if k in fields})
 
 
 def unreachable(exc: BaseException, retry_after_s: int) -> QueueDown:

@@ -30,7 +30,7 @@ from typing import IO, Any, cast
 
 import orjson
 
-from gateway.redis_link import RedisLink, text
+from gateway.redis_link import RedisLink, known, text
 
 READ_CHUNK = 1000  # result lines per read while streaming an output file
 
@@ -364,10 +364,10 @@ class RedisStore(BatchStore):
 
     async def file(self, file_id: str) -> FileRecord | None:
         raw = await self._redis.hget(self._key("files"), file_id)
-        return FileRecord(**orjson.loads(raw)) if raw else None
+        return known(FileRecord, raw) if raw else None
 
     async def files(self, owner: str) -> list[FileRecord]:
-        every = [FileRecord(**orjson.loads(v)) for v in (await self._redis.hgetall(self._key("files"))).values()]
+        every = [known(FileRecord, v) for v in (await self._redis.hgetall(self._key("files"))).values()]
         return sorted((f for f in every if f.owner == owner), key=lambda f: -f.seq)
 
     async def content(self, record: FileRecord) -> bytes:
@@ -390,10 +390,10 @@ class RedisStore(BatchStore):
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         raw = await self._redis.hget(self._key("batches"), batch_id)
-        return BatchRecord(**orjson.loads(raw)) if raw else None
+        return known(BatchRecord, raw) if raw else None
 
     async def batches(self, owner: str | None) -> list[BatchRecord]:
-        every = [BatchRecord(**orjson.loads(v)) for v in (await self._redis.hgetall(self._key("batches"))).values()]
+        every = [known(BatchRecord, v) for v in (await self._redis.hgetall(self._key("batches"))).values()]
         return sorted((b for b in every if owner is None or b.owner == owner), key=lambda b: -b.seq)
 
     async def active(self) -> list[str]:

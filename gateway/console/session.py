@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
-from gateway.redis_link import RedisLink
+from gateway.redis_link import RedisLink, known
 
 COOKIE = "embedq_console"
 CSRF_HEADER = "x-csrf-token"
@@ -62,7 +62,7 @@ class Sessions:
             session = self._kept.get(_hash(session_id))
         else:
             raw = await self._link.redis.get(self._key(session_id))
-            session = Session(**orjson.loads(raw)) if raw else None
+            session = known(Session, raw) if raw else None
         return session if session is not None and session.expires_at > self._clock() else None
 
     async def close(self, session_id: str) -> None:

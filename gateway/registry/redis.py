@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterable
 
 import orjson
 import redis
+from pydantic import ValidationError
 
-from contract.messages import WorkerHello
+from contract.messages import PROTOCOLS, ModelCard, WorkerHello
 from gateway.errors import ApiError
 from gateway.loops import Loops
 from gateway.queue import QueueUnavailable
@@ -60,6 +61,7 @@ class RedisRegistry(WorkerRegistry):
         self._ttl_ms = int(worker_ttl_s * 1000)
         self._written: dict[str, float] = {}  # worker id -> when this replica last refreshed its record
         self._parsed: dict[str, tuple[dict, WorkerHello]] = {}  # worker id -> its hello as last read, and parsed
+        self._said_unreadable: set[str] = set()  # workers whose records could not be read, told once
         self._refreshed_at = 0.0  # when the newest finished refresh started (monotonic)
         self._refreshing: asyncio.Task | None = None
         link.on_event("leave", self._forget)
@@ -207,11 +209,15 @@ class RedisRegistry(WorkerRegistry):
         if gone:
             await link.redis.srem(link.key("workers"), *gone)
         live: set[str] = set()
-        for record, out in zip(records, outs):
+        for worker_id, record, out in zip(ids, records, outs):
             if record is None:
                 continue
-            found = orjson.loads(record)
-            hello = self._hello(found["hello"])
+            try:
+                found = orjson.loads(record)
+                hello = self._hello(found["hello"])
+            except (orjson.JSONDecodeError, ValidationError, KeyError, TypeError) as exc:
+                self._unreadable(worker_id, exc)
+                continue
             self._remember(hello, found["session"], own=found["via"] == link.replica, heartbeat_at=found.get("at"))
             worker = self._workers[hello.worker_id]
             sitting = orjson.loads(out) if out else None
@@ -224,6 +230,7 @@ class RedisRegistry(WorkerRegistry):
             if worker_id not in live and worker.last_seen < started:
                 self._forget(worker_id)  # expired or left: its record is gone
                 self._departed.append(worker_id)
+        self._said_unreadable.intersection_update(ids)
         for kept in (self._written, self._parsed):
             for worker_id in [w for w in kept if w not in self._workers]:
                 del kept[worker_id]  # nothing kept per departed worker
@@ -232,12 +239,26 @@ class RedisRegistry(WorkerRegistry):
 
     def _hello(self, raw: dict) -> WorkerHello:
         """A worker's hello as its record holds it, parsed only when it changed since the last
-        refresh (64 model cards take a while to check, and every refresh reads every record)."""
+        refresh (64 model cards take a while to check, and every refresh reads every record).
+        The record may come from a newer replica, in a rolling upgrade: fields this version does
+        not know are left out, and a newer protocol is read as the newest this one speaks (the
+        worker's replies come from the replica it talks to, which speaks its version)."""
         worker_id = raw.get("worker_id", "")
         parsed = self._parsed.get(worker_id)
         if parsed is None or parsed[0] != raw:
-            parsed = self._parsed[worker_id] = (raw, WorkerHello.model_validate(raw))
+            known = {k: v for k, v in raw.items() if k in WorkerHello.model_fields}
+            known["models"] = {name: {k: v for k, v in card.items() if k in ModelCard.model_fields}
+                               for name, card in dict(raw.get("models") or {}).items()}  # fmt: skip
+            if isinstance(known.get("protocol"), int) and known["protocol"] > max(PROTOCOLS):
+                known["protocol"] = max(PROTOCOLS)
+            parsed = self._parsed[worker_id] = (raw, WorkerHello.model_validate(known))
         return parsed[1]
+
+    def _unreadable(self, worker_id: str, exc: Exception) -> None:
+        """A record no version of ours wrote: that worker is left out here (others still serve)."""
+        if worker_id not in self._said_unreadable:
+            self._said_unreadable.add(worker_id)
+            log.warning("worker %s: its registration in Redis cannot be read, and is left out: %s", worker_id, exc)
 
     async def _load_models(self) -> None:
         """Catch up with the models' change log: every model ever served, as Redis holds it

@@ -14,7 +14,9 @@ import time
 
 import httpx
 import numpy as np
+import orjson
 import pytest
+import redis
 
 from tests.system.conftest import REPO, Cluster, Gateway, RedisServer, fake_worker_config, wait_until
 from tests.system.load import DIMS, MODEL, Load, expected, metric
@@ -234,3 +236,22 @@ def test_with_redis_stopped_every_call_is_a_503_naming_no_address_and_all_recove
     finally:
         redis.stop()
     assert "Traceback" not in cluster.logs()
+
+
+def test_registrations_a_newer_replica_wrote_are_read_and_an_unreadable_one_is_left_out(cluster: Cluster, redis_server):
+    """A rolling upgrade: a newer replica writes fields, and a protocol, this one does not know.
+    It used to refuse the record (extra fields forbidden), which ended its registry's refresh."""
+    gateway = cluster.gateway()
+    cluster.worker(fake_worker_config(gateway.url, MODEL, dimensions=DIMS))
+    gateway.wait_for_model(MODEL)
+    store = redis.Redis.from_url(redis_server.url)
+    hello = {"protocol": 4, "worker_id": "w-newer", "checkpoint_name": "newer", "max_batch_items": 8, "a_new_field": [1],
+             "models": {"newer-model": {"max_input_tokens": 64, "dimensions": 8, "a_new_card_field": True}}}  # fmt: skip
+    record = {"hello": hello, "session": "0" * 64, "via": "a-newer-replica", "draining": False, "at": time.time(), "more": 1}
+    store.set(f"{cluster.prefix}:w:w-newer", orjson.dumps(record), px=30000)
+    store.set(f"{cluster.prefix}:w:w-broken", b"{not json", px=30000)
+    store.sadd(f"{cluster.prefix}:workers", "w-newer", "w-broken")
+    wait_until(lambda: "newer-model" in gateway.models(), 10, "the newer replica's worker listed")
+    response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still served"}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert "w-broken" in gateway.proc.log() and "Traceback" not in gateway.proc.log()
