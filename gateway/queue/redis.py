@@ -44,10 +44,9 @@ RESULT_BATCH = 256
 
 
 class RedisStore(Store):
-    def __init__(self, link: RedisLink, clock=time.time):  # wall clock: lease deadlines are shared by replicas
+    def __init__(self, link: RedisLink):  # leases are timed by Redis's clock (the scripts' now_ms), shared by replicas
         self._link = link
         self._redis = link.redis
-        self._clock = clock
         self._stats: dict[str, QueueStats] = {}
         self._keys: set[str] = set()  # every queue this replica's clients used
         self._reader: asyncio.Task | None = None
@@ -99,7 +98,7 @@ class RedisStore(Store):
         args: list[Any] = [
             self._link.prefix,
             key,
-            int(self._clock() * 1000),
+            0,
             int(ask.hold_s * 1000),
             ask.max_items,
             ask.max_tokens or 0,
@@ -166,9 +165,7 @@ class RedisStore(Store):
 
     async def expire(self) -> Reclaimed:
         with _unavailable():
-            reply = await self._scripts["EXPIRE"](
-                args=[self._link.prefix, int(self._clock() * 1000), self.max_attempts, RESULT_TTL_MS]
-            )
+            reply = await self._scripts["EXPIRE"](args=[self._link.prefix, 0, self.max_attempts, RESULT_TTL_MS])
         return Reclaimed(reply[0], reply[1], {text(worker) for worker in reply[2:]})
 
     async def withdraw(self, job_ids: list[str], waiting_only: bool) -> list[str]:

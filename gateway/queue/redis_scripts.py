@@ -27,6 +27,11 @@ _PRELUDE = """
 local P = ARGV[1]
 local function k(...) return table.concat({P, ...}, ':') end
 local function num(x) return string.format('%.17g', x) end
+-- Redis's clock, in ms: every replica's leases are timed by the same one, whatever its own says.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local alive_cache = {}
 local function alive(owner)
   if not owner then return false end
@@ -108,7 +113,7 @@ redis.call('PUBLISH', k('events'), 'class ' .. ARGV[10] .. ' ' .. queue)
 """
 )
 
-# ARGV: P, queue, now_ms, hold_ms, max_items, max_tokens (0: none), min_inputs, worker tags
+# ARGV: P, queue, (unused: leases are timed by Redis's clock), hold_ms, max_items, max_tokens (0: none), min_inputs, worker tags
 # (JSON list), lease id base, worker id, scan limit, number of classes, then per class the
 # call's token budget when its first job is of that class (0: none; store.Ask.budgets): a bounded
 # call holds no job of a class below its first's.
@@ -117,7 +122,7 @@ redis.call('PUBLISH', k('events'), 'class ' .. ARGV[10] .. ' ' .. queue)
 LEASE = (
     _PRELUDE
     + """
-local queue, now, worker = ARGV[2], tonumber(ARGV[3]), ARGV[10]
+local queue, now, worker = ARGV[2], now_ms(), ARGV[10]
 local max_items, max_tokens, min_inputs = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local mine = {}
 for _, t in ipairs(cjson.decode(ARGV[8])) do mine[t] = true end
@@ -244,15 +249,15 @@ return counts
 """
 )
 
-# ARGV: P, now_ms, max_attempts, result_ttl_ms. Reclaims the expired leases of every queue;
+# ARGV: P, (unused: Redis's clock decides), max_attempts, result_ttl_ms. Reclaims the expired leases of every queue;
 # returns {requeued, failed, worker id, worker id, ...} (the workers whose leases expired).
 EXPIRE = (
     _PRELUDE
     + """
-local counts, workers = {0, 0}, {}
+local counts, workers, now = {0, 0}, {}, now_ms()
 for _, queue in ipairs(redis.call('SMEMBERS', k('queues'))) do
   local lkey = k('l', queue)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', lkey, '-inf', ARGV[2], 'LIMIT', 0, 1000)) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', lkey, '-inf', now, 'LIMIT', 0, 1000)) do
     redis.call('ZREM', lkey, id)
     local f = redis.call('HMGET', k('j', id), 'st', 'worker')
     if f[1] == 'l' then

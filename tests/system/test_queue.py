@@ -5,6 +5,7 @@ and what a Redis that lost writes or a replica that died leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -40,6 +41,20 @@ class RedisBackend(Backend):
 @pytest.fixture
 def backend(redis_server) -> RedisBackend:
     return RedisBackend(redis_server.url)
+
+
+async def test_a_replica_whose_clock_runs_an_hour_ahead_expires_no_lease(backend, monkeypatch):
+    """Leases are timed by Redis's clock: a replica's own, wrong by an hour, expired every lease."""
+    taker, ahead = await backend.queue(lease_ttl_s=30), await backend.queue(lease_ttl_s=30)
+    run = asyncio.create_task(taker.run("k", specs(1), timeout_s=5))
+    (job,) = await lease(taker)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert (await ahead._store.expire()).requeued == 0  # what the upkeep loop does every second
+    monkeypatch.setattr(time, "time", real)
+    assert await answer(taker, job, done(1, 5.0))
+    assert (await run)[0].vectors[0, 0] == 5.0
+    await backend.close()
 
 
 async def test_a_job_queued_on_one_replica_is_answered_through_another(backend):
