@@ -31,6 +31,7 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -368,17 +369,34 @@ class RedisKeyStore(_Lookup):
         return secret, key
 
     def update(self, name: str, **changes: Any) -> ApiKey:
-        return self._put(changed(self.get(name), changes))
+        return self._change(name, lambda key: changed(key, changes))
 
     def revoke(self, name: str) -> None:
-        key = self.get(name)
-        if key.revoked_at is not None:
-            raise KeysError(f"no usable key named {name!r}")
-        self._put(replace(key, revoked_at=time.time()))
+        def revoked(key: ApiKey) -> ApiKey:
+            if key.revoked_at is not None:
+                raise KeysError(f"no usable key named {name!r}")
+            return replace(key, revoked_at=time.time())
 
-    def _put(self, key: ApiKey) -> ApiKey:
-        self._redis.hset(self._keys, key.name, json.dumps(key_to_json(key)))
-        self._redis.incr(self._version_key)
+        self._change(name, revoked)
+
+    def _change(self, name: str, change: Callable[[ApiKey], ApiKey]) -> ApiKey:
+        """Read a key, change it, write it: all at once (WATCH), so that two changes racing (a
+        PATCH on one replica, a revocation on another) both hold; a write that found the key
+        changed since its read reads it again. Before, a PATCH could write back a key just revoked."""
+
+        written: list[ApiKey] = []
+
+        def read_change_write(pipe: Any) -> None:
+            raw = pipe.hget(self._keys, name)
+            if raw is None:
+                raise KeysError(f"no key named {name!r}")
+            written[:] = [change(key_from_json(json.loads(raw)))]
+            pipe.multi()
+            pipe.hset(self._keys, name, json.dumps(key_to_json(written[0])))
+            pipe.incr(self._version_key)
+
+        self._redis.transaction(read_change_write, self._keys)
+        key = written[0]
         self._by_digest = {**self._by_digest, key.sha256: key}
         return key
 

@@ -7,12 +7,14 @@ import asyncio
 import os
 import signal
 import threading
+import uuid
 
 import httpx
 import openai
 import pytest
 
 from bench.fairness import light_beside_flood
+from gateway.tenancy import keys as keys_module
 from tests.system.conftest import Cluster, Gateway, fake_worker_config
 from tests.system.load import DIMS, MODEL, open_loop, percentile
 
@@ -230,3 +232,24 @@ def test_usage_equals_what_clients_were_told_across_replicas_and_a_restart(clust
     assert beta["rejected"] > 0 and beta["errors"]["invalid_value"] > 0
     assert ADMIN not in cluster.logs() and not any(secret in cluster.logs() for secret in keys.values())
     assert os.environ.get("EMBEDQ_ADMIN_TOKENS") is None  # the tests' own environment holds no secret
+
+
+def test_a_limit_change_racing_a_revocation_never_revives_the_key(redis_server, monkeypatch):
+    """Two replicas: one PATCHes a key's rpm while the other revokes it, between the first's read
+    and its write (the race made here, inside the change). The revocation holds."""
+    prefix = "race-" + uuid.uuid4().hex[:8]
+    patching, revoking = (keys_module.RedisKeyStore(redis_server.url, None, prefix) for _ in range(2))
+    patching.create("team", None, None)
+    real, raced = keys_module.changed, []
+
+    def changed_meanwhile(key, changes):
+        if not raced:
+            raced.append(True)
+            revoking.revoke("team")  # lands after the PATCH read the key, before it writes
+        return real(key, changes)
+
+    monkeypatch.setattr(keys_module, "changed", changed_meanwhile)
+    patched = patching.update("team", rpm=5)
+    after = revoking.get("team")
+    assert after.revoked_at is not None and not after.usable(after.created_at + 1), after
+    assert after.limits.rpm == 5 and patched.revoked_at is not None  # both changes hold
