@@ -54,6 +54,7 @@ from gateway.errors import (
     InvalidRequest,
     NoLiveWorker,
     Overloaded,
+    PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
 )
@@ -231,6 +232,7 @@ class Service:
         special_tokens: bool = True,
     ) -> list[JobDone]:
         width = {"embed": route.card.dimensions, "score": 1}.get(kind, 0)
+        self._bound(route, inputs, width)
         spans = job_spans(inputs, pairs_with, self._settings.job_max_inputs, self._settings.job_max_tokens)
         specs = [
             JobSpec(
@@ -270,6 +272,21 @@ class Service:
             call.inputs += len(inputs)
             call.tokens += _tokens(done)
         return done
+
+    def _bound(self, route: Route, inputs: list[JobInput], width: int) -> None:
+        """What one request may cost, whatever its route (``EMBEDQ_MAX_REQUEST_INPUTS``, and
+        ``EMBEDQ_MAX_ANSWER_VALUES`` of the vectors it needs, a rerank's by cosine too): 413."""
+        settings = self._settings
+        if len(inputs) > settings.max_request_inputs:
+            raise PayloadTooLarge(f"this request has {len(inputs)} inputs; a request may have at most "
+                                  f"{settings.max_request_inputs} (EMBEDQ_MAX_REQUEST_INPUTS): split it")  # fmt: skip
+        if len(inputs) * width > settings.max_answer_values:
+            most = settings.max_answer_values // width
+            raise PayloadTooLarge(
+                f"{len(inputs)} inputs of model {route.model!r} ({width} dimensions) need {len(inputs) * width} values; a "
+                f"request may need at most {settings.max_answer_values} (EMBEDQ_MAX_ANSWER_VALUES), {most} inputs of this "
+                "model: split it"
+            )
 
     async def _limit(self, key: ApiKey | None, tokens: int, call: calls.Call | None) -> Decision | None:
         """The key's limits on a request of ``tokens`` (estimated): 429 over one of them."""

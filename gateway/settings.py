@@ -73,6 +73,11 @@ class GatewaySettings(BaseModel):
     # How long a request (or a queued job) waits for a model's worker to come back before a 503.
     worker_wait_s: float = Field(default=10.0, ge=0)
     max_inputs: int = Field(default=2048, ge=1)  # per request, as OpenAI
+    # What one request may cost on any route: its inputs (Ollama's /api/embed, rerank's documents,
+    # score's pairs, tokenize), and the values of the vectors it needs (inputs x the model's
+    # dimensions: 2048 inputs of 4096 dimensions, as OpenAI allows; 21,845 of 384).
+    max_request_inputs: int = Field(default=65536, ge=1)
+    max_answer_values: int = Field(default=2**23, ge=1)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # HTTP edges: slow or bloated clients are closed, healthy ones served.
     # Connections held at once; never more than the process's file limit leaves room for (see

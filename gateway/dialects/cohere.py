@@ -22,7 +22,9 @@ async def rerank(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)
     body = await read_json(request)
-    req: RerankRequest = validate(RerankRequest, await off_loop(len(body), parse_body, body))
+    req: RerankRequest = validate(
+        RerankRequest, await off_loop(len(body), parse_body, body, request.app.state.settings.max_request_inputs)
+    )
     calls.ask_priority(req.priority)
     documents = documents_of(req.documents)
     route = await state.service.route(req.model, key, task="score")

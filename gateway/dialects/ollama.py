@@ -150,7 +150,7 @@ def _details() -> dict[str, Any]:
 async def _json(request: Request) -> dict[str, Any]:
     # Ollama's own documented examples post JSON with curl's default form type, or none at all.
     body = await read_json(request, also=("application/x-www-form-urlencoded", ""))
-    return await off_loop(len(body), parse_body, body)
+    return await off_loop(len(body), parse_body, body, request.app.state.settings.max_request_inputs)
 
 
 def _model_name(request: Request, name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import InvalidRequest, WrongType
+from gateway.errors import InvalidRequest, PayloadTooLarge, WrongType
 
 _TYPE_ERRORS = {"string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type", "model_type"}
 
@@ -259,13 +259,24 @@ class OllamaError(BaseModel):
     error: str
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes, max_items: int | None = None) -> dict[str, Any]:
+    """The body's JSON object. ``max_items``: the most items a list field may hold (a request's
+    inputs, documents, pairs: ``EMBEDQ_MAX_REQUEST_INPUTS``), refused with 413 before any
+    validation, which would take seconds for the millions of short strings 16 MB can hold."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {json_type(data)}")
+    if max_items is not None:
+        for field, value in data.items():
+            if isinstance(value, list) and len(value) > max_items:
+                raise PayloadTooLarge(
+                    f"'{field}' has {len(value)} items; a request may have at most {max_items} "
+                    "(EMBEDQ_MAX_REQUEST_INPUTS): split it into several requests",
+                    param=field,
+                )
     return data
 
 

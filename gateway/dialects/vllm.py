@@ -125,7 +125,7 @@ def _pairs(text_1: str | list[str], text_2: str | list[str]) -> tuple[list[str],
 
 async def _json(request: Request) -> dict[str, Any]:
     body = await read_json(request)
-    return await off_loop(len(body), parse_body, body)
+    return await off_loop(len(body), parse_body, body, request.app.state.settings.max_request_inputs)
 
 
 routes = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -180,3 +181,40 @@ def test_the_gateway_runs_on_malloc_unless_the_operator_chose(chosen: str | None
     printed = [line.split() for line in done.stdout.splitlines()]
     assert [allocator for _, allocator in printed] == lines
     assert len({pid for pid, _ in printed}) == 1  # exec, not a child
+
+
+async def test_what_one_request_may_cost_is_bounded_on_every_route_with_a_413_naming_the_bound():
+    """Ollama's /api/embed has no input cap (as Ollama), rerank and score take lists of any
+    length: 200,000 short inputs were ~6,000 jobs built on the event loop and gigabytes of
+    vectors to answer. Refused now on default settings, before any validation, in each dialect's
+    shape; what real clients send (thousands) is served."""
+    many = [f"t{i}" for i in range(200_000)]
+    async with running() as gateway:
+        await gateway.worker()
+        client = gateway.client
+        started = time.monotonic()
+        ollama = await client.post("/api/embed", json={"model": "fake-model", "input": many})
+        refused_in = time.monotonic() - started
+        jina = await client.post("/v1/rerank", json={"model": "fake-model", "query": "q", "documents": many[:100_000]})
+        cohere = await client.post("/v2/rerank", json={"model": "fake-model", "query": "q", "documents": many[:100_000]})
+        score = await client.post("/score", json={"model": "fake-model", "text_1": "q", "text_2": many[:70_000]})
+        served = await client.post("/api/embed", json={"model": "fake-model", "input": many[:5_000]})
+    assert ollama.status_code == 413 and "EMBEDQ_MAX_REQUEST_INPUTS" in ollama.json()["error"], ollama.text
+    assert "'input' has 200000 items" in ollama.json()["error"] and refused_in < 5
+    assert jina.status_code == 413 and jina.json()["error"]["param"] == "documents" and "detail" in jina.json()
+    assert cohere.status_code == 413 and "EMBEDQ_MAX_REQUEST_INPUTS" in cohere.json()["message"]
+    assert score.status_code == 413 and score.json()["error"]["param"] == "text_2"
+    assert served.status_code == 200 and len(served.json()["embeddings"]) == 5_000
+
+
+async def test_the_vectors_a_request_needs_are_bounded_by_the_models_dimensions():
+    async with running({"EMBEDQ_MAX_ANSWER_VALUES": str(100 * 16)}) as gateway:  # 100 inputs of the fake's 16 dimensions
+        await gateway.worker()
+        fits = await gateway.embed([f"text {i}" for i in range(100)])
+        over = await gateway.embed([f"text {i}" for i in range(101)])
+        rerank = await gateway.client.post("/v1/rerank", json={"model": "fake-model", "query": "q",
+                                                                "documents": [f"d{i}" for i in range(100)]})  # fmt: skip
+    assert fits.status_code == 200
+    message = over.json()["error"]["message"]
+    assert over.status_code == 413 and "EMBEDQ_MAX_ANSWER_VALUES" in message and "100 inputs of this model" in message
+    assert rerank.status_code == 413  # 101 vectors, to take the query's cosine with each document
