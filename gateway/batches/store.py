@@ -157,6 +157,7 @@ class DirStore(BatchStore):
         """The data directory's lock, taken (it is held while the file stays open); DataDirBusy if
         another gateway holds it. ``python -m gateway`` takes it once before it serves, to fail
         in one line rather than in a traceback of its start-up."""
+        root = root.expanduser()
         (root / "files").mkdir(parents=True, exist_ok=True)
         lock_file = open(root / "lock", "wb")  # noqa: SIM115  # its holder closes it
         try:

@@ -255,10 +255,13 @@ async def _lines(store, record):
             yield line
 
 
-def test_a_second_gateway_process_on_a_held_data_directory_exits_with_one_line(tmp_path):
-    held = DirStore.lock(tmp_path)  # what a running gateway (make run) holds
+@pytest.mark.parametrize("default", [False, True], ids=["EMBEDQ_DATA_DIR", "the-default-under-HOME"])
+def test_a_second_gateway_process_on_a_held_data_directory_exits_with_one_line(tmp_path, default: bool):
+    where = tmp_path / ".local/share/embedq" if default else tmp_path
+    held = DirStore.lock(where)  # what a running gateway (make run) holds
     try:
-        env = {**os.environ, "EMBEDQ_DATA_DIR": str(tmp_path), "EMBEDQ_PORT": "1"}  # never bound: it stops before
+        chosen = {"HOME": str(tmp_path)} if default else {"EMBEDQ_DATA_DIR": str(tmp_path)}
+        env = {**{k: v for k, v in os.environ.items() if k != "EMBEDQ_DATA_DIR"}, **chosen, "EMBEDQ_PORT": "1"}  # not bound
         done = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60)
     finally:
         held.close()
