@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as BrokenConnection
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from gateway.errors import QueueDown
 from gateway.loops import Loops
@@ -53,9 +53,13 @@ def known(cls: Any, raw: bytes | str) -> Any:
 
 def unreachable(exc: BaseException, retry_after_s: int) -> QueueDown:
     """The one answer to a call that Redis (or the queue on it) failed: 503 with Retry-After, in
-    words that name no host, port or command; the detail goes to the log, at most every 5 s."""
+    words that name no host, port or command; the detail goes to the log, at most every 5 s. An
+    error Redis answered (a script's, not a failover's read-only refusal) may be a bug of ours:
+    logged with its traceback."""
     global _said_down_at
-    if time.monotonic() - _said_down_at >= 5:
+    if isinstance(exc, ResponseError) and not isinstance(exc, ReadOnlyError):
+        log.error("Redis refused a command (answered 503)", exc_info=exc)
+    elif time.monotonic() - _said_down_at >= 5:
         _said_down_at = time.monotonic()
         log.warning("answering 503 while Redis is unreachable: %s", exc)
     return QueueDown("the gateway's shared store (Redis) is unreachable; retry shortly",
