@@ -215,7 +215,7 @@ class RedisRegistry(WorkerRegistry):
             try:
                 found = orjson.loads(record)
                 hello = self._hello(found["hello"])
-            except (orjson.JSONDecodeError, ValidationError, KeyError, TypeError) as exc:
+            except (ValueError, ValidationError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
                 self._unreadable(worker_id, exc)
                 continue
             self._remember(hello, found["session"], own=found["via"] == link.replica, heartbeat_at=found.get("at"))
