@@ -44,6 +44,14 @@ class QueueLoad:
     _answered: deque[tuple[float, int]] = field(default_factory=deque)
     _answered_tokens: int = 0
     _backlogged_since: float | None = None
+    _class_requests: dict[int, int] = field(default_factory=dict)  # class -> requests waiting
+
+    def at_or_above(self, priority: int) -> tuple[int, int]:
+        """Requests and estimated tokens waiting of this class or a more urgent one: what a request
+        of the class is admitted against, so that bulk work never takes an urgent request's room
+        (the queue then holds at most twice its bounds, half of it bulk)."""
+        requests = sum(n for cls, n in self._class_requests.items() if cls <= priority)
+        return requests, sum(n for (cls, _), n in self.waiting.items() if cls <= priority)
 
     def enter(self, placement: Placement, tokens: int, now: float) -> None:
         if self.requests == 0:  # a new backlog: answers from before it say nothing of its speed
@@ -52,6 +60,7 @@ class QueueLoad:
             self._answered_tokens = 0
         self.requests += 1
         self.tokens += tokens
+        self._class_requests[placement.priority] = self._class_requests.get(placement.priority, 0) + 1
         where = (placement.priority, placement.tenant)
         self.waiting[where] = self.waiting.get(where, 0) + tokens
         self.weights[placement.tenant] = placement.weight
@@ -59,6 +68,7 @@ class QueueLoad:
     def leave(self, placement: Placement, tokens: int, now: float, answered: bool) -> None:
         self.requests -= 1
         self.tokens -= tokens
+        self._class_requests[placement.priority] -= 1
         where = (placement.priority, placement.tenant)
         self.waiting[where] -= tokens
         if not self.waiting[where]:

@@ -346,11 +346,13 @@ class Service:
         load = self._load.setdefault(route.checkpoint, QueueLoad())
         settings = self._settings
         now = time.monotonic()
+        # Counted: the requests of its class and more urgent ones (bulk never takes an urgent one's room).
         # A single request larger than the token bound is let in alone, or it could never run.
-        if load.requests >= settings.max_queued_requests or (load.requests and load.tokens + tokens > settings.max_queued_tokens):
+        requests, queued = load.at_or_above(placement.priority)
+        if requests >= settings.max_queued_requests or (requests and queued + tokens > settings.max_queued_tokens):
             self._metrics.rejected.labels(route.model).inc()
             raise Overloaded(
-                f"model {route.model!r} is at capacity ({load.requests} requests, ~{load.tokens} tokens queued); "
+                f"model {route.model!r} is at capacity ({requests} requests, ~{queued} tokens queued); "
                 f"retry after {settings.retry_after_s}s",
                 headers={"Retry-After": str(settings.retry_after_s)},
             )

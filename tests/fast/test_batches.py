@@ -270,6 +270,22 @@ def test_a_second_gateway_process_on_a_held_data_directory_exits_with_one_line(t
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+async def test_concurrent_batches_never_take_an_interactive_requests_room_in_the_queue():
+    """Each batch's window is a quarter of the queue's request bound: eight batches filled the
+    whole bound, and clients got 429. Bulk requests count against the bound; others only count
+    their own class and more urgent ones."""
+    async with running() as gateway:
+        await gateway.worker(delay_s=0.5)  # 64 inputs a call: each batch keeps 128 lines queued
+        oai = client(gateway)
+        for b in range(8):
+            await start(oai, [request_line(f"b{b}-{i}", f"batch {b} text {i}") for i in range(300)])
+        bound = gateway.app.state.settings.max_queued_requests
+        load = gateway.app.state.service._load
+        await gateway.until(lambda: "fake-model" in load and load["fake-model"].requests >= bound, "the batches to fill the bound")
+        response = await asyncio.wait_for(gateway.embed("an interactive query"), 10)
+    assert response.status_code == 200, response.text
+
+
 async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):
     monkeypatch.setitem(api.WINDOW_S, "24h", 1)  # a window that ends a second after it starts
     async with running() as gateway:
