@@ -281,7 +281,9 @@ async def test_concurrent_batches_never_take_an_interactive_requests_room_in_the
             await start(oai, [request_line(f"b{b}-{i}", f"batch {b} text {i}") for i in range(300)])
         bound = gateway.app.state.settings.max_queued_requests
         load = gateway.app.state.service._load
-        await gateway.until(lambda: "fake-model" in load and load["fake-model"].requests >= bound, "the batches to fill the bound")
+        await gateway.until(
+            lambda: "fake-model" in load and load["fake-model"].requests >= bound, "the batches to fill the bound"
+        )
         response = await asyncio.wait_for(gateway.embed("an interactive query"), 10)
     assert response.status_code == 200, response.text
 
