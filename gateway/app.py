@@ -43,7 +43,7 @@ from gateway.tenancy import admin
 from gateway.tenancy.calls import CallLedger
 from gateway.tenancy.keys import FileKeyStore, KeyStore, RedisKeyStore, SqliteKeyStore
 from gateway.tenancy.limits import Limiter, MemoryLimiter, RedisLimiter
-from gateway.tenancy.usage import MemoryUsage, RedisUsage, SqliteUsage, UsageLedger, UsageStore
+from gateway.tenancy.usage import MemoryUsage, RedisUsage, SqliteUsage, UsageLedger
 
 log = logging.getLogger("gateway")
 
@@ -90,13 +90,16 @@ def _key_store(settings: GatewaySettings) -> KeyStore | None:
     return None
 
 
-def _tenancy(settings: GatewaySettings, link: RedisLink | None) -> tuple[Limiter, UsageStore]:
+def _tenancy(settings: GatewaySettings, link: RedisLink | None) -> tuple[Limiter, UsageLedger]:
     """Where limits count and usage is kept: in Redis with replicas; else in this process, and
-    usage in the key database's file when there is one."""
+    usage in the key database's file when there is one (budgets then outlive a restart: the
+    limiter reads what was spent from it)."""
     lapse_s = settings.request_timeout_s + 10  # a concurrency slot a crashed replica never freed
     if link is not None:
-        return RedisLimiter(link, lapse_s), RedisUsage(link, settings.usage_retention_days * 86400)
-    return MemoryLimiter(lapse_s), SqliteUsage(settings.keys_db) if settings.keys_db else MemoryUsage()
+        usage = UsageLedger(RedisUsage(link, settings.usage_retention_days * 86400), settings.usage_retention_days)
+        return RedisLimiter(link, lapse_s), usage
+    usage = UsageLedger(SqliteUsage(settings.keys_db) if settings.keys_db else MemoryUsage(), settings.usage_retention_days)
+    return MemoryLimiter(lapse_s, spent=usage.spent), usage
 
 
 def _backend(settings: GatewaySettings) -> tuple[RedisLink | None, Store, WorkerRegistry]:
@@ -134,8 +137,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     workers.on_departed = departed
     registry.register(LiveStateCollector(queue, workers))
     keys = _key_store(settings)
-    limiter, usage_store = _tenancy(settings, link)
-    usage = UsageLedger(usage_store, settings.usage_retention_days)
+    limiter, usage = _tenancy(settings, link)
     activity = Activity(link, queue.stats)
     service = Service(settings, queue, workers, gateway_metrics, limiter)
     # Files and batches: in the queue's Redis with replicas (every replica reads them), else in the data directory.

@@ -10,8 +10,10 @@ A limiter answers ``admit`` before a request's jobs are queued and hears ``finis
 - a budget counts the tokens of finished requests in the UTC day or month; once spent, requests
   get ``insufficient_quota`` until the period turns.
 
-``MemoryLimiter`` holds one process's windows; ``RedisLimiter`` holds them in Redis, so that the
-limits hold across replicas: one Lua script per admit and one per finish, on Redis's own clock.
+``MemoryLimiter`` holds one process's windows; a key's budget spent before the process started
+is read once per period from the usage it recorded (``spent``: the key database's, which outlives a
+restart). ``RedisLimiter`` holds them in Redis, so that the limits hold across replicas (and
+restarts): one Lua script per admit and one per finish, on Redis's own clock.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
@@ -110,9 +113,11 @@ class _Windows:
 
 
 class MemoryLimiter(Limiter):
-    def __init__(self, lapse_s: float, clock=time.time):
+    def __init__(self, lapse_s: float, clock=time.time, spent: Callable[[str, float], Awaitable[int]] | None = None):
+        """``spent(key, since)``: the tokens the key was billed since a moment, as usage recorded."""
         self._lapse_s = lapse_s
         self._clock = clock
+        self._spent = spent
         self._keys: dict[str, _Windows] = {}
 
     async def admit(self, name: str, limits: Limits, tokens: int) -> Decision:
@@ -122,7 +127,10 @@ class MemoryLimiter(Limiter):
             w.requests.popleft()
         w.tokens = {t: e for t, e in w.tokens.items() if e[0] > now - WINDOW_S}
         w.running = {t: lapse for t, lapse in w.running.items() if lapse > now}
-        period = period_start(now, limits.budget_period).isoformat()
+        start = period_start(now, limits.budget_period)
+        period = start.isoformat()
+        if limits.budget is not None and period not in w.spent and self._spent is not None:
+            w.spent = {period: await self._spent(name, start.timestamp())}  # before this process, or this period
         used = sum(n for _, n in w.tokens.values())
         oldest_tokens = min((at for at, _ in w.tokens.values()), default=now)
         decision = refuse(

@@ -209,6 +209,11 @@ class UsageLedger:
                 for row, counts in pending.items():
                     self._pending.setdefault(row, Counter()).update(counts)
 
+    async def spent(self, key: str, since: float) -> int:
+        """The prompt tokens ``key`` was billed from ``since`` on (a budget's period, read again
+        after a restart: ``MemoryLimiter``)."""
+        return sum(int(row["prompt_tokens"]) for row in await self.report(since, self._clock() + 1, key=key))  # type: ignore[call-overload]
+
     async def report(
         self,
         start: float,

@@ -115,6 +115,20 @@ async def test_a_spent_budget_is_insufficient_quota_and_not_worth_retrying(tmp_p
     assert spent.json()["error"]["code"] == spent.json()["error"]["type"] == "insufficient_quota"
 
 
+async def test_a_spent_budget_stays_spent_across_a_restart_of_the_gateway(tmp_path):
+    """A single gateway kept budgets in memory: a restart gave every key its budget again."""
+    secret, env = _keys(tmp_path, budget=1)
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with running(env) as gateway:
+        await gateway.worker(token=WORKER)
+        first = await gateway.client.post("/v1/embeddings", json={"model": "fake-model", "input": "hi"}, headers=auth)
+    async with running(env) as restarted:
+        await restarted.worker(token=WORKER)
+        again = await restarted.client.post("/v1/embeddings", json={"model": "fake-model", "input": "hi"}, headers=auth)
+    assert first.status_code == 200
+    assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota", again.text
+
+
 async def test_priority_is_within_what_the_key_allows(tmp_path):
     secret, env = _keys(tmp_path)
     auth = {"Authorization": f"Bearer {secret}"}
