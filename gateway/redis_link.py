@@ -24,7 +24,6 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from gateway.errors import QueueDown
@@ -95,18 +94,22 @@ class RedisLink:
     def __init__(self, url: str, password: str | None, prefix: str):
         self.replica = uuid.uuid4().hex[:12]
         self.prefix = prefix
-        # One retry, at once, on a broken connection: after Redis restarts, each pooled connection
-        # fails once before it reconnects, and a request must not get a 503 for that.
-        self.redis = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=5.0,
-                                    retry=Retry(NoBackoff(), 1), retry_on_error=[BrokenConnection])  # fmt: skip
-        # Blocking pops wait at most a second; the subscription waits for events as long as it takes.
-        self.blocking = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=10.0)
+        # No retry: a command whose answer was lost may have run (a LEASE, an HINCRBY of usage, an
+        # ANSWER), and running it again takes jobs for nobody or counts twice. The connections a
+        # Redis restart leaves dead are closed when the subscription sees Redis go (_drop_pooled).
+        # (redis-py's own default is three retries with backoff, for every client.)
+        once = Retry(NoBackoff(), 0)
+        self.redis = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=5.0, retry=once)
+        # Blocking pops wait at most a second (a pop retried after its reply was lost loses what it
+        # popped); the subscription waits for events as long as it takes, and notices Redis go at once.
+        self.blocking = Redis.from_url(url, password=password, socket_connect_timeout=2.0, socket_timeout=10.0, retry=once)
         self._subscriber = Redis.from_url(
             url,
             password=password,
             socket_connect_timeout=2.0,
             socket_timeout=None,
             socket_keepalive=True,
+            retry=once,
         )
         self._handlers: dict[str, list[Callable[[str], None]]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -178,9 +181,16 @@ class RedisLink:
                     self._dispatch(kind, argument)
             except DOWN:
                 unless_cancelled()
+                await self._drop_pooled()
                 await asyncio.sleep(RECONNECT_S)
             finally:
                 await pubsub.aclose()
+
+    async def _drop_pooled(self) -> None:
+        """Redis went away (the subscription broke): every pooled connection is dead, and each
+        would fail its next command once Redis is back. Closed now, they reconnect when used."""
+        for client in (self.redis, self.blocking):
+            await client.connection_pool.disconnect()
 
     def _dispatch(self, kind: str, argument: str) -> None:
         for handler in self._handlers.get(kind, ()):

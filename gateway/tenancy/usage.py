@@ -21,6 +21,7 @@ import io
 import logging
 import sqlite3
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +38,9 @@ Totals = dict[Row, Counter[str]]
 
 
 class UsageStore:
-    async def add(self, totals: Totals) -> None:
+    async def add(self, totals: Totals, batch_id: str = "") -> None:
+        """Add the sums; a batch sent again under the same id (its first try's answer was lost)
+        is added once."""
         raise NotImplementedError
 
     async def read(self, first_hour: int, last_hour: int) -> Totals:
@@ -52,7 +55,7 @@ class MemoryUsage(UsageStore):
     def __init__(self) -> None:
         self._rows: Totals = {}
 
-    async def add(self, totals: Totals) -> None:
+    async def add(self, totals: Totals, batch_id: str = "") -> None:
         for row, counts in totals.items():
             self._rows.setdefault(row, Counter()).update(counts)
 
@@ -78,7 +81,7 @@ class SqliteUsage(UsageStore):
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self._path, timeout=10)
 
-    async def add(self, totals: Totals) -> None:
+    async def add(self, totals: Totals, batch_id: str = "") -> None:  # a transaction here: done, or not at all
         rows = [(*row, field, n) for row, counts in totals.items() for field, n in counts.items() if n]
         await asyncio.to_thread(self._add, rows)
 
@@ -120,6 +123,18 @@ class SqliteUsage(UsageStore):
             db.close()
 
 
+# ARGV: the batch's "sent" key, then triples: hash, field, count (no field: the hash's expiry
+# time). The whole batch is added once: a batch sent again, its first answer lost, adds nothing.
+ADD_ONCE = """
+if not redis.call('SET', ARGV[1], '1', 'NX', 'EX', 86400) then return 0 end
+for i = 2, #ARGV, 3 do
+  if ARGV[i + 1] == '' then redis.call('EXPIREAT', ARGV[i], ARGV[i + 2])
+  else redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+end
+return 1
+"""
+
+
 class RedisUsage(UsageStore):
     """``P:usage:<hour>``: a hash of "key<TAB>model<TAB>source<TAB>field" -> count, which
     expires after the retention; every replica adds its sums with HINCRBY."""
@@ -127,16 +142,15 @@ class RedisUsage(UsageStore):
     def __init__(self, link: RedisLink, retention_s: float):
         self._link = link
         self._retention_s = int(retention_s)
+        self._add = link.redis.register_script(ADD_ONCE)
 
-    async def add(self, totals: Totals) -> None:
-        async with self._link.redis.pipeline(transaction=False) as pipe:
-            for (hour, key, model, source), counts in totals.items():
-                name = self._link.key("usage", str(hour))
-                for field, n in counts.items():
-                    if n:
-                        pipe.hincrby(name, "\t".join((key, model, source, field)), n)
-                pipe.expireat(name, hour + HOUR_S + self._retention_s)
-            await pipe.execute()
+    async def add(self, totals: Totals, batch_id: str = "") -> None:
+        args: list[Any] = [self._link.key("usage", "sent", batch_id)]
+        for (hour, key, model, source), counts in totals.items():
+            name = self._link.key("usage", str(hour))
+            args += [x for field, n in counts.items() if n for x in (name, "\t".join((key, model, source, field)), n)]
+            args += [name, "", hour + HOUR_S + self._retention_s]  # no field: the hash's expiry
+        await self._add(args=args)
 
     async def read(self, first_hour: int, last_hour: int) -> Totals:
         hours = list(range(first_hour, last_hour + 1, HOUR_S))
@@ -162,6 +176,7 @@ class UsageLedger:
         self._retention_s = retention_days * 86400
         self._clock = clock
         self._pending: Totals = {}
+        self._unsent: tuple[str, Totals] | None = None  # a batch the store failed to take, and its id
         self._lock = asyncio.Lock()
 
     def record(
@@ -197,17 +212,20 @@ class UsageLedger:
                     log.warning("could not drop old usage: %s", exc)
 
     async def flush(self) -> None:
-        """Add what was recorded to the store (kept for the next try if the store fails)."""
+        """Add what was recorded to the store. A batch the store failed to take is sent again,
+        as it was and under its id, before anything newer: if its first try did reach the store
+        (its answer lost), it is not counted twice."""
         async with self._lock:
-            if not self._pending:
-                return
-            pending, self._pending = self._pending, {}
-            try:
-                await self._store.add(pending)
-            except (sqlite3.Error, *DOWN) as exc:
-                log.warning("could not store usage (kept for the next try): %s", exc)
-                for row, counts in pending.items():
-                    self._pending.setdefault(row, Counter()).update(counts)
+            while self._unsent is not None or self._pending:
+                if self._unsent is None:
+                    self._unsent, self._pending = (uuid.uuid4().hex, self._pending), {}
+                batch_id, totals = self._unsent
+                try:
+                    await self._store.add(totals, batch_id)
+                except (sqlite3.Error, *DOWN) as exc:
+                    log.warning("could not store usage (kept, and sent again as it is): %s", exc)
+                    return
+                self._unsent = None
 
     async def spent(self, key: str, since: float) -> int:
         """The prompt tokens ``key`` was billed from ``since`` on (a budget's period, read again

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.queue import JobFailed, JobFailure, JobQueue, RedisStore
 from gateway.redis_link import RedisLink
+from gateway.tenancy.usage import RedisUsage, UsageLedger
 from tests.queue_cases import *  # noqa: F403  (the cases, collected here)
 from tests.queue_cases import OTHER, Backend, W, answer, done, lease, specs
 
@@ -158,3 +159,65 @@ async def test_a_job_that_redis_lost_is_queued_again_by_its_owner(backend, redis
     assert (await run)[0].vectors[0, 0] == 5.0
     await raw.aclose()
     await backend.close()
+
+
+class ReplyLosingProxy:
+    """TCP to Redis that, once armed, lets the next command through and then hangs up instead of
+    passing its reply on: a network cut after Redis ran the command."""
+
+    def __init__(self, redis_port: int):
+        self.redis_port, self.armed, self.port = redis_port, False, 0
+
+    async def start(self) -> ReplyLosingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        lose_reply = asyncio.Event()
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                if self.armed:
+                    self.armed = False
+                    lose_reply.set()
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def down() -> None:
+            while data := await redis_r.read(65536):
+                if lose_reply.is_set():
+                    return  # Redis ran it; the client never hears
+                client_w.write(data)
+                await client_w.drain()
+
+        pumps = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for pump in pumps:
+            pump.cancel()
+        client_w.close()
+        redis_w.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+async def test_usage_whose_reply_was_lost_is_counted_once(redis_server):
+    """redis-py retried any command on a broken connection (a LEASE, an ANSWER, usage's HINCRBY),
+    and the ledger sent a failed flush again: usage counted twice, or three times."""
+    proxy = await ReplyLosingProxy(int(redis_server.url.rsplit(":", 1)[1].split("/")[0])).start()
+    link = RedisLink(f"redis://127.0.0.1:{proxy.port}/0", None, "lost-" + uuid.uuid4().hex[:8])
+    now = time.time()
+    ledger = UsageLedger(RedisUsage(link, 3600), retention_days=1, clock=lambda: now)
+    try:
+        await link.redis.ping()  # connected, through the proxy
+        ledger.record("team", "m", tokens=7)
+        proxy.armed = True
+        await ledger.flush()  # Redis adds it; its answer is lost: kept, to be sent again
+        await ledger.flush()
+        [row] = await ledger.report(now - 3600, now + 1)
+    finally:
+        await link.redis.aclose()
+        await proxy.stop()
+    assert row["prompt_tokens"] == 7 and row["requests"] == 1, row
