@@ -83,7 +83,10 @@ class _Run:
     lines: list[Line]
     key: ApiKey | None
     finished: list[tuple[int, bool, bytes]] = field(default_factory=list)  # answered, not yet recorded
-    tokens: int = 0  # of the answered lines not yet recorded: added to the batch's usage with them
+    # Of the answered lines not yet recorded: what each is billed (model, inputs, tokens, error
+    # code), counted with their results, not before (a line answered, then run again after a
+    # takeover because its result was never recorded, would be billed twice).
+    billed: list[tuple[str, int, int, str | None]] = field(default_factory=list)
     in_flight: dict[asyncio.Task, Line] = field(default_factory=dict)
     left: Counter[str] = field(default_factory=Counter)  # lines without an answer, per model (the backlog)
 
@@ -313,12 +316,8 @@ class BatchRunner:
         if status in TRANSIENT:
             await asyncio.sleep(RETRY_S)
             return index, None
-        run.tokens += call.tokens if status == 200 else 0
-        self._usage.record(
-            run.key.name if run.key else None, line.model, "batch",
-            inputs=call.inputs if status == 200 else 0, tokens=call.tokens if status == 200 else 0,
-            code=call.code if status != 200 else None, rejected=False,
-        )  # fmt: skip
+        ok = status == 200
+        run.billed.append((line.model, call.inputs if ok else 0, call.tokens if ok else 0, None if ok else call.code))
         self._activity.batch_line(line.model, status == 200, call.inputs, call.tokens)
         self._metrics.child(self._metrics.batch_lines, line.model, "completed" if status == 200 else "failed").inc()
         self._metrics.child(self._metrics.batch_backlog, line.model).dec()
@@ -341,8 +340,12 @@ class BatchRunner:
         if not run.finished:
             return
         batch, run.finished = run.finished, []
-        tokens, run.tokens = run.tokens, 0
+        billed, run.billed = run.billed, []
         await self._store.record(run.record.id, batch)
+        owner = run.key.name if run.key else None
+        for model, inputs, tokens, code in billed:
+            self._usage.record(owner, model, "batch", inputs=inputs, tokens=tokens, code=code)
+        tokens = sum(tokens for _, _, tokens, _ in billed)
         completed, failed, _, _ = await self._store.counts(run.record.id)
         run.record.doc["request_counts"] = {"total": len(run.lines), "completed": completed, "failed": failed}
         usage = run.record.doc.setdefault("usage", no_usage())

@@ -288,6 +288,32 @@ async def test_concurrent_batches_never_take_an_interactive_requests_room_in_the
     assert response.status_code == 200, response.text
 
 
+async def test_lines_are_billed_with_their_results_so_a_line_run_again_is_billed_once():
+    """The store fails to record the first results (Redis away): those lines run again when the
+    batch is taken up again. Usage used to count them at their answer, so twice."""
+    async with running({"EMBEDQ_ADMIN_TOKENS": ADMIN}) as gateway:
+        await gateway.worker()
+        store = gateway.app.state.batches
+        record, failures = store.record, [OSError("the store is unreachable")]
+
+        async def record_failing_once(batch_id, lines):
+            if failures:
+                raise failures.pop()
+            return await record(batch_id, lines)
+
+        store.record = record_failing_once
+        oai = client(gateway)
+        _, batch = await start(oai, [request_line(f"line-{i}", f"text number {i}") for i in range(40)])
+        done = await finished(oai, batch.id, timeout_s=30)
+        output = [orjson.loads(line) for line in (await oai.files.content(done.output_file_id)).content.splitlines()]
+        usage = await gateway.client.get("/admin/v1/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+    told = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in output)
+    assert done.status == "completed" and len(output) == 40 and not failures
+    (row,) = usage.json()["data"]
+    assert (row["batch_requests"], row["batch_prompt_tokens"]) == (40, told), row
+    assert done.usage.input_tokens == told
+
+
 async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):
     monkeypatch.setitem(api.WINDOW_S, "24h", 1)  # a window that ends a second after it starts
     async with running() as gateway:
