@@ -36,7 +36,7 @@ import orjson
 
 from gateway.activity import Activity
 from gateway.batches.lines import Line, problem, read_lines
-from gateway.batches.store import BatchRecord, BatchStore, FileRecord
+from gateway.batches.store import BatchEnded, BatchRecord, BatchStore, FileRecord
 from gateway.dialects.openai import embeddings, parse_request
 from gateway.errors import ApiError, ModelNotFound, Unauthorized
 from gateway.http import off_loop
@@ -86,7 +86,7 @@ class _Run:
     # Of the answered lines not yet recorded: what each is billed (model, inputs, tokens, error
     # code), counted with their results, not before (a line answered, then run again after a
     # takeover because its result was never recorded, would be billed twice).
-    billed: list[tuple[str, int, int, str | None]] = field(default_factory=list)
+    billed: dict[int, tuple[str, int, int, str | None]] = field(default_factory=dict)  # by line index
     in_flight: dict[asyncio.Task, Line] = field(default_factory=dict)
     left: Counter[str] = field(default_factory=Counter)  # lines without an answer, per model (the backlog)
 
@@ -160,6 +160,8 @@ class BatchRunner:
                 log.warning("batch %s: another replica drives it now", batch_id)
                 return
             raise
+        except BatchEnded:
+            log.warning("batch %s: another replica ended it meanwhile; this one stops", batch_id)
         except DOWN as exc:
             log.warning("batch %s: the store is unreachable (%s); it goes on when it is back", batch_id, exc)
         except Exception:
@@ -317,7 +319,7 @@ class BatchRunner:
             await asyncio.sleep(RETRY_S)
             return index, None
         ok = status == 200
-        run.billed.append((line.model, call.inputs if ok else 0, call.tokens if ok else 0, None if ok else call.code))
+        run.billed[index] = (line.model, call.inputs if ok else 0, call.tokens if ok else 0, None if ok else call.code)
         self._activity.batch_line(line.model, status == 200, call.inputs, call.tokens)
         self._metrics.child(self._metrics.batch_lines, line.model, "completed" if status == 200 else "failed").inc()
         self._metrics.child(self._metrics.batch_backlog, line.model).dec()
@@ -340,9 +342,10 @@ class BatchRunner:
         if not run.finished:
             return
         batch, run.finished = run.finished, []
-        billed, run.billed = run.billed, []
-        await self._store.record(run.record.id, batch)
+        bills = [run.billed.pop(index) for index, _, _ in batch]
+        written = await self._store.record(run.record.id, batch)
         owner = run.key.name if run.key else None
+        billed = [bill for (index, _, _), bill in zip(batch, bills) if index in written]  # not what another driver wrote
         for model, inputs, tokens, code in billed:
             self._usage.record(owner, model, "batch", inputs=inputs, tokens=tokens, code=code)
         tokens = sum(tokens for _, _, tokens, _ in billed)

@@ -39,6 +39,10 @@ class DataDirBusy(Exception):
     """Another gateway holds the data directory."""
 
 
+class BatchEnded(Exception):
+    """The batch ended meanwhile (another driver finished it): its record is not written back."""
+
+
 @dataclass
 class FileRecord:
     id: str
@@ -70,6 +74,7 @@ class BatchRecord:
 
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+ENDED = ("completed", "failed", "cancelled", "expired")  # a batch's status never goes back from these
 
 
 class BatchStore:
@@ -100,6 +105,8 @@ class BatchStore:
         raise NotImplementedError
 
     async def save_batch(self, record: BatchRecord) -> None:
+        """Write the record; BatchEnded if the stored one has ended with another status (two
+        drivers, one of them stale, while Redis was away: the one that ended it wins)."""
         raise NotImplementedError
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
@@ -119,8 +126,9 @@ class BatchStore:
     async def cancel_requested(self, batch_id: str) -> bool:
         raise NotImplementedError
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> None:
-        """Each line's answer (index, succeeded, its output line), unless it has one already."""
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
+        """Each line's answer (index, succeeded, its output line), unless it has one already; the
+        indexes written (a line another driver recorded first is not: nor billed)."""
         raise NotImplementedError
 
     async def done(self, batch_id: str) -> set[int]:
@@ -250,11 +258,14 @@ class DirStore(BatchStore):
             await asyncio.to_thread((self._root / "files" / file_id).unlink)
 
     async def save_batch(self, record: BatchRecord) -> None:
-        await self._run(
+        written = await self._run(
             "INSERT INTO batches (id, owner, seq, status, doc) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
+            "ON CONFLICT(id) DO UPDATE SET status = excluded.status, doc = excluded.doc "
+            f"WHERE batches.status NOT IN {ENDED} OR batches.status = excluded.status RETURNING id",
             (record.id, record.owner, record.seq, record.status, orjson.dumps(record.doc)),
         )
+        if not written:
+            raise BatchEnded(record.id)
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         rows = await self._run("SELECT id, owner, seq, doc FROM batches WHERE id = ?", (batch_id,))
@@ -276,9 +287,11 @@ class DirStore(BatchStore):
         rows = await self._run("SELECT cancel FROM batches WHERE id = ?", (batch_id,))
         return bool(rows and rows[0][0])
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> None:
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
+        before = await self.done(batch_id)  # one gateway on the directory: one driver, no race
         await self._run("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)",
                         many=[(batch_id, index, ok, line) for index, ok, line in results])  # fmt: skip
+        return {index for index, _, _ in results if index not in before}
 
     async def done(self, batch_id: str) -> set[int]:
         return {row[0] for row in await self._run("SELECT idx FROM results WHERE batch = ?", (batch_id,))}
@@ -319,16 +332,29 @@ class RedisStore(BatchStore):
     ``:driver`` (the replica driving it, expiring unless renewed)."""
 
     RECORD = """
-    local written = 0
+    local written = {}
     for i = 3, #ARGV, 3 do
       local hash = ARGV[i + 1] == '1' and KEYS[1] or KEYS[2]
       if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
         redis.call('HSET', hash, ARGV[i], ARGV[i + 2])
         redis.call('HINCRBY', KEYS[3], ARGV[i + 1] == '1' and 'ok' or 'failed', string.len(ARGV[i + 2]))
-        written = written + 1
+        table.insert(written, ARGV[i])
       end
     end
     return written
+    """
+    # KEYS: the batches hash, the active set. ARGV: id, record, status, active ('1' or '0').
+    SAVE = """
+    local old = redis.call('HGET', KEYS[1], ARGV[1])
+    if old then
+      local was = cjson.decode(old)['doc']['status']
+      if was ~= ARGV[3] and (was == 'completed' or was == 'failed' or was == 'cancelled' or was == 'expired') then
+        return 0
+      end
+    end
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+    if ARGV[4] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
+    return 1
     """
     CLAIM = """
     local holder = redis.call('GET', KEYS[1])
@@ -347,6 +373,7 @@ class RedisStore(BatchStore):
         self._link = link
         self._redis = link.redis
         self._record = self._redis.register_script(self.RECORD)
+        self._save = self._redis.register_script(self.SAVE)
         self._claim = self._redis.register_script(self.CLAIM)
         self._unclaim = self._redis.register_script(self.UNCLAIM)
 
@@ -381,13 +408,10 @@ class RedisStore(BatchStore):
             await pipe.execute()
 
     async def save_batch(self, record: BatchRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("batches"), record.id, orjson.dumps(asdict(record)))
-            if record.status in ACTIVE:
-                pipe.sadd(self._key("batches", "active"), record.id)
-            else:
-                pipe.srem(self._key("batches", "active"), record.id)
-            await pipe.execute()
+        keys = [self._key("batches"), self._key("batches", "active")]
+        args: list[Any] = [record.id, orjson.dumps(asdict(record)), record.status, "1" if record.status in ACTIVE else "0"]
+        if not await self._save(keys=keys, args=args):
+            raise BatchEnded(record.id)
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         raw = await self._redis.hget(self._key("batches"), batch_id)
@@ -409,11 +433,11 @@ class RedisStore(BatchStore):
     def _results(self, batch_id: str) -> list[str]:
         return [self._key("batch", batch_id, "ok"), self._key("batch", batch_id, "failed"), self._key("batch", batch_id, "bytes")]
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> None:
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
         args: list[Any] = [0, 0]
         for index, ok, line in results:
             args += [index, "1" if ok else "0", line]
-        await self._record(keys=self._results(batch_id), args=args)
+        return {int(index) for index in await self._record(keys=self._results(batch_id), args=args)}
 
     async def done(self, batch_id: str) -> set[int]:
         ok, failed, _ = self._results(batch_id)

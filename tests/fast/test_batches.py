@@ -4,6 +4,7 @@ workers, OpenAI's validation, ownership, cancel, and a restart on the same data 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import subprocess
@@ -17,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.batches import api, runner
-from gateway.batches.store import DataDirBusy, DirStore
+from gateway.batches.store import BatchEnded, DataDirBusy, DirStore
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits
 from tests.fakes import expected, metric
@@ -312,6 +313,23 @@ async def test_lines_are_billed_with_their_results_so_a_line_run_again_is_billed
     (row,) = usage.json()["data"]
     assert (row["batch_requests"], row["batch_prompt_tokens"]) == (40, told), row
     assert done.usage.input_tokens == told
+
+
+async def test_a_stale_driver_cannot_take_a_batch_back_from_completed_nor_record_a_line_again():
+    """Two drivers of one batch (one stale, while Redis was away): the record of the one that
+    ended it stands, and a line already recorded is neither written nor billed again."""
+    async with running() as gateway:
+        await gateway.worker()
+        oai = client(gateway)
+        _, batch = await start(oai, [request_line(f"line-{i}", f"text {i}") for i in range(3)])
+        assert (await finished(oai, batch.id)).status == "completed"
+        store = gateway.app.state.batches
+        record = await store.batch(batch.id)
+        stale = dataclasses.replace(record, doc={**record.doc, "status": "in_progress"})
+        with pytest.raises(BatchEnded):
+            await store.save_batch(stale)
+        written = await store.record(batch.id, [(0, True, b"{}\n"), (7, True, b"{}\n")])
+        assert (await store.batch(batch.id)).status == "completed" and written == {7}
 
 
 async def test_a_batch_past_its_completion_window_expires_with_its_unrun_lines_in_the_error_file(monkeypatch):
