@@ -124,9 +124,10 @@ class SqliteUsage(UsageStore):
 
 
 # ARGV: the batch's "sent" key, then triples: hash, field, count (no field: the hash's expiry
-# time). The whole batch is added once: a batch sent again, its first answer lost, adds nothing.
+# time). The whole batch is added once: a batch sent again within the hour its "sent" key is kept
+# (one key a second per replica while usage is recorded), its first answer lost, adds nothing.
 ADD_ONCE = """
-if not redis.call('SET', ARGV[1], '1', 'NX', 'EX', 86400) then return 0 end
+if not redis.call('SET', ARGV[1], '1', 'NX', 'EX', 3600) then return 0 end
 for i = 2, #ARGV, 3 do
   if ARGV[i + 1] == '' then redis.call('EXPIREAT', ARGV[i], ARGV[i + 2])
   else redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
