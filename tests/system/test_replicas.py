@@ -233,6 +233,7 @@ def test_with_redis_stopped_every_call_is_a_503_naming_no_address_and_all_recove
         assert httpx.get(gateway.url + "/admin/v1/keys", headers=boss).status_code == 200
         assert httpx.get(gateway.url + f"/v1/files/{file_id}/content", headers=auth).status_code == 200
         assert console.get("/ui/api/fleet").status_code == 200
+        console.close()
     finally:
         redis.stop()
     assert "Traceback" not in cluster.logs()
@@ -251,6 +252,7 @@ def test_registrations_a_newer_replica_wrote_are_read_and_an_unreadable_one_is_l
     store.set(f"{cluster.prefix}:w:w-newer", orjson.dumps(record), px=30000)
     store.set(f"{cluster.prefix}:w:w-broken", b"{not json", px=30000)
     store.sadd(f"{cluster.prefix}:workers", "w-newer", "w-broken")
+    store.close()
     wait_until(lambda: "newer-model" in gateway.models(), 10, "the newer replica's worker listed")
     response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still served"}, timeout=10)
     assert response.status_code == 200, response.text
