@@ -35,6 +35,7 @@ class FakeEngine(Engine):
         self._wrong_kind = generator.wrong
         self._closed = threading.Event()  # a hung call ends when the engine is closed
         self._vocab_poison = self.tokenize([generator.poison])[0][1:-1] if generator.poison else None
+        self.started = 0  # how many engine calls were begun
         self.batches = 0  # how many engine calls were made
         self.calls: list[list[int]] = []  # the tokens of each input of each call, for tests to read
 
@@ -64,6 +65,7 @@ class FakeEngine(Engine):
         return self._call_s + self._token_s * sum(map(len, token_ids)) + self._delay_s
 
     def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        self.started += 1
         if cost := self.cost_s(token_ids):
             time.sleep(cost)
         self.batches += 1
