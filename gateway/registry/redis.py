@@ -64,6 +64,7 @@ class RedisRegistry(WorkerRegistry):
         self._said_unreadable: set[str] = set()  # workers whose records could not be read, told once
         self._refreshed_at = 0.0  # when the newest finished refresh started (monotonic)
         self._refreshing: asyncio.Task | None = None
+        self._one_refresh = asyncio.Lock()  # the loop's and a miss's: two at once counted log entries twice
         link.on_event("leave", self._forget)
         link.on_event("drain", self._draining)
 
@@ -199,7 +200,13 @@ class RedisRegistry(WorkerRegistry):
                 log.debug("registry refresh: %s", exc)
 
     async def refresh(self) -> None:
-        """Replace the local view of workers and models with what Redis holds."""
+        """Replace the local view of workers and models with what Redis holds; one at a time
+        (two read the same log entries and counted them twice, and the count then said the log
+        had moved past this replica: a full read of every model, seconds of the event loop)."""
+        async with self._one_refresh:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         link = self._link
         started, started_at = self._clock(), time.monotonic()
         ids = sorted(text(i) for i in await link.redis.smembers(link.key("workers")))

@@ -4,6 +4,7 @@ a real gateway process on each queue backend."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -11,7 +12,9 @@ import httpx
 import pytest
 import redis
 
+from gateway.redis_link import RedisLink
 from gateway.registry.local import GONE_KEPT
+from gateway.registry.redis import RedisRegistry
 from tests.system.conftest import Cluster, Gateway, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -131,3 +134,30 @@ def test_a_replica_whose_unread_changes_were_trimmed_reads_every_model_again(clu
         pipe.xtrim(key("models_log"), maxlen=0, approximate=False)
         pipe.execute()
     wait_until(lambda: status() == 503, 10, f"the replica to learn of the model\n{gateway.proc.log()[-3000:]}")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("queue_backend", ["redis"])
+async def test_refreshes_at_once_read_the_models_log_as_one(cluster: Cluster, queue_backend: str, monkeypatch):
+    """The refresh loop and a request's miss refresh at the same time: each counted the log
+    entries both read, the count outran the log's, and every refresh after it read every model
+    again (under 1,500 registrations, seconds with the event loop held: a client timed out)."""
+    link = RedisLink(cluster.redis.url, None, cluster.prefix)
+    await link.start()
+    registry = RedisRegistry(link, worker_ttl_s=2, stuck_s=30)
+    full_reads = []
+    read_all = registry._load_all_models
+
+    async def counted() -> None:
+        full_reads.append(1)
+        await read_all()
+
+    monkeypatch.setattr(registry, "_load_all_models", counted)
+    await registry.refresh()  # the first reads everything
+    for n in range(3):
+        await link.redis.xadd(link.key("models_log"), {"models": f'["m{n}"]'})
+        await asyncio.gather(registry.refresh(), registry.refresh())
+    await link.redis.xadd(link.key("models_log"), {"models": '["last"]'})
+    await registry.refresh()
+    await link.stop()
+    assert len(full_reads) == 1
