@@ -41,12 +41,17 @@ def _register(gateway: Gateway, wave: int, workers: int = WORKERS) -> None:
 
 
 def _forgotten(gateway: Gateway, wave: int, workers: int = WORKERS) -> None:
-    """Wait until the wave's workers are gone and its last model answers 404 (not 503: forgotten)."""
+    """Wait until the wave's workers are gone and its last model answers 404 (not 503: forgotten).
+    The model is asked for only once no worker is live: while its worker still counts as live, a
+    request waits in line for it (worker_ttl_s, then worker_wait_s, then a 503), near httpx's
+    default 5 s timeout, which a loaded CI machine passed."""
     last = f"m{wave}-{workers - 1:04d}-{MODELS - 1:02d}-".ljust(128, "x")
 
     def gone() -> bool:
-        answer = httpx.post(gateway.url + "/v1/embeddings", json={"model": last, "input": "x"})
-        return answer.status_code == 404 and httpx.get(gateway.url + "/health").json()["workers"] == 0
+        if httpx.get(gateway.url + "/health", timeout=30).json()["workers"]:
+            return False
+        answer = httpx.post(gateway.url + "/v1/embeddings", json={"model": last, "input": "x"}, timeout=30)
+        return answer.status_code == 404
 
     wait_until(gone, MODEL_TTL_S + 30, f"wave {wave}'s models to be forgotten\n{gateway.proc.log()[-3000:]}", interval_s=0.5)
 
