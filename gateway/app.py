@@ -21,6 +21,7 @@ from gateway import console, worker_endpoints
 from gateway.activity import Activity
 from gateway.auth import Auth
 from gateway.batches import api as batches_api
+from gateway.batches.retention import Retention
 from gateway.batches.runner import BatchRunner
 from gateway.batches.store import BatchStore, DirStore
 from gateway.batches.store import RedisStore as RedisBatchStore
@@ -144,6 +145,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     batches: BatchStore = RedisBatchStore(link) if link is not None else DirStore(settings.data_dir)
     runner = BatchRunner(batches, service, workers, keys, usage, activity, gateway_metrics, settings,
                          holder=link.replica if link is not None else "local")  # fmt: skip
+    retention = Retention(batches, settings.file_retention_s)
 
     loops = Loops(on_restart=lambda name: gateway_metrics.loop_restarts.labels(name).inc())
 
@@ -170,7 +172,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
         await queue.start(loops)
         await workers.start(loops)
         for name, forever in [("orphaned jobs", service.fail_orphans_forever), ("usage", usage.run), ("batches", runner.run),
-                              ("activity", activity.run), *([("keys", keys.run)] if keys is not None else [])]:  # fmt: skip
+                              ("file retention", retention.run), ("activity", activity.run),
+                              *([("keys", keys.run)] if keys is not None else [])]:  # fmt: skip
             background.append(loops.keep(name, forever))
         try:
             yield
@@ -226,6 +229,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     app.state.usage = usage
     app.state.batches = batches
     app.state.batch_runner = runner
+    app.state.batch_retention = retention
     app.state.activity = activity
     app.state.sessions = Sessions(link)
     app.state.draining = False  # set by the server on SIGTERM (server.py)

@@ -39,6 +39,10 @@ class GatewaySettings(BaseModel):
     usage_retention_days: float = Field(default=400.0, gt=0)  # hourly usage kept this long
     # Uploaded files and batches, kept across restarts (with EMBEDQ_QUEUE=redis they live in Redis).
     data_dir: str = "~/.local/share/embedq"
+    # How long an uploaded file, and a batch with its output and error files once it has ended, are
+    # kept (docs/batches.md, "How long they are kept"); a client may ask for less. 30 days: OpenAI's
+    # default for batch files, and the most it lets a client ask for.
+    file_retention_s: float = Field(default=30 * 86400.0, gt=0)
     # A request whose predicted wait in its model's queue is longer gets 429 at once (see
     # admission.py); None: 10 s, or half the request timeout if that is shorter. Short, so that
     # an overloaded queue holds little and serves fresh requests again soon after a burst.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -19,9 +19,10 @@ from starlette.types import Message
 
 from gateway.auth import CONSOLE_ADMIN
 from gateway.batches.lines import MAX_FILE_BYTES
+from gateway.batches.retention import expires_at
 from gateway.batches.runner import batch_object, no_usage
 from gateway.batches.store import BatchRecord, FileRecord
-from gateway.dialects.schemas import BatchRequest, parse_body, validate
+from gateway.dialects.schemas import BatchRequest, FileUpload, parse_body, validate
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.http import json_response, read_json, receive_in_time
 from gateway.tenancy.keys import ApiKey
@@ -67,15 +68,34 @@ async def upload_file(request: Request) -> Response:
                                  param="purpose", code="invalid_value")  # fmt: skip
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("'file' is a required field: the JSONL file to upload", param="file", code="missing_field")
+        options: FileUpload = validate(FileUpload, _nested(form))
         size = upload.size or 0
         if size > MAX_FILE_BYTES:
             raise PayloadTooLarge(f"the file has {size} bytes; a batch input file may have at most {MAX_FILE_BYTES}")
-        store = state.batches
+        store, now = state.batches, int(time.time())
+        asked = options.expires_after.model_dump() if options.expires_after else None
+        expiry = expires_at(now, asked, state.settings.file_retention_s)
         record = FileRecord(f"file-{secrets.token_hex(12)}", _owner(key), "batch", upload.filename or "upload.jsonl", size,
-                            int(time.time()), await store.next_seq())  # fmt: skip
+                            now, await store.next_seq(), expires_at=expiry)  # fmt: skip
         await upload.seek(0)
         await store.put_file(record, upload.file)
     return json_response(record.as_openai())
+
+
+def _nested(form: FormData) -> dict[str, Any]:
+    """A form's ``a[b]`` fields as ``{"a": {"b": ...}}`` (how OpenAI's clients send an object),
+    its digit strings as numbers; the file and purpose are read apart."""
+    nested: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name in ("file", "purpose") or not isinstance(value, str):
+            continue
+        outer, _, inner = name.partition("[")
+        parsed: Any = int(value) if value.isdigit() else value
+        if inner.endswith("]"):
+            nested.setdefault(outer, {})[inner[:-1]] = parsed
+        else:
+            nested[name] = parsed
+    return nested
 
 
 def _capped(request: Request, limit: int) -> Request:
@@ -135,7 +155,7 @@ async def file_content(request: Request) -> Response:
 
 async def delete_file(request: Request) -> Response:
     record = await _own_file(request)
-    await request.app.state.batches.delete_file(record.id)
+    await request.app.state.batches.delete_file(record)
     return json_response({"id": record.id, "object": "file", "deleted": True})
 
 
@@ -164,6 +184,8 @@ async def create_batch(request: Request) -> Response:
            "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata,
            "model": None, "usage": no_usage()}  # fmt: skip
+    if req.output_expires_after is not None:  # not in OpenAI's batch object, but what was asked is kept in it
+        doc["output_expires_after"] = req.output_expires_after.model_dump()
     record = BatchRecord(doc["id"], _owner(key), await store.next_seq(), doc)
     await store.save_batch(record)
     state.batch_runner.look_now()

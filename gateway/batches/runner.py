@@ -36,6 +36,7 @@ import orjson
 
 from gateway.activity import Activity
 from gateway.batches.lines import Line, problem, read_lines
+from gateway.batches.retention import expires_at
 from gateway.batches.store import BatchEnded, BatchRecord, BatchStore, FileRecord
 from gateway.dialects.openai import embeddings, parse_request
 from gateway.errors import ApiError, ModelNotFound, Unauthorized
@@ -381,8 +382,9 @@ class BatchRunner:
                 continue
             file_id = "file-" + hashlib.sha256(f"{record.id}/{ok}".encode()).hexdigest()[:24]  # the same if written again
             name = f"{record.id}_{'output' if ok else 'error'}.jsonl"
+            expiry = expires_at(now_s(), doc.get("output_expires_after"), self._settings.file_retention_s)
             await self._store.put_file(FileRecord(file_id, record.owner, "batch_output", name, size, now_s(),
-                                                  await self._store.next_seq(), record.id, ok), None)  # fmt: skip
+                                                  await self._store.next_seq(), record.id, ok, expiry), None)  # fmt: skip
             doc[field_name] = file_id
         if ending == "completed" and await self._store.cancel_requested(record.id):
             ending = "cancelled"  # acknowledged as cancelling meanwhile: it ends as its client was told

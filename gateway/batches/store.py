@@ -11,7 +11,9 @@ answer, so the output has each line exactly once. The output and error files are
 their content is read from the results, in line order, when a client downloads them.
 
 Only the gateway driving a batch writes its record (``save_batch``); a client's cancel is a flag of
-its own (``request_cancel``), so neither overwrites the other.
+its own (``request_cancel``), so neither overwrites the other. What is deleted (a file, or a batch
+past its retention: ``retention.py``) takes what it owns along: an upload its bytes, an output or
+error file the answers it is read from, a batch its answers, flags and claim.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ class FileRecord:
     seq: int  # creation order, for listing
     batch_id: str | None = None  # an output or error file: read from this batch's results
     ok: bool = True  # which of them: the output (True) or the errors (False)
+    expires_at: int | None = None  # None: written before files expired; the retention from created_at
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "expires_at": None, "status_details": None}  # fmt: skip
+                "expires_at": self.expires_at, "status_details": None}  # fmt: skip
 
 
 @dataclass
@@ -93,15 +96,16 @@ class BatchStore:
     async def file(self, file_id: str) -> FileRecord | None:
         raise NotImplementedError
 
-    async def files(self, owner: str) -> list[FileRecord]:
-        """The owner's files, newest first."""
+    async def files(self, owner: str | None) -> list[FileRecord]:
+        """The owner's files (None: everyone's), newest first."""
         raise NotImplementedError
 
     async def content(self, record: FileRecord) -> bytes:
         """An uploaded file's bytes."""
         raise NotImplementedError
 
-    async def delete_file(self, file_id: str) -> None:
+    async def delete_file(self, record: FileRecord) -> None:
+        """The file and what it owns: an upload's bytes, an output or error file's answers."""
         raise NotImplementedError
 
     async def save_batch(self, record: BatchRecord) -> None:
@@ -118,6 +122,10 @@ class BatchStore:
 
     async def active(self) -> list[str]:
         """Batches some gateway must drive: validating, running, finalizing or being cancelled."""
+        raise NotImplementedError
+
+    async def delete_batch(self, batch_id: str) -> None:
+        """An ended batch's record and its answers (its files are deleted first, as files)."""
         raise NotImplementedError
 
     async def request_cancel(self, batch_id: str) -> None:
@@ -245,17 +253,25 @@ class DirStore(BatchStore):
         rows = await self._run("SELECT doc FROM files WHERE id = ?", (file_id,))
         return FileRecord(**orjson.loads(rows[0][0])) if rows else None
 
-    async def files(self, owner: str) -> list[FileRecord]:
-        rows = await self._run("SELECT doc FROM files WHERE owner = ? ORDER BY seq DESC", (owner,))
+    async def files(self, owner: str | None) -> list[FileRecord]:
+        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = await self._run(f"SELECT doc FROM files {where} ORDER BY seq DESC", args)
         return [FileRecord(**orjson.loads(doc)) for (doc,) in rows]
 
     async def content(self, record: FileRecord) -> bytes:
         return await asyncio.to_thread((self._root / "files" / record.id).read_bytes)
 
-    async def delete_file(self, file_id: str) -> None:
-        await self._run("DELETE FROM files WHERE id = ?", (file_id,))
+    async def delete_file(self, record: FileRecord) -> None:
+        await self._run("DELETE FROM files WHERE id = ?", (record.id,))
+        if record.batch_id is not None:
+            await self._run("DELETE FROM results WHERE batch = ? AND ok = ?", (record.batch_id, record.ok))
+            return
         with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread((self._root / "files" / file_id).unlink)
+            await asyncio.to_thread((self._root / "files" / record.id).unlink)
+
+    async def delete_batch(self, batch_id: str) -> None:
+        await self._run("DELETE FROM results WHERE batch = ?", (batch_id,))
+        await self._run("DELETE FROM batches WHERE id = ?", (batch_id,))
 
     async def save_batch(self, record: BatchRecord) -> None:
         written = await self._run(
@@ -394,17 +410,31 @@ class RedisStore(BatchStore):
         raw = await self._redis.hget(self._key("files"), file_id)
         return known(FileRecord, raw) if raw else None
 
-    async def files(self, owner: str) -> list[FileRecord]:
+    async def files(self, owner: str | None) -> list[FileRecord]:
         every = [known(FileRecord, v) for v in (await self._redis.hgetall(self._key("files"))).values()]
-        return sorted((f for f in every if f.owner == owner), key=lambda f: -f.seq)
+        return sorted((f for f in every if owner is None or f.owner == owner), key=lambda f: -f.seq)
 
     async def content(self, record: FileRecord) -> bytes:
         return cast(bytes, await self._redis.get(self._key("file", record.id)) or b"")
 
-    async def delete_file(self, file_id: str) -> None:
+    async def delete_file(self, record: FileRecord) -> None:
+        # UNLINK: a batch's answers may be hundreds of MB, freed off Redis's main thread.
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._key("files"), file_id)
-            pipe.delete(self._key("file", file_id))
+            pipe.hdel(self._key("files"), record.id)
+            if record.batch_id is None:
+                pipe.unlink(self._key("file", record.id))
+            else:
+                ok, failed, sizes = self._results(record.batch_id)
+                pipe.unlink(ok if record.ok else failed)
+                pipe.hdel(sizes, "ok" if record.ok else "failed")
+            await pipe.execute()
+
+    async def delete_batch(self, batch_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._key("batches"), batch_id)
+            pipe.srem(self._key("batches", "active"), batch_id)
+            pipe.srem(self._key("batches", "cancel"), batch_id)
+            pipe.unlink(*self._results(batch_id), self._key("batch", batch_id, "driver"))
             await pipe.execute()
 
     async def save_batch(self, record: BatchRecord) -> None:

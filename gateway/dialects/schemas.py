@@ -115,6 +115,20 @@ class OllamaEmbeddingsRequest(_Request):
     options: dict[str, Any] | None = None
 
 
+class ExpiresAfter(_Request):
+    """OpenAI's expiration policy for a file: so many seconds after it was made."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000, description="1 hour to 30 days, as OpenAI; the gateway's retention if shorter")
+
+
+class FileUpload(_Request):
+    """OpenAI ``POST /v1/files``'s form fields past ``file`` and ``purpose`` (``expires_after[anchor]``
+    and ``expires_after[seconds]``, as the form sends them, nested)."""
+
+    expires_after: ExpiresAfter | None = None
+
+
 class BatchRequest(_Request):
     """OpenAI ``POST /v1/batches``."""
 
@@ -122,6 +136,7 @@ class BatchRequest(_Request):
     endpoint: Literal["/v1/embeddings"] = Field(description="the one endpoint batches run here")
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    output_expires_after: ExpiresAfter | None = None
 
 
 class EmbeddingData(BaseModel):

@@ -377,3 +377,80 @@ async def test_a_file_of_any_name_downloads_under_that_name_and_injects_no_heade
     disposition = download.headers["content-disposition"]
     assert disposition.isascii() and "\n" not in disposition and disposition.count('"') == 2
     assert urllib.parse.unquote(disposition.partition("filename*=UTF-8''")[2]) == uploaded.filename
+
+
+async def test_files_and_batches_are_deleted_past_their_retention_with_what_they_own():
+    """Uploads expire as their client asked (capped by the gateway's retention), output files as
+    their batch asked, from when it ended; a batch, with all it left, the retention after it ended;
+    an input file a running batch reads stays until it ends. Each deletion takes what it owns."""
+    day = 86400
+    async with running({"EMBEDQ_FILE_RETENTION_S": str(day)}) as gateway:
+        await gateway.worker()
+        oai, store, retention = client(gateway), gateway.app.state.batches, gateway.app.state.batch_retention
+        content = io.BytesIO(jsonl([request_line("a", "text"), request_line("bad", "")]))
+        hour = await oai.files.create(file=("in.jsonl", content), purpose="batch",
+                                      expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
+        assert hour.expires_at == hour.created_at + 3600
+        capped = await oai.files.create(file=("in.jsonl", io.BytesIO(b"{}")), purpose="batch",
+                                        expires_after={"anchor": "created_at", "seconds": 30 * day})  # fmt: skip
+        assert capped.expires_at == capped.created_at + day
+        batch = await oai.batches.create(input_file_id=hour.id, endpoint="/v1/embeddings", completion_window="24h",
+                                         output_expires_after={"anchor": "created_at", "seconds": 2 * 3600})  # fmt: skip
+        done = await finished(oai, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == done.request_counts.failed == 1
+        output, errors = await oai.files.retrieve(done.output_file_id), await oai.files.retrieve(done.error_file_id)
+        assert output.expires_at == errors.expires_at == done.completed_at + 2 * 3600, (output, done)
+
+        assert await retention.sweep(hour.expires_at - 1) == (0, 0)
+        assert await retention.sweep(hour.expires_at) == (1, 0)  # the input: its batch has ended
+        with pytest.raises(openai.NotFoundError):
+            await oai.files.retrieve(hour.id)
+        assert await retention.sweep(output.expires_at) == (2, 0)
+        assert await store.counts(batch.id) == (0, 0, 0, 0)  # the answers both files were read from
+        assert (await oai.batches.retrieve(batch.id)).status == "completed"
+        assert await retention.sweep(done.completed_at + day) == (1, 1)  # the capped upload, and the batch
+        with pytest.raises(openai.NotFoundError):
+            await oai.batches.retrieve(batch.id)
+        assert (await oai.files.list()).data == [] and (await oai.batches.list()).data == []
+
+
+async def test_a_running_batch_keeps_its_expired_input_and_a_deleted_output_file_its_answers_go_too():
+    async with running() as gateway:
+        await gateway.worker(delay_s=0.05, max_num_seqs=2)
+        oai, store, retention = client(gateway), gateway.app.state.batches, gateway.app.state.batch_retention
+        uploaded, batch = await start(oai, [request_line(f"line-{i}", f"text {i}") for i in range(200)])
+        while (await oai.batches.retrieve(batch.id)).status != "in_progress":
+            await asyncio.sleep(0.02)
+        assert await retention.sweep(uploaded.expires_at + 1) == (0, 0)  # read while the batch runs
+        done = await finished(oai, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 200
+        assert (await store.counts(batch.id))[0] == 200
+        await oai.files.delete(done.output_file_id)
+        assert await store.counts(batch.id) == (0, 0, 0, 0)
+        assert await retention.sweep(uploaded.expires_at + 1) == (1, 0)  # the batch has ended: its input goes
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        ("upload", "expires_after.seconds"),
+        ("upload_anchor", "expires_after.anchor"),
+        ("batch", "output_expires_after.seconds"),
+    ],
+)
+async def test_an_expiry_outside_openais_bounds_is_a_400_naming_the_field(call: str, param: str):
+    async with running() as gateway:
+        await gateway.worker()
+        oai = client(gateway)
+        content = ("in.jsonl", io.BytesIO(jsonl([request_line("a", "text")])))
+        with pytest.raises(openai.BadRequestError) as wrong:
+            if call == "upload":
+                await oai.files.create(file=content, purpose="batch", expires_after={"anchor": "created_at", "seconds": 60})
+            elif call == "upload_anchor":
+                await oai.files.create(file=content, purpose="batch", expires_after={"anchor": "now", "seconds": 3600})  # type: ignore[typeddict-item]
+            else:
+                uploaded = await oai.files.create(file=content, purpose="batch")
+                await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                                         output_expires_after={"anchor": "created_at", "seconds": 10})  # fmt: skip
+        assert wrong.value.param == param, wrong.value
+        assert wrong.value.status_code == 400

@@ -5,6 +5,7 @@ and of a worker, and interactive traffic unharmed by a batch beside it."""
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import re
 import signal
@@ -20,6 +21,9 @@ import redis
 from bench.batch import beside_batch
 from bench.batch import start_batch as start_model_batch
 from bench.stack import FREE, Engine
+from gateway.batches.retention import Retention
+from gateway.batches.store import BatchRecord, FileRecord, RedisStore
+from gateway.redis_link import RedisLink
 from tests.system.conftest import Cluster, Gateway, fake_worker_config, free_port, wait_until
 from tests.system.load import DIMS, MODEL, expected
 
@@ -159,3 +163,44 @@ def test_interactive_traffic_keeps_its_latency_while_a_batch_fills_the_idle_capa
     # takes, p99 rose by 0.6 s.
     assert figures.shared_p99_s <= figures.alone_p99_s + 0.35, figures.summary()
     assert figures.batch_share >= 0.6, figures.summary()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("queue_backend", ["redis"])
+async def test_what_retention_deletes_leaves_nothing_of_it_in_redis(cluster: Cluster, queue_backend: str):
+    """The Redis store's side of the sweep (the fast tier runs it on a data directory): a deleted
+    output file takes its answers, a batch past its retention its record, flags, claim and the
+    rest of its answers, an upload its bytes; only the id counter is left."""
+    link = RedisLink(cluster.redis.url, None, cluster.prefix)
+    await link.start()
+    raw = redis.asyncio.Redis.from_url(cluster.redis.url)
+    try:
+        await _retention_in_redis(cluster.prefix, RedisStore(link), raw)
+    finally:
+        await raw.aclose()
+        await link.stop()
+
+
+async def _retention_in_redis(prefix: str, store: RedisStore, raw: redis.asyncio.Redis) -> None:
+    now = int(time.time())
+    upload = FileRecord("file-in", "team", "batch", "in.jsonl", 3, now, await store.next_seq(), expires_at=now + 3600)
+    await store.put_file(upload, io.BytesIO(b"{}\n"))
+    doc = {"id": "batch_1", "status": "completed", "input_file_id": upload.id, "created_at": now, "completed_at": now,
+           "output_file_id": "file-out", "error_file_id": "file-err"}  # fmt: skip
+    await store.save_batch(BatchRecord("batch_1", "team", await store.next_seq(), doc))
+    await store.record("batch_1", [(0, True, b"answer\n"), (1, False, b"error\n")])
+    await store.request_cancel("batch_1")
+    assert await store.claim("batch_1", "replica", 60)
+    for file_id, ok in (("file-out", True), ("file-err", False)):
+        await store.put_file(FileRecord(file_id, "team", "batch_output", f"{file_id}.jsonl", 7, now, await store.next_seq(),
+                                        "batch_1", ok, now + 3600), None)  # fmt: skip
+
+    async def keys() -> set[str]:
+        every = {k.decode().removeprefix(prefix + ":") async for k in raw.scan_iter(f"{prefix}:*")}
+        return {k for k in every if not k.startswith("alive:")}  # the link's own
+
+    assert {"batch:batch_1:ok", "batch:batch_1:failed", "batch:batch_1:driver", "file:file-in"} <= await keys()
+    await store.delete_file(await store.file("file-out"))
+    assert "batch:batch_1:ok" not in await keys() and await store.counts("batch_1") == (0, 1, 0, 6)
+    assert await Retention(store, 86400).sweep(now + 86400) == (2, 1)  # the error file and the upload; the batch
+    assert await keys() == {"batches:seq"}
