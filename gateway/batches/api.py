@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -18,13 +18,14 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from gateway.auth import CONSOLE_ADMIN
+from gateway.batches import frames
 from gateway.batches.lines import MAX_FILE_BYTES
 from gateway.batches.retention import expires_at
 from gateway.batches.runner import batch_object, no_usage
 from gateway.batches.store import BatchRecord, FileRecord
 from gateway.dialects.schemas import BatchRequest, FileUpload, parse_body, validate
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from gateway.http import json_response, read_json, receive_in_time
+from gateway.http import json_response, off_loop, read_json, receive_in_time
 from gateway.tenancy.keys import ApiKey
 
 T = TypeVar("T")
@@ -150,7 +151,14 @@ async def file_content(request: Request) -> Response:
         return Response(await store.content(record), media_type="application/jsonl", headers=headers)
     batch = await store.batch(record.batch_id)
     lines = batch.doc["request_counts"]["total"] if batch is not None else 0
-    return StreamingResponse(store.results(record.batch_id, record.ok, lines), media_type="application/jsonl", headers=headers)
+    return StreamingResponse(_rendered(record.batch_id, store.results(record.batch_id, record.ok, lines)),
+                             media_type="application/jsonl", headers=headers)  # fmt: skip
+
+
+async def _rendered(batch_id: str, chunks: AsyncIterator[list[tuple[int, bytes]]]) -> AsyncIterator[bytes]:
+    """A batch's kept answers as its file's lines (``frames.py``), a chunk at a time."""
+    async for kept in chunks:
+        yield await off_loop(sum(len(answer) for _, answer in kept), frames.render_all, batch_id, kept)
 
 
 async def delete_file(request: Request) -> Response:

@@ -35,10 +35,11 @@ from typing import Any
 import orjson
 
 from gateway.activity import Activity
+from gateway.batches import frames
 from gateway.batches.lines import Line, problem, read_lines
 from gateway.batches.retention import expires_at
 from gateway.batches.store import BatchEnded, BatchRecord, BatchStore, FileRecord
-from gateway.dialects.openai import embeddings, parse_request
+from gateway.dialects.openai import embedded, parse_request
 from gateway.errors import ApiError, ModelNotFound, Unauthorized
 from gateway.http import off_loop
 from gateway.metrics import GatewayMetrics
@@ -83,7 +84,7 @@ class _Run:
     record: BatchRecord
     lines: list[Line]
     key: ApiKey | None
-    finished: list[tuple[int, bool, bytes]] = field(default_factory=list)  # answered, not yet recorded
+    finished: list[tuple[int, bool, bytes, int]] = field(default_factory=list)  # answered, not yet recorded
     # Of the answered lines not yet recorded: what each is billed (model, inputs, tokens, error
     # code), counted with their results, not before (a line answered, then run again after a
     # takeover because its result was never recorded, would be billed twice).
@@ -296,18 +297,20 @@ class BatchRunner:
             run.in_flight[task] = line
             self._metrics.child(self._metrics.batch_lines, line.model, "queued").inc()
 
-    async def _line(self, run: _Run, index: int) -> tuple[int, tuple[bool, bytes] | None]:
-        """One line, as ``/v1/embeddings`` would answer it; None: refused for now, try again."""
+    async def _line(self, run: _Run, index: int) -> tuple[int, tuple[bool, bytes, int] | None]:
+        """One line, as ``/v1/embeddings`` would answer it: whether it succeeded, the answer as kept
+        (``frames.py``) and the size of its output line; None: refused for now, try again."""
         line = run.lines[index]
         call = calls.Call(key=run.key, priority=BATCH, source="batch")
         calls.enter(call)  # this task's own context: the service sees a batch call
-        status, body = 200, b""
+        status, body, kept = 200, b"", b""
         try:
             if run.key is not None and not run.key.usable(time.time()):
                 raise Unauthorized(f"API key {run.key.name!r} was revoked or expired while its batch ran")
             body = orjson.dumps(line.body)
             req, inputs, single = await off_loop(len(body), parse_request, body, self._settings.max_inputs)
-            body = await embeddings(self._service, run.key, req, inputs, single)
+            result = await embedded(self._service, run.key, req, inputs, single)
+            kept = frames.pack(line.custom_id, result.model, result.vectors, result.prompt_tokens, req.encoding_format)
         except ModelNotFound:
             status = 503  # validated, so served before: after a restart its workers are yet to come back
         except ApiError as error:
@@ -325,28 +328,19 @@ class BatchRunner:
         self._metrics.child(self._metrics.batch_lines, line.model, "completed" if status == 200 else "failed").inc()
         self._metrics.child(self._metrics.batch_backlog, line.model).dec()
         run.left[line.model] -= 1
-        return index, (status == 200, self._output_line(run.record.id, index, line, status, body))
-
-    @staticmethod
-    def _output_line(batch_id: str, index: int, line: Line, status: int, body: bytes) -> bytes:
-        """OpenAI's output line; the body is spliced in as it is (it is JSON already)."""
-        request_id = hashlib.sha256(f"{batch_id}/{index}".encode()).hexdigest()[:24]
-        head = orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": line.custom_id})
-        return (
-            head[:-1]
-            + b',"response":{"status_code":%d,"request_id":"%s","body":' % (status, request_id.encode())
-            + body
-            + b'},"error":null}\n'
-        )
+        if not ok:
+            kept = frames.output_line(run.record.id, index, line.custom_id, status, body)
+        size = len(await off_loop(len(kept), frames.render, run.record.id, index, kept))  # the file's bytes, as downloaded
+        return index, (ok, kept, size)
 
     async def _record(self, run: _Run) -> None:
         if not run.finished:
             return
         batch, run.finished = run.finished, []
-        bills = [run.billed.pop(index) for index, _, _ in batch]
+        bills = [run.billed.pop(index) for index, *_ in batch]
         written = await self._store.record(run.record.id, batch)
         owner = run.key.name if run.key else None
-        billed = [bill for (index, _, _), bill in zip(batch, bills) if index in written]  # not what another driver wrote
+        billed = [bill for (index, *_), bill in zip(batch, bills) if index in written]  # not what another driver wrote
         for model, inputs, tokens, code in billed:
             self._usage.record(owner, model, "batch", inputs=inputs, tokens=tokens, code=code)
         tokens = sum(tokens for _, _, tokens, _ in billed)
@@ -369,8 +363,8 @@ class BatchRunner:
         if ending in UNRUN:
             code, message = UNRUN[ending]
             done = await self._store.done(record.id)
-            await self._store.record(record.id, [(i, False, self._unrun_line(record.id, i, line, code, message))
-                                                 for i, line in enumerate(run.lines) if i not in done])  # fmt: skip
+            unrun = [self._unrun_line(record.id, i, line, code, message) for i, line in enumerate(run.lines) if i not in done]
+            await self._store.record(record.id, [(i, False, kept, len(kept)) for i, kept in unrun])
         if ending == "revoked":  # the key's owner may no longer run it: cancelled, saying why
             doc["errors"] = {"object": "list", "data": [problem(*UNRUN[ending])]}
             ending = "cancelled"
@@ -393,12 +387,10 @@ class BatchRunner:
         log.info("batch %s %s: %d lines completed, %d failed", record.id, ending, completed, failed)
 
     @staticmethod
-    def _unrun_line(batch_id: str, index: int, line: Line, code: str, message: str) -> bytes:
-        request_id = hashlib.sha256(f"{batch_id}/{index}".encode()).hexdigest()[:24]
+    def _unrun_line(batch_id: str, index: int, line: Line, code: str, message: str) -> tuple[int, bytes]:
         error = {"code": code, "message": message}
-        return (
-            orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": line.custom_id, "response": None, "error": error}) + b"\n"
-        )
+        ident = f"batch_req_{frames.request_id(batch_id, index)}"
+        return index, orjson.dumps({"id": ident, "custom_id": line.custom_id, "response": None, "error": error}) + b"\n"
 
 
 def no_usage() -> dict[str, Any]:

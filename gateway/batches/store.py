@@ -8,7 +8,8 @@
 A batch's results are kept per input line (its index in the input file), written once: a line
 that is recorded again (a replica took the batch over and ran it a second time) keeps its first
 answer, so the output has each line exactly once. The output and error files are not copies:
-their content is read from the results, in line order, when a client downloads them.
+their content is read from the results, in line order, when a client downloads them (an answer
+is kept as ``frames.py`` packs it, with the size of the output line it renders to).
 
 Only the gateway driving a batch writes its record (``save_batch``); a client's cancel is a flag of
 its own (``request_cancel``), so neither overwrites the other. What is deleted (a file, or a batch
@@ -134,9 +135,10 @@ class BatchStore:
     async def cancel_requested(self, batch_id: str) -> bool:
         raise NotImplementedError
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
-        """Each line's answer (index, succeeded, its output line), unless it has one already; the
-        indexes written (a line another driver recorded first is not: nor billed)."""
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes, int]]) -> set[int]:
+        """Each line's answer (index, succeeded, the answer as kept, the size of its output line),
+        unless it has one already; the indexes written (a line another driver recorded first is
+        not: nor billed)."""
         raise NotImplementedError
 
     async def done(self, batch_id: str) -> set[int]:
@@ -147,8 +149,8 @@ class BatchStore:
         """Lines completed, lines failed, and the bytes of each's output."""
         raise NotImplementedError
 
-    def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[bytes]:
-        """The output (ok) or error file's content, in line order, in chunks."""
+    def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[list[tuple[int, bytes]]]:
+        """The output (ok) or error file's answers as kept, (index, answer) in line order, in chunks."""
         raise NotImplementedError
 
     async def claim(self, batch_id: str, holder: str, ttl_s: float) -> bool:
@@ -196,10 +198,13 @@ class DirStore(BatchStore):
             CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, seq INTEGER NOT NULL,
                 status TEXT NOT NULL, doc TEXT NOT NULL, cancel INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS results (batch TEXT NOT NULL, idx INTEGER NOT NULL, ok INTEGER NOT NULL,
-                line BLOB NOT NULL, PRIMARY KEY (batch, idx));
+                line BLOB NOT NULL, size INTEGER, PRIMARY KEY (batch, idx));
             CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
             """
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        if "size" not in columns:  # a directory from before frames: its lines are their own size
+            self._db.execute("ALTER TABLE results ADD COLUMN size INTEGER")
 
     async def stop(self) -> None:
         def close() -> None:
@@ -303,24 +308,24 @@ class DirStore(BatchStore):
         rows = await self._run("SELECT cancel FROM batches WHERE id = ?", (batch_id,))
         return bool(rows and rows[0][0])
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes, int]]) -> set[int]:
         before = await self.done(batch_id)  # one gateway on the directory: one driver, no race
-        await self._run("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?)",
-                        many=[(batch_id, index, ok, line) for index, ok, line in results])  # fmt: skip
-        return {index for index, _, _ in results if index not in before}
+        await self._run("INSERT OR IGNORE INTO results (batch, idx, ok, line, size) VALUES (?, ?, ?, ?, ?)",
+                        many=[(batch_id, index, ok, kept, size) for index, ok, kept, size in results])  # fmt: skip
+        return {index for index, *_ in results if index not in before}
 
     async def done(self, batch_id: str) -> set[int]:
         return {row[0] for row in await self._run("SELECT idx FROM results WHERE batch = ?", (batch_id,))}
 
     async def counts(self, batch_id: str) -> tuple[int, int, int, int]:
         rows = await self._run(
-            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(ok * length(line)), 0),"
-            " COALESCE(SUM((1 - ok) * length(line)), 0) FROM results WHERE batch = ?",
+            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0), COALESCE(SUM(ok * COALESCE(size, length(line))), 0),"
+            " COALESCE(SUM((1 - ok) * COALESCE(size, length(line))), 0) FROM results WHERE batch = ?",
             (batch_id,),
         )
         return rows[0]
 
-    async def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[bytes]:
+    async def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[list[tuple[int, bytes]]]:
         after = -1
         while True:
             rows = await self._run(
@@ -330,7 +335,7 @@ class DirStore(BatchStore):
             if not rows:
                 return
             after = rows[-1][0]
-            yield b"".join(line for _, line in rows)
+            yield rows
 
     async def claim(self, batch_id: str, holder: str, ttl_s: float) -> bool:
         return True  # one gateway per data directory (the lock file)
@@ -347,13 +352,14 @@ class RedisStore(BatchStore):
     ``P:batch:<id>:ok`` / ``:failed`` (line index -> output line), ``:bytes`` (their sizes) and
     ``:driver`` (the replica driving it, expiring unless renewed)."""
 
+    # KEYS: the batch's ok, failed and bytes hashes. ARGV: 0, 0, then per line index, ok, answer, size.
     RECORD = """
     local written = {}
-    for i = 3, #ARGV, 3 do
+    for i = 3, #ARGV, 4 do
       local hash = ARGV[i + 1] == '1' and KEYS[1] or KEYS[2]
       if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
         redis.call('HSET', hash, ARGV[i], ARGV[i + 2])
-        redis.call('HINCRBY', KEYS[3], ARGV[i + 1] == '1' and 'ok' or 'failed', string.len(ARGV[i + 2]))
+        redis.call('HINCRBY', KEYS[3], ARGV[i + 1] == '1' and 'ok' or 'failed', ARGV[i + 3])
         table.insert(written, ARGV[i])
       end
     end
@@ -463,10 +469,10 @@ class RedisStore(BatchStore):
     def _results(self, batch_id: str) -> list[str]:
         return [self._key("batch", batch_id, "ok"), self._key("batch", batch_id, "failed"), self._key("batch", batch_id, "bytes")]
 
-    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes]]) -> set[int]:
+    async def record(self, batch_id: str, results: list[tuple[int, bool, bytes, int]]) -> set[int]:
         args: list[Any] = [0, 0]
-        for index, ok, line in results:
-            args += [index, "1" if ok else "0", line]
+        for index, ok, kept, size in results:
+            args += [index, "1" if ok else "0", kept, size]
         return {int(index) for index in await self._record(keys=self._results(batch_id), args=args)}
 
     async def done(self, batch_id: str) -> set[int]:
@@ -486,11 +492,12 @@ class RedisStore(BatchStore):
             n_ok, n_failed, (ok_bytes, failed_bytes) = await pipe.execute()
         return n_ok, n_failed, int(ok_bytes or 0), int(failed_bytes or 0)
 
-    async def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[bytes]:
+    async def results(self, batch_id: str, ok: bool, lines: int) -> AsyncIterator[list[tuple[int, bytes]]]:
         name = self._results(batch_id)[0 if ok else 1]
         for start in range(0, lines, READ_CHUNK):
-            found = await self._redis.hmget(name, list(range(start, min(lines, start + READ_CHUNK))))
-            chunk = b"".join(cast(bytes, line) for line in found if line is not None)
+            indexes = list(range(start, min(lines, start + READ_CHUNK)))
+            found = await self._redis.hmget(name, indexes)
+            chunk = [(index, cast(bytes, kept)) for index, kept in zip(indexes, found, strict=True) if kept is not None]
             if chunk:
                 yield chunk
 

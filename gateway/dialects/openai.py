@@ -21,7 +21,7 @@ from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, p
 from gateway.errors import InvalidRequest, ModelNotFound, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.registry import Route as ModelRoute
-from gateway.service import Service, serves
+from gateway.service import Embeddings, Service, serves
 from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey
 
@@ -40,13 +40,20 @@ async def create_embeddings(request: Request) -> Response:
 
 
 async def embeddings(service: Service, key: ApiKey | None, req: EmbeddingsRequest, inputs: list[JobInput], single: bool) -> bytes:
-    """The response body to a parsed request: what a client of ``/v1/embeddings`` gets, and what
-    a batch's line gets (``batches/runner.py``)."""
+    """The response body to a parsed request: what a client of ``/v1/embeddings`` gets."""
+    result = await embedded(service, key, req, inputs, single)
+    return render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
+
+
+async def embedded(
+    service: Service, key: ApiKey | None, req: EmbeddingsRequest, inputs: list[JobInput], single: bool
+) -> Embeddings:
+    """A parsed request's vectors, before they are rendered: what a batch's line keeps
+    (``batches/frames.py``), and renders as ``render_embeddings`` does for ``/v1/embeddings``."""
     tags = frozenset(req.tags or ())
     route = await service.route(req.model, key, tags)
-    result = await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
-                                 prompt_name=req.prompt_name, input_type=req.input_type, tags=tags)  # fmt: skip
-    return render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
+    return await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
+                               prompt_name=req.prompt_name, input_type=req.input_type, tags=tags)  # fmt: skip
 
 
 async def list_models(request: Request) -> Response:

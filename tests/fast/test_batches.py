@@ -252,7 +252,7 @@ async def test_a_batch_whose_key_is_revoked_stops_within_a_second_its_unrun_line
 
 async def _lines(store, record):
     async for chunk in store.results(record.batch_id, record.ok, 2000):
-        for line in chunk.splitlines():
+        for _, line in chunk:
             yield line
 
 
@@ -328,7 +328,7 @@ async def test_a_stale_driver_cannot_take_a_batch_back_from_completed_nor_record
         stale = dataclasses.replace(record, doc={**record.doc, "status": "in_progress"})
         with pytest.raises(BatchEnded):
             await store.save_batch(stale)
-        written = await store.record(batch.id, [(0, True, b"{}\n"), (7, True, b"{}\n")])
+        written = await store.record(batch.id, [(0, True, b"{}\n", 3), (7, True, b"{}\n", 3)])
         assert (await store.batch(batch.id)).status == "completed" and written == {7}
 
 
@@ -454,3 +454,32 @@ async def test_an_expiry_outside_openais_bounds_is_a_400_naming_the_field(call: 
                                          output_expires_after={"anchor": "created_at", "seconds": 10})  # fmt: skip
         assert wrong.value.param == param, wrong.value
         assert wrong.value.status_code == 400
+
+
+async def test_answers_are_kept_as_float32_and_download_as_the_v1_embeddings_answer_byte_for_byte():
+    """A line's vectors are kept as float32 (4 bytes a value, where JSON takes ~11), rendered when
+    the file is downloaded; the file's ``bytes`` is what the download has. An answer kept as its
+    JSON line (by a gateway from before frames) still downloads as it was."""
+    async with running() as gateway:
+        await gateway.worker()
+        oai, store = client(gateway), gateway.app.state.batches
+        texts = [[f"text {i} {j}" for j in range(8)] for i in range(20)]
+        lines = [request_line(f"line-{i}", t, encoding_format="base64" if i % 2 else "float") for i, t in enumerate(texts)]
+        _, batch = await start(oai, lines)
+        done = await finished(oai, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 20
+        downloaded = (await oai.files.content(done.output_file_id)).content
+        assert (await oai.files.retrieve(done.output_file_id)).bytes == len(downloaded)
+        for i, line in enumerate(downloaded.splitlines()):
+            direct = await gateway.client.post("/v1/embeddings", json=lines[i]["body"])
+            assert orjson.loads(line)["response"]["body"] == direct.json(), i
+        kept = [answer async for chunk in store.results(batch.id, True, 20) for _, answer in chunk]
+        values = 8 * len(expected(["x"])[0])
+        assert all(4 * values <= len(answer) <= 4 * values + 200 for answer in kept), [len(a) for a in kept]
+        assert sum(map(len, kept)) < len(downloaded) / 2
+        legacy = b'{"id": "batch_req_old", "custom_id": "old", "response": {"status_code": 200}, "error": null}\n'
+        await store.record(batch.id, [(20, True, legacy, len(legacy))])
+        fake = dataclasses.replace(await store.batch(batch.id))
+        fake.doc["request_counts"]["total"] = 21
+        await store.save_batch(fake)
+        assert (await oai.files.content(done.output_file_id)).content == downloaded + legacy

@@ -188,7 +188,7 @@ async def _retention_in_redis(prefix: str, store: RedisStore, raw: redis.asyncio
     doc = {"id": "batch_1", "status": "completed", "input_file_id": upload.id, "created_at": now, "completed_at": now,
            "output_file_id": "file-out", "error_file_id": "file-err"}  # fmt: skip
     await store.save_batch(BatchRecord("batch_1", "team", await store.next_seq(), doc))
-    await store.record("batch_1", [(0, True, b"answer\n"), (1, False, b"error\n")])
+    await store.record("batch_1", [(0, True, b"answer\n", 7), (1, False, b"error\n", 6)])
     await store.request_cancel("batch_1")
     assert await store.claim("batch_1", "replica", 60)
     for file_id, ok in (("file-out", True), ("file-err", False)):
