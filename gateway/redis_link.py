@@ -4,6 +4,8 @@ Three connections' worth of clients: ``redis`` for commands, ``blocking`` for th
 blocking result reads, and one subscription to the event channel ``P:events`` through which
 replicas tell each other "N inputs arrived on queue Q" and "worker W left". The link also keeps the
 key ``P:alive:<replica>`` fresh; jobs whose owner's key lapsed are dropped by the queue scripts.
+Its value says what the replica can read (``READS``), so that a rolling upgrade writes nothing a
+replica still running the older release cannot read (``fleet_reads``).
 
 Redis going away is survived: commands raise (the queue turns that into 503s), the event
 subscription and the liveness key come back by themselves once Redis does.
@@ -32,6 +34,10 @@ from gateway.loops import Loops
 log = logging.getLogger(__name__)
 ALIVE_REFRESH_S = 1.0
 ALIVE_TTL_MS = 5000  # a replica silent this long counts as gone
+# What a release reads, in its liveness key; replicas from before wrote "1". 2: batch answers kept
+# as float32 frames (gateway/batches/frames.py).
+READS_FRAMES = 2
+READS = READS_FRAMES
 RECONNECT_S = 0.5
 DOWN = (RedisError, OSError)  # what a command raises while Redis cannot be reached
 
@@ -150,7 +156,14 @@ class RedisLink:
             await client.aclose()
 
     async def _mark_alive(self) -> None:
-        await self.redis.set(self.key("alive", self.replica), b"1", px=ALIVE_TTL_MS)
+        await self.redis.set(self.key("alive", self.replica), str(READS).encode(), px=ALIVE_TTL_MS)
+
+    async def fleet_reads(self) -> int:
+        """The least of what the live replicas read: what may be written now for all to read.
+        It scans the keyspace: call it every few seconds, not per request."""
+        names = [name async for name in self.redis.scan_iter(match=self.key("alive", "*"), count=1000)]
+        marks = await self.redis.mget(names) if names else []
+        return min((int(mark) if mark.isdigit() else 1 for mark in marks if mark is not None), default=READS)
 
     async def _alive_forever(self) -> None:
         down = False

@@ -20,7 +20,7 @@ from starlette.types import Message
 from gateway.auth import CONSOLE_ADMIN
 from gateway.batches import frames
 from gateway.batches.lines import MAX_FILE_BYTES
-from gateway.batches.retention import expires_at
+from gateway.batches.retention import expired, expires_at
 from gateway.batches.runner import batch_object, no_usage
 from gateway.batches.store import BatchRecord, FileRecord
 from gateway.dialects.schemas import BatchRequest, FileUpload, parse_body, validate
@@ -46,8 +46,11 @@ def _viewer(request: Request) -> str | None:
 
 
 def _visible(record: Owned | None, viewer: str | None, what: str, ident: str) -> Owned:
+    """The record, if the viewer may see it: its owner's, and (a file) not expired."""
     if record is None or (viewer is not None and record.owner != viewer):
         raise NotFound(f"no {what} {ident!r}", param=f"{what}_id")
+    if isinstance(record, FileRecord) and expired(record, time.time()):
+        raise NotFound(f"no {what} {ident!r}: it expired at {record.expires_at}", param=f"{what}_id")
     return record
 
 
@@ -91,11 +94,14 @@ def _nested(form: FormData) -> dict[str, Any]:
         if name in ("file", "purpose") or not isinstance(value, str):
             continue
         outer, _, inner = name.partition("[")
-        parsed: Any = int(value) if value.isdigit() else value
-        if inner.endswith("]"):
-            nested.setdefault(outer, {})[inner[:-1]] = parsed
-        else:
+        parsed: Any = int(value) if value.isascii() and value.isdigit() else value
+        if not inner.endswith("]"):
             nested[name] = parsed
+        elif isinstance(slot := nested.setdefault(outer, {}), dict):
+            slot[inner[:-1]] = parsed
+        else:
+            raise InvalidRequest(f"'{outer}' is sent both as a value and as fields ({name})", param=outer,
+                                 code="invalid_value")  # fmt: skip
     return nested
 
 
@@ -119,7 +125,9 @@ def _capped(request: Request, limit: int) -> Request:
 async def list_files(request: Request) -> Response:
     key = request.app.state.auth.client(request)
     purpose = request.query_params.get("purpose")
-    files = [f for f in await request.app.state.batches.files(_owner(key)) if purpose is None or f.purpose == purpose]
+    now = time.time()
+    files = [f for f in await request.app.state.batches.files(_owner(key))
+             if (purpose is None or f.purpose == purpose) and not expired(f, now)]  # fmt: skip
     if request.query_params.get("order", "desc") == "asc":
         files.reverse()
     return json_response(_page(request, files, lambda f: f.id, lambda f: f.as_openai(), default_limit=10000, max_limit=10000))
@@ -179,7 +187,7 @@ async def create_batch(request: Request) -> Response:
                              code="invalid_value")  # fmt: skip
     store = state.batches
     source = await store.file(req.input_file_id)
-    if source is None or source.owner != _owner(key):
+    if source is None or source.owner != _owner(key) or expired(source, time.time()):
         raise NotFound(f"no file {req.input_file_id!r}", param="input_file_id")
     if source.purpose != "batch":
         raise InvalidRequest(f"file {source.id!r} has purpose {source.purpose!r}; a batch's input needs purpose \"batch\"",

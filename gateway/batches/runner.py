@@ -61,6 +61,7 @@ RETRY_S = 1.0  # a line refused for now waits this long before it tries again
 WINDOW_BATCHES = 2  # a batch's inputs in the queue at once: this many engine batches of each worker
 MAX_WINDOW_LINES_SHARE = 4  # and at most a quarter of a queue's request bound in lines
 CANCEL_LOOK_S = 0.25  # a cancel, or a change to the batch's key, holds for new lines within this (and a store read)
+FLEET_LOOK_S = 10.0  # how often a replica driving batches asks whether every replica reads frames
 # How a batch that ends with lines unrun says why, in each such line of its error file.
 UNRUN = {
     "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
@@ -111,6 +112,8 @@ class BatchRunner:
         self._activity = activity
         self._driving: dict[str, asyncio.Task] = {}
         self._look = asyncio.Event()
+        self._frames = False  # answers kept as frames: once every gateway on the store reads them
+        self._fleet_looked = -FLEET_LOOK_S
 
     def look_now(self) -> None:
         """A batch was created or cancelled here: look without waiting for the next round."""
@@ -123,6 +126,9 @@ class BatchRunner:
                     if batch_id not in self._driving and await self._store.claim(batch_id, self._holder, CLAIM_TTL_S):
                         task = self._driving[batch_id] = asyncio.create_task(self._drive(batch_id))
                         task.add_done_callback(functools.partial(self._stopped_driving, batch_id))
+                if self._driving and time.monotonic() - self._fleet_looked >= FLEET_LOOK_S:
+                    self._fleet_looked = time.monotonic()
+                    self._frames = await self._store.frames_readable()
             except DOWN as exc:
                 log.warning("cannot look for batches to drive: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -311,6 +317,8 @@ class BatchRunner:
             req, inputs, single = await off_loop(len(body), parse_request, body, self._settings.max_inputs)
             result = await embedded(self._service, run.key, req, inputs, single)
             kept = frames.pack(line.custom_id, result.model, result.vectors, result.prompt_tokens, req.encoding_format)
+            if not self._frames:  # a gateway of an older release reads this store: its JSON line
+                kept = await off_loop(len(kept), frames.render, run.record.id, index, kept)
         except ModelNotFound:
             status = 503  # validated, so served before: after a restart its workers are yet to come back
         except ApiError as error:

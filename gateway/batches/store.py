@@ -33,7 +33,7 @@ from typing import IO, Any, cast
 
 import orjson
 
-from gateway.redis_link import RedisLink, known, text
+from gateway.redis_link import READS_FRAMES, RedisLink, known, text
 
 READ_CHUNK = 1000  # result lines per read while streaming an output file
 
@@ -157,6 +157,20 @@ class BatchStore:
         """Whether ``holder`` drives the batch now (taking it if nobody does); renews its claim."""
         raise NotImplementedError
 
+    async def frames_readable(self) -> bool:
+        """Whether every gateway reading this store reads answers kept as frames (``frames.py``);
+        while one does not (a rolling upgrade), answers are kept as their JSON lines."""
+        return True
+
+    async def retention_since(self, now: int) -> int:
+        """When files and batches began to expire here (``now``, the first time it is asked): what
+        was kept before is counted from then, not deleted all at once on the upgrade."""
+        raise NotImplementedError
+
+    async def take_sweep(self, ttl_s: float) -> bool:
+        """Whether this gateway sweeps now: with replicas, one of them a round."""
+        return True
+
     async def unclaim(self, batch_id: str, holder: str) -> None: ...
 
 
@@ -256,12 +270,12 @@ class DirStore(BatchStore):
 
     async def file(self, file_id: str) -> FileRecord | None:
         rows = await self._run("SELECT doc FROM files WHERE id = ?", (file_id,))
-        return FileRecord(**orjson.loads(rows[0][0])) if rows else None
+        return known(FileRecord, rows[0][0]) if rows else None
 
     async def files(self, owner: str | None) -> list[FileRecord]:
         where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         rows = await self._run(f"SELECT doc FROM files {where} ORDER BY seq DESC", args)
-        return [FileRecord(**orjson.loads(doc)) for (doc,) in rows]
+        return [known(FileRecord, doc) for (doc,) in rows]
 
     async def content(self, record: FileRecord) -> bytes:
         return await asyncio.to_thread((self._root / "files" / record.id).read_bytes)
@@ -340,6 +354,10 @@ class DirStore(BatchStore):
     async def claim(self, batch_id: str, holder: str, ttl_s: float) -> bool:
         return True  # one gateway per data directory (the lock file)
 
+    async def retention_since(self, now: int) -> int:
+        await self._run("INSERT OR IGNORE INTO counter VALUES ('retention_since', ?)", (now,))
+        return (await self._run("SELECT n FROM counter WHERE name = 'retention_since'"))[0][0]
+
 
 def _batch_row(row: tuple) -> BatchRecord:
     batch_id, owner, seq, doc = row
@@ -349,8 +367,9 @@ def _batch_row(row: tuple) -> BatchRecord:
 class RedisStore(BatchStore):
     """Keys under the queue's prefix P: ``P:files`` and ``P:batches`` (id -> record),
     ``P:file:<id>`` (an upload's bytes), ``P:batches:active`` and ``P:batches:cancel`` (sets),
-    ``P:batch:<id>:ok`` / ``:failed`` (line index -> output line), ``:bytes`` (their sizes) and
-    ``:driver`` (the replica driving it, expiring unless renewed)."""
+    ``P:batch:<id>:ok`` / ``:failed`` (line index -> answer), ``:bytes`` (their output's sizes) and
+    ``:driver`` (the replica driving it, expiring unless renewed); ``P:retention:since`` and
+    ``:sweeper`` (the replica sweeping this round)."""
 
     # KEYS: the batch's ok, failed and bytes hashes. ARGV: 0, 0, then per line index, ok, answer, size.
     RECORD = """
@@ -506,3 +525,16 @@ class RedisStore(BatchStore):
 
     async def unclaim(self, batch_id: str, holder: str) -> None:
         await self._unclaim(keys=[self._key("batch", batch_id, "driver")], args=[holder])
+
+    async def frames_readable(self) -> bool:
+        return await self._link.fleet_reads() >= READS_FRAMES
+
+    async def retention_since(self, now: int) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("retention", "since"), now, nx=True)
+            pipe.get(self._key("retention", "since"))
+            _, since = await pipe.execute()
+        return int(since)
+
+    async def take_sweep(self, ttl_s: float) -> bool:
+        return bool(await self._redis.set(self._key("retention", "sweeper"), self._link.replica, nx=True, px=int(ttl_s * 1000)))

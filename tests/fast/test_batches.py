@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from gateway.batches import api, runner
-from gateway.batches.store import BatchEnded, DataDirBusy, DirStore
+from gateway.batches.retention import GRACE_S
+from gateway.batches.store import BatchEnded, DataDirBusy, DirStore, FileRecord
 from gateway.tenancy.keys import SqliteKeyStore
 from gateway.tenancy.limits import Limits
 from tests.fakes import expected, metric
@@ -401,14 +402,14 @@ async def test_files_and_batches_are_deleted_past_their_retention_with_what_they
         output, errors = await oai.files.retrieve(done.output_file_id), await oai.files.retrieve(done.error_file_id)
         assert output.expires_at == errors.expires_at == done.completed_at + 2 * 3600, (output, done)
 
-        assert await retention.sweep(hour.expires_at - 1) == (0, 0)
-        assert await retention.sweep(hour.expires_at) == (1, 0)  # the input: its batch has ended
+        assert await retention.sweep(hour.expires_at + GRACE_S - 1) == (0, 0)
+        assert await retention.sweep(hour.expires_at + GRACE_S) == (1, 0)  # the input: its batch has ended
         with pytest.raises(openai.NotFoundError):
             await oai.files.retrieve(hour.id)
         assert await retention.sweep(output.expires_at) == (2, 0)
         assert await store.counts(batch.id) == (0, 0, 0, 0)  # the answers both files were read from
         assert (await oai.batches.retrieve(batch.id)).status == "completed"
-        assert await retention.sweep(done.completed_at + day) == (1, 1)  # the capped upload, and the batch
+        assert await retention.sweep(done.completed_at + day + GRACE_S) == (1, 1)  # the capped upload, and the batch
         with pytest.raises(openai.NotFoundError):
             await oai.batches.retrieve(batch.id)
         assert (await oai.files.list()).data == [] and (await oai.batches.list()).data == []
@@ -418,16 +419,50 @@ async def test_a_running_batch_keeps_its_expired_input_and_a_deleted_output_file
     async with running() as gateway:
         await gateway.worker(delay_s=0.05, max_num_seqs=2)
         oai, store, retention = client(gateway), gateway.app.state.batches, gateway.app.state.batch_retention
-        uploaded, batch = await start(oai, [request_line(f"line-{i}", f"text {i}") for i in range(200)])
+        content = io.BytesIO(jsonl([request_line(f"line-{i}", f"text {i}") for i in range(200)]))
+        uploaded = await oai.files.create(file=("in.jsonl", content), purpose="batch",
+                                          expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
         while (await oai.batches.retrieve(batch.id)).status != "in_progress":
             await asyncio.sleep(0.02)
-        assert await retention.sweep(uploaded.expires_at + 1) == (0, 0)  # read while the batch runs
+        assert await retention.sweep(uploaded.expires_at + GRACE_S) == (0, 0)  # read while the batch runs
         done = await finished(oai, batch.id)
         assert done.status == "completed" and done.request_counts.completed == 200
         assert (await store.counts(batch.id))[0] == 200
         await oai.files.delete(done.output_file_id)
         assert await store.counts(batch.id) == (0, 0, 0, 0)
-        assert await retention.sweep(uploaded.expires_at + 1) == (1, 0)  # the batch has ended: its input goes
+        assert await retention.sweep(uploaded.expires_at + GRACE_S) == (1, 0)  # the batch has ended: its input goes
+
+
+async def test_an_expired_file_is_gone_for_clients_before_the_sweep_and_what_came_before_expiry_is_not_swept_at_once():
+    async with running() as gateway:
+        await gateway.worker()
+        oai, store, retention = client(gateway), gateway.app.state.batches, gateway.app.state.batch_retention
+        uploaded = await oai.files.create(file=("in.jsonl", io.BytesIO(jsonl([request_line("a", "text")]))), purpose="batch")
+        record = await store.file(uploaded.id)
+        await store.put_file(dataclasses.replace(record, expires_at=record.created_at - 1), None)  # expired a second ago
+        create = oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        for call in (oai.files.retrieve(uploaded.id), oai.files.content(uploaded.id), create):
+            with pytest.raises(openai.NotFoundError):
+                await call
+        assert (await oai.files.list()).data == []
+        # A file kept before files expired (no expires_at), uploaded 60 days ago: counted from then.
+        since = await store.retention_since(0)
+        old = FileRecord("file-old", "", "batch", "old.jsonl", 2, since - 60 * 86400, await store.next_seq())
+        await store.put_file(old, io.BytesIO(b"{}"))
+        assert await retention.sweep(since + GRACE_S) == (1, 0)  # the expired upload
+        assert (await oai.files.retrieve("file-old")).id == "file-old"
+        assert await retention.sweep(since + retention.retention_s + GRACE_S) == (1, 0)
+
+
+async def test_odd_expiry_form_fields_are_400s():
+    async with running() as gateway:
+        content = {"file": ("in.jsonl", jsonl([request_line("a", "text")]))}
+        for fields in ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "²"},
+                       {"expires_after": "x", "expires_after[seconds]": "3600"}):  # fmt: skip
+            response = await gateway.client.post("/v1/files", data={"purpose": "batch", **fields}, files=content)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"].startswith("expires_after"), response.text
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ class Proc:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     nofile: int | None = None  # its file limit, soft and hard (None: this process's)
+    source: Path = REPO  # the tree it runs from (another release's, unpacked, in the mixed-fleet test)
     popen: subprocess.Popen | None = None
 
     def start(self) -> Proc:
@@ -60,7 +61,7 @@ class Proc:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.popen = subprocess.Popen(
                 [sys.executable, *self.args],
-                cwd=REPO,
+                cwd=self.source,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
@@ -198,13 +199,15 @@ class Cluster:
         port: int | None = None,
         defaults: bool = False,
         nofile: int | None = None,
+        source: Path = REPO,
     ) -> Gateway:
         """A gateway with a data directory of its own; unless ``defaults``, with a short worker TTL
-        and wait, to keep tests short. ``nofile``: its file limit, soft and hard."""
+        and wait, to keep tests short. ``nofile``: its file limit, soft and hard; ``source``: the
+        tree it runs from."""
         port = port or free_port()
         quick = {} if defaults else {"EMBEDQ_WORKER_TTL_S": "2", "EMBEDQ_WORKER_WAIT_S": "1"}
         env = {"EMBEDQ_DATA_DIR": str(self.tmp / f"data-{port}"), **quick, **self.queue_env(), **(env or {})}
-        proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env, nofile)
+        proc = self._start("gateway", ["-m", "gateway", "--host", host, "--port", str(port)], env, nofile, source)
         gateway = Gateway(proc, port)
         wait_until(lambda: _answers(gateway.url + "/health") or proc.popen.poll() is not None, 20, "the gateway")
         return gateway
@@ -214,13 +217,13 @@ class Cluster:
             return {}
         return {"EMBEDQ_QUEUE": "redis", "EMBEDQ_REDIS_URL": self.redis.url, "EMBEDQ_REDIS_PREFIX": self.prefix}
 
-    def worker(self, config_text: str, env: dict[str, str] | None = None) -> Proc:
+    def worker(self, config_text: str, env: dict[str, str] | None = None, source: Path = REPO) -> Proc:
         path = self.tmp / f"worker-{len(self.procs)}.toml"
         path.write_text(config_text)
-        return self._start("worker", ["-m", "worker", "--config", str(path)], env or {})
+        return self._start("worker", ["-m", "worker", "--config", str(path)], env or {}, source=source)
 
-    def _start(self, name: str, args: list[str], env: dict[str, str], nofile: int | None = None) -> Proc:
-        proc = Proc(name, args, self.tmp / f"{name}-{len(self.procs)}.log", env, nofile).start()
+    def _start(self, name: str, args: list[str], env: dict[str, str], nofile: int | None = None, source: Path = REPO) -> Proc:
+        proc = Proc(name, args, self.tmp / f"{name}-{len(self.procs)}.log", env, nofile, source).start()
         self.procs.append(proc)
         return proc
 

@@ -203,4 +203,7 @@ async def _retention_in_redis(prefix: str, store: RedisStore, raw: redis.asyncio
     await store.delete_file(await store.file("file-out"))
     assert "batch:batch_1:ok" not in await keys() and await store.counts("batch_1") == (0, 1, 0, 6)
     assert await Retention(store, 86400).sweep(now + 86400) == (2, 1)  # the error file and the upload; the batch
-    assert await keys() == {"batches:seq"}
+    assert await keys() == {"batches:seq", "retention:since"}
+    assert await store.frames_readable()  # this replica alone reads frames...
+    await raw.set(f"{prefix}:alive:an-older-replica", b"1", px=5000)  # (what releases before frames write)
+    assert not await store.frames_readable()  # ...one that does not is alive beside it

@@ -11,15 +11,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import orjson
 import pytest
 import redis
 
+from bench.batch import start_batch as start_model_batch
 from tests.system.conftest import REPO, Cluster, Gateway, RedisServer, fake_worker_config, wait_until
 from tests.system.load import DIMS, MODEL, Load, expected, metric
+from tests.system.test_batches import wait_finished
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -257,3 +261,65 @@ def test_registrations_a_newer_replica_wrote_are_read_and_an_unreadable_one_is_l
     response = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "still served"}, timeout=10)
     assert response.status_code == 200, response.text
     assert "w-broken" in gateway.proc.log() and "Traceback" not in gateway.proc.log()
+
+
+PROTOCOL_2_WORKER = "a6546b5"  # the last commit whose worker speaks protocol 2 only
+LANDED_GATEWAY = "888ed64"  # a landed release: protocol 3, and it reads records newer replicas write
+
+
+def _release(commit: str, where: Path) -> Path:
+    """The tree of an earlier commit, unpacked from git (run with this checkout's venv)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True)
+    if archive.returncode != 0:  # a clone without history (CI's is whole): nothing to run the old side from
+        pytest.skip(f"git has no commit {commit}: {archive.stderr.decode().strip()}")
+    where.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    return where
+
+
+def test_a_fleet_of_two_releases_keeps_serving_through_a_rolling_upgrade(cluster: Cluster, tmp_path):
+    """A rolling upgrade, run: a gateway of the landed release and a worker of protocol 2 beside
+    current ones on one Redis. (Gateways from before 68d1670 refuse the records newer replicas
+    write; that release fixed it, so upgrades start from there.) The current worker talks to the
+    old gateway, the protocol-2 worker to the current one; each worker alone then serves clients of
+    both replicas with the vectors every fake worker gives, and a batch the current replica drives
+    downloads through the old one as JSON lines (frames wait until every replica reads them)."""
+    old_gateway_tree, old_worker_tree = (
+        _release(LANDED_GATEWAY, tmp_path / "gateway"),
+        _release(PROTOCOL_2_WORKER, tmp_path / "worker"),
+    )
+    assert "PROTOCOL_VERSION = 2" in (old_worker_tree / "contract/messages.py").read_text()
+    env = {"EMBEDQ_WORKER_WAIT_S": "5"}
+    new_gateway, old_gateway = cluster.gateway(env=env), cluster.gateway(env=env, source=old_gateway_tree)
+    config = fake_worker_config(old_gateway.url, MODEL, dimensions=DIMS, delay_s=0.02)
+    new_worker = cluster.worker(config)
+    old_worker = cluster.worker(fake_worker_config(new_gateway.url, MODEL, dimensions=DIMS, delay_s=0.02), source=old_worker_tree)
+
+    def serving(workers: int) -> None:
+        for g in (new_gateway, old_gateway):
+            wait_until(lambda g=g: httpx.get(g.url + "/health").json()["workers"] == workers, 30,
+                       f"{workers} workers on {g.url}\n{cluster.logs()[-6000:]}")  # fmt: skip
+        for i in range(12):
+            texts = [f"mixed fleet {workers} {i} {j}" for j in range(1 + i % 3)]
+            gateway = (new_gateway, old_gateway)[i % 2]
+            answer = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": texts}, timeout=30)
+            assert answer.status_code == 200, f"{gateway.url}: {answer.text}\n{cluster.logs()[-6000:]}"
+            vectors = np.array([d["embedding"] for d in answer.json()["data"]], dtype=np.float32)
+            assert np.array_equal(vectors, expected(texts)), gateway.url
+
+    serving(workers=2)
+    lines = {f"line-{i}": [f"batch text {i}"] for i in range(40)}
+    oai = openai.OpenAI(base_url=new_gateway.url + "/v1", api_key="unused", max_retries=0)
+    batch = wait_finished(oai, start_model_batch(oai, MODEL, lines).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 40, batch
+    downloads = [openai.OpenAI(base_url=g.url + "/v1", api_key="unused").files.content(batch.output_file_id).content
+                 for g in (new_gateway, old_gateway)]  # fmt: skip
+    assert downloads[0] == downloads[1] and len([orjson.loads(line) for line in downloads[1].splitlines()]) == 40
+    assert f"batch {batch.id} completed" in cluster.procs[0].log(), "the current replica drove it"
+    new_worker.stop()  # the protocol-2 worker alone, through the current gateway
+    serving(workers=1)
+    new_worker = cluster.worker(config)
+    serving(workers=2)
+    old_worker.stop()  # the current worker alone, through the old gateway
+    serving(workers=1)
+    assert "Traceback" not in cluster.logs()
