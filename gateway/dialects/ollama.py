@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from gateway.dialects.schemas import OllamaEmbeddingsRequest, OllamaEmbedRequest, json_type, parse_body, validate
 from gateway.errors import InvalidRequest, WrongType
-from gateway.http import json_response, off_loop, read_json, unless_disconnected
+from gateway.http import json_response, off_loop, read_json, unless_disconnected, vectors_response
 from gateway.registry import Route as ModelRoute
 from gateway.service import cut_to
 from gateway.tenancy import calls
@@ -58,7 +58,7 @@ async def embed(request: Request) -> Response:
         "load_duration": 0,  # workers keep their model loaded
         "prompt_eval_count": result.prompt_tokens,
     }
-    return json_response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
+    return vectors_response(body, "embeddings", vectors.shape[1])
 
 
 async def embeddings(request: Request) -> Response:

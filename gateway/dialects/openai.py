@@ -19,7 +19,7 @@ from starlette.routing import Route
 from contract.messages import JobInput
 from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, preview, validate
 from gateway.errors import InvalidRequest, ModelNotFound, WrongType
-from gateway.http import json_response, off_loop, read_json, unless_disconnected
+from gateway.http import json_response, off_loop, read_json, unless_disconnected, vectors_response
 from gateway.registry import Route as ModelRoute
 from gateway.service import Embeddings, Service, serves
 from gateway.tenancy import calls
@@ -36,13 +36,9 @@ async def create_embeddings(request: Request) -> Response:
     body = await read_json(request)
     req, inputs, single = await off_loop(len(body), parse_request, body, state.settings.max_inputs)
     calls.ask_priority(req.priority)
-    return json_response(await unless_disconnected(request, embeddings(state.service, key, req, inputs, single)))
-
-
-async def embeddings(service: Service, key: ApiKey | None, req: EmbeddingsRequest, inputs: list[JobInput], single: bool) -> bytes:
-    """The response body to a parsed request: what a client of ``/v1/embeddings`` gets."""
-    result = await embedded(service, key, req, inputs, single)
-    return render_embeddings(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
+    result = await unless_disconnected(request, embedded(state.service, key, req, inputs, single))
+    answer = embeddings_body(result.model, result.vectors, result.prompt_tokens, req.encoding_format)
+    return vectors_response(answer, "data", result.vectors.shape[1])
 
 
 async def embedded(
@@ -171,7 +167,12 @@ def _all_ints(items: list) -> bool:
 
 
 def render_embeddings(model: str, vectors: np.ndarray, prompt_tokens: int, encoding_format: str) -> bytes:
-    """The OpenAI list response, from a (n, dims) float32 matrix, without per-float Python work."""
+    """The OpenAI list response, from a (n, dims) float32 matrix, without per-float Python work
+    (``/v1/embeddings`` streams the same bytes when they are many: ``vectors_response``)."""
+    return orjson.dumps(embeddings_body(model, vectors, prompt_tokens, encoding_format), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def embeddings_body(model: str, vectors: np.ndarray, prompt_tokens: int, encoding_format: str) -> dict[str, Any]:
     if encoding_format == "base64":
         little = vectors.astype("<f4", copy=False)
         items: list = [base64.b64encode(row.tobytes()).decode() for row in little]
@@ -184,7 +185,7 @@ def render_embeddings(model: str, vectors: np.ndarray, prompt_tokens: int, encod
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return body
 
 
 routes = [

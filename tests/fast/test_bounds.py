@@ -9,12 +9,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
 
 from contract.messages import MAX_HELLO_BYTES, MAX_PROMPTS, ModelCard, WorkerHello
+from gateway.dialects.openai import embeddings_body, render_embeddings
 from gateway.errors import ModelNotFound, NoLiveWorker
+from gateway.http import vectors_response
 from gateway.registry.local import GONE_KEPT, WorkerRegistry
+from tests.fakes import expected
 from tests.fast.conftest import HandWorker, running
 
 pytestmark = pytest.mark.anyio
@@ -218,3 +223,58 @@ async def test_the_vectors_a_request_needs_are_bounded_by_the_models_dimensions(
     message = over.json()["error"]["message"]
     assert over.status_code == 413 and "EMBEDQ_MAX_ANSWER_VALUES" in message and "100 inputs of this model" in message
     assert rerank.status_code == 413  # 101 vectors, to take the query's cosine with each document
+
+
+async def test_a_large_request_waits_only_for_others_work_and_one_that_would_outlast_the_timeout_is_a_413():
+    """Admission counts a request's own work against the timeout, not against the wait in line:
+    a legal request of 2 s of work beside a light one in flight (queue wait at most 1 s here) was a
+    429, and again on every retry; one whose own work alone outlasts the timeout is a 413 that says
+    to split it (waiting would never help)."""
+    async with running({"EMBEDQ_MAX_QUEUE_WAIT_S": "1"}) as gateway:
+        await gateway.worker(delay_s=0.25, max_num_seqs=32)
+        for _ in range(3):  # the worker measures its pace, and leases say it
+            assert (await gateway.embed([f"warm {i}" for i in range(32)])).status_code == 200
+        light = asyncio.create_task(gateway.embed("a light request in line"))
+        loads = gateway.app.state.service._load
+        await gateway.until(lambda: any(load.requests for load in loads.values()), "the light request in line")
+        large = await gateway.embed([f"input {i}" for i in range(256)])  # 8 calls: 2 s of its own
+        assert large.status_code == 200, large.text
+        assert (await light).status_code == 200
+        many = {"model": "fake-model", "input": [f"input {i}" for i in range(8000)]}  # 250 calls: 62 s, over the 60 s timeout
+        too_large = await gateway.client.post("/api/embed", json=many)
+    assert too_large.status_code == 413, too_large.text
+    assert "EMBEDQ_REQUEST_TIMEOUT_S" in too_large.json()["error"] and "split it" in too_large.json()["error"]
+
+
+async def test_a_large_answer_is_streamed_in_pieces_with_the_same_bytes():
+    """2,048 vectors of 4,096 (the most EMBEDQ_MAX_ANSWER_VALUES allows, as 21,845 of 384) rendered
+    by one orjson call held the event loop ~0.5 s (0.8 s on /api/embed beside a light client, in the
+    system probe, tests/system/test_http_edges.py); streamed, each piece is a few ms, and the bytes
+    are those of one call, on both routes."""
+    texts = [f"text {i}" for i in range(2048)]
+    vectors = expected(texts, 4096)
+    body = embeddings_body("fake-model", vectors, 8192, "float")
+    response = vectors_response(body, "data", 4096)
+    assert isinstance(response, StreamingResponse)
+    pieces, took = [], []
+    iterator = response.body_iterator.__aiter__()
+    while True:
+        started = time.perf_counter()
+        try:
+            pieces.append(await iterator.__anext__())
+        except StopAsyncIteration:
+            break
+        took.append(time.perf_counter() - started)
+    assert b"".join(pieces) == render_embeddings("fake-model", vectors, 8192, "float")  # byte for byte
+    assert len(pieces) > 16 and max(took) < 0.05, (len(pieces), max(took))
+    async with running() as gateway:
+        await gateway.worker(dimensions=4096)
+        answers = [
+            await gateway.client.post(path, json={"model": "fake-model", "input": texts})
+            for path in ("/v1/embeddings", "/api/embed")
+        ]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text[:300]
+    assert "content-length" not in answers[0].headers and "content-length" not in answers[1].headers  # streamed
+    openai_answer, ollama_answer = (a.json() for a in answers)
+    assert answers[0].content == render_embeddings("fake-model", vectors, openai_answer["usage"]["prompt_tokens"], "float")
+    assert np.array_equal(np.array(ollama_answer["embeddings"], dtype=np.float32), vectors)

@@ -258,13 +258,14 @@ async def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart(tm
 
 def test_an_unmeasured_queue_predicts_waits_from_its_engines_speed():
     """A wave that fills the queue at once is admitted only as far as the engines' reported speed
-    drains it in time; a request that finds nothing waiting is admitted whatever its size."""
+    drains it in time; a request that finds nothing waiting waits for nothing, whatever its size
+    (its own work counts only against the timeout)."""
     load = QueueLoad()
-    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 5000, 100.0, prior=100.0) is None  # nothing waits
+    assert load.predicted_s(Placement(DEFAULT, "a"), 5000, 100.0, prior=100.0) == (0, 50)  # nothing waits
     load.enter(Placement(DEFAULT, "a"), 1000, 100.0)
     assert load.rate(100.5) is None
-    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 500, 100.5, prior=100.0) == pytest.approx(15)
-    assert load.predicted_wait_s(Placement(DEFAULT, "a"), 500, 100.5) is None  # no engine has said: admitted
+    assert load.predicted_s(Placement(DEFAULT, "a"), 500, 100.5, prior=100.0) == pytest.approx((10, 5))
+    assert load.predicted_s(Placement(DEFAULT, "a"), 500, 100.5) is None  # no engine has said: admitted
 
 
 def test_predicted_wait_puts_higher_classes_first_and_caps_other_tenants_at_their_share():
@@ -275,10 +276,11 @@ def test_predicted_wait_puts_higher_classes_first_and_caps_other_tenants_at_thei
         load.leave(Placement(DEFAULT, "a"), 10, 101.0 + i * 0.05 + 0.01, answered=True)
     now = 103.0
     assert load.rate(now) is not None
-    flood_wait = load.predicted_wait_s(Placement(DEFAULT, "flood"), 100, now)
-    light_wait = load.predicted_wait_s(Placement(DEFAULT, "light"), 100, now)
-    urgent_wait = load.predicted_wait_s(Placement(INTERACTIVE, "light"), 100, now)
-    batch_wait = load.predicted_wait_s(Placement(BATCH, "light"), 100, now)
+    flood_wait, light_wait, urgent_wait, batch_wait = (
+        sum(load.predicted_s(placement, 100, now) or (0,))
+        for placement in (Placement(DEFAULT, "flood"), Placement(DEFAULT, "light"), Placement(INTERACTIVE, "light"),
+                          Placement(BATCH, "light"))
+    )  # fmt: skip
     assert flood_wait and light_wait and urgent_wait and batch_wait
     assert urgent_wait < light_wait < flood_wait <= batch_wait  # batch: after all the default class
     assert light_wait == pytest.approx(flood_wait * 200 / 1100, rel=0.01)  # its 100, and as much of the flood's
