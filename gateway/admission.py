@@ -11,12 +11,13 @@ speed the workers' engines report instead (``JobQueue.speed``: their measured pa
 calls), or, where none has, admits. Without that prior, a wave that filled the queue at once (32
 clients each sending 16 long texts) was all admitted, to time out a minute later.
 
-A request is refused (429) for the time others' work ahead of it takes, over ``queue_wait_s``, or
-with its own over the request's timeout; its own work alone counts only against the timeout: a
-request that finds nothing waiting is admitted, whatever its size (the token bound lets one in
-alone), unless its own work alone would outlast the timeout: a 413 that says to split it, as
-waiting would not help. (Counted against ``queue_wait_s``, 21,845 short inputs, legal and 22 s of
-work, got a 429 whenever a light client's request happened to be in line, and again on retry.)
+A request is refused (429) for the time others' work ahead of it takes, over ``queue_wait_s``,
+not for its own: a request that finds nothing waiting is admitted whatever its size, as the token
+bound lets one in alone. (Counted with its own, 21,845 short inputs, legal and ~7 s of work, got a
+429 whenever a light client's request happened to be in line, and again on retry. Its own work is
+not judged against the timeout either: the rate measured under light traffic is the traffic's, not
+the engines', and the engines' reported pace is noisy while they are new; a wrong 413 would be
+final, where a request that outlasts the timeout gets its 504.)
 
 A new request's wait is predicted as the queue would serve it (``queue/store.py``): everything
 of the higher classes first; in its own class, each other tenant's waiting tokens up to what that
@@ -104,7 +105,7 @@ class QueueLoad:
     ) -> tuple[float, float] | None:
         """A new request's seconds in line for others' work (and its tenant's earlier requests')
         and for its own, at the queue's rate; ``prior``: the tokens per second to assume while that
-        is unmeasured (an idle queue: nothing to wait for, but its own work still takes time)."""
+        is unmeasured."""
         rate = self.rate(now) or prior
         if not rate:
             return None

@@ -357,8 +357,15 @@ class Service:
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
         predicted = load.predicted_s(placement, tokens, now, self._queue.speed(route.checkpoint))
-        if predicted is not None:
-            self._refuse_late(route, *predicted)
+        if predicted is not None and predicted[0] > settings.queue_wait_s:
+            wait = predicted[0]
+            self._metrics.rejected.labels(route.model).inc()
+            retry = max(settings.retry_after_s, math.ceil(wait - settings.queue_wait_s))
+            raise Overloaded(
+                f"model {route.model!r} is busy: this request would wait ~{wait:.0f}s in line for others' work (at "
+                f"most {settings.queue_wait_s:g}s are allowed); retry after {retry}s",
+                headers={"Retry-After": str(retry)},
+            )
         load.enter(placement, tokens, now)
         answered = False
         try:
@@ -366,28 +373,6 @@ class Service:
             answered = True
         finally:
             load.leave(placement, tokens, time.monotonic(), answered)
-
-    def _refuse_late(self, route: Route, before_s: float, own_s: float) -> None:
-        """A 429 for a request whose line is too long now (others' work ahead over queue_wait_s, or
-        all of it over the timeout), a 413 for one whose own work alone outlasts the timeout."""
-        settings = self._settings
-        timeout = settings.request_timeout_s
-        if own_s > timeout:
-            self._metrics.rejected.labels(route.model).inc()
-            raise PayloadTooLarge(
-                f"this request is ~{own_s:.0f}s of model {route.model!r}'s work at its measured speed, more than the "
-                f"request timeout ({timeout:g}s, EMBEDQ_REQUEST_TIMEOUT_S): split it into smaller requests"
-            )
-        late = max(before_s - settings.queue_wait_s, before_s + own_s - timeout)
-        if late > 0:
-            self._metrics.rejected.labels(route.model).inc()
-            retry = max(settings.retry_after_s, math.ceil(late))
-            raise Overloaded(
-                f"model {route.model!r} is busy: this request would wait ~{before_s:.0f}s in line for others' work "
-                f"(at most {settings.queue_wait_s:g}s are allowed) and take ~{own_s:.0f}s of its own "
-                f"(the timeout is {timeout:g}s); retry after {retry}s",
-                headers={"Retry-After": str(retry)},
-            )
 
     async def fail_orphans_forever(self, period_s: float = 1.0) -> None:
         """Fail the queued jobs of a checkpoint that had no live worker for worker_wait_s."""

@@ -225,11 +225,9 @@ async def test_the_vectors_a_request_needs_are_bounded_by_the_models_dimensions(
     assert rerank.status_code == 413  # 101 vectors, to take the query's cosine with each document
 
 
-async def test_a_large_request_waits_only_for_others_work_and_one_that_would_outlast_the_timeout_is_a_413():
-    """Admission counts a request's own work against the timeout, not against the wait in line:
-    a legal request of 2 s of work beside a light one in flight (queue wait at most 1 s here) was a
-    429, and again on every retry; one whose own work alone outlasts the timeout is a 413 that says
-    to split it (waiting would never help)."""
+async def test_a_large_request_waits_only_for_others_work():
+    """Admission counts what a request waits for, not its own work: a legal request of 2 s of work
+    beside a light one in flight (queue wait at most 1 s here) was a 429, and again on every retry."""
     async with running({"EMBEDQ_MAX_QUEUE_WAIT_S": "1"}) as gateway:
         await gateway.worker(delay_s=0.25, max_num_seqs=32)
         for _ in range(3):  # the worker measures its pace, and leases say it
@@ -240,10 +238,6 @@ async def test_a_large_request_waits_only_for_others_work_and_one_that_would_out
         large = await gateway.embed([f"input {i}" for i in range(256)])  # 8 calls: 2 s of its own
         assert large.status_code == 200, large.text
         assert (await light).status_code == 200
-        many = {"model": "fake-model", "input": [f"input {i}" for i in range(8000)]}  # 250 calls: 62 s, over the 60 s timeout
-        too_large = await gateway.client.post("/api/embed", json=many)
-    assert too_large.status_code == 413, too_large.text
-    assert "EMBEDQ_REQUEST_TIMEOUT_S" in too_large.json()["error"] and "split it" in too_large.json()["error"]
 
 
 async def test_a_large_answer_is_streamed_in_pieces_with_the_same_bytes():

@@ -60,7 +60,7 @@ def _key(url: str, name: str) -> str:
 def test_the_largest_requests_beside_a_light_client_cost_it_little_and_hold_the_gateway_bounded(cluster: Cluster):
     """Measured here: the light key's p99 14-20 ms alone, 40-110 beside; RSS at most 160-175 MiB.
     Before the answers were streamed, the 21,845-vector answer held the loop 0.8 s (p99 40x) and
-    RSS peaked at 270 MiB; before admission counted a request's own work only against the timeout,
+    RSS peaked at 270 MiB; before admission left a request's own work out of its wait,
     that request was a 429 whenever a light request happened to be in line."""
     gateway = cluster.gateway(env={"EMBEDQ_KEYS_DB": str(cluster.tmp / "keys.db"), "EMBEDQ_ADMIN_TOKENS": ADMIN}, defaults=True)
     cluster.worker(fake_worker_config(gateway.url, EMBED, dimensions=384, max_model_len=256))
