@@ -68,6 +68,7 @@ class Retention:
                     await store.delete_file(record)
                     files += 1
             await store.delete_batch(batch.id)
+        # Read again, not the list above: a batch created while this sweep ran keeps its input too.
         read_now = {b.doc["input_file_id"] for b in await store.batches(None) if b.status in ACTIVE}
         for record in await store.files(None):
             grace = GRACE_S if record.batch_id is None else 0.0
