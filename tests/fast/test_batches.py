@@ -419,7 +419,7 @@ async def test_a_running_batch_keeps_its_expired_input_and_a_deleted_output_file
     async with running() as gateway:
         await gateway.worker(delay_s=0.05, max_num_seqs=2)
         oai, store, retention = client(gateway), gateway.app.state.batches, gateway.app.state.batch_retention
-        content = io.BytesIO(jsonl([request_line(f"line-{i}", f"text {i}") for i in range(200)]))
+        content = io.BytesIO(jsonl([request_line(f"line-{i}", f"text {i}") for i in range(60)]))
         uploaded = await oai.files.create(file=("in.jsonl", content), purpose="batch",
                                           expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
         batch = await oai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
@@ -427,8 +427,8 @@ async def test_a_running_batch_keeps_its_expired_input_and_a_deleted_output_file
             await asyncio.sleep(0.02)
         assert await retention.sweep(uploaded.expires_at + GRACE_S) == (0, 0)  # read while the batch runs
         done = await finished(oai, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == 200
-        assert (await store.counts(batch.id))[0] == 200
+        assert done.status == "completed" and done.request_counts.completed == 60
+        assert (await store.counts(batch.id))[0] == 60
         await oai.files.delete(done.output_file_id)
         assert await store.counts(batch.id) == (0, 0, 0, 0)
         assert await retention.sweep(uploaded.expires_at + GRACE_S) == (1, 0)  # the batch has ended: its input goes
