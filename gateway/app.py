@@ -140,9 +140,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
     keys = _key_store(settings)
     limiter, usage = _tenancy(settings, link)
     activity = Activity(link, queue.stats)
-    service = Service(settings, queue, workers, gateway_metrics, limiter)
     # Files and batches: in the queue's Redis with replicas (every replica reads them), else in the data directory.
     batches: BatchStore = RedisBatchStore(link) if link is not None else DirStore(settings.data_dir)
+    service = Service(settings, queue, workers, gateway_metrics, limiter, kept=batches)
     runner = BatchRunner(batches, service, workers, keys, usage, activity, gateway_metrics, settings,
                          holder=link.replica if link is not None else "local")  # fmt: skip
     retention = Retention(batches, settings.file_retention_s)

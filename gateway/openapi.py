@@ -49,12 +49,12 @@ def _operation(
 def openapi_document(version: str) -> dict[str, Any]:
     requests: list[type[BaseModel]] = [
         p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest, p.RerankRequest, p.ScoreRequest,
-        p.TokenizeRequest, p.DetokenizeRequest,
+        p.TokenizeRequest, p.DetokenizeRequest, p.CohereEmbedRequest,
     ]  # fmt: skip
     responses: list[type[BaseModel]] = [
         p.EmbeddingsResponse, p.ModelList, p.ModelObject, p.ErrorResponse, p.OllamaEmbedResponse, p.OllamaEmbeddingsResponse,
         p.OllamaTags, p.OllamaError, p.RerankResponse, p.CohereRerankResponse, p.ScoreResponse, p.TokenizeResponse,
-        p.DetokenizeResponse,
+        p.DetokenizeResponse, p.CohereEmbedResponse,
     ]  # fmt: skip
     modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         *((m, "validation") for m in requests),
@@ -67,10 +67,14 @@ def openapi_document(version: str) -> dict[str, Any]:
     rerank = _operation("Rerank documents (Jina, vLLM)", p.RerankResponse, p.ErrorResponse, p.RerankRequest)
     score = _operation("Score pairs of texts (vLLM)", p.ScoreResponse, p.ErrorResponse, p.ScoreRequest)
     cohere = _operation("Rerank documents (Cohere v2)", p.CohereRerankResponse, p.ErrorResponse, p.RerankRequest)
+    cohere_embed = _operation("Create embeddings of several types (Cohere v2)", p.CohereEmbedResponse, p.ErrorResponse,
+                              p.CohereEmbedRequest)  # fmt: skip
     tokenize = _operation("Tokenize (vLLM)", p.TokenizeResponse, p.ErrorResponse, p.TokenizeRequest)
     detokenize = _operation("Detokenize (vLLM)", p.DetokenizeResponse, p.ErrorResponse, p.DetokenizeRequest)
     embed = _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)
     legacy = _operation("One embedding (Ollama, legacy)", p.OllamaEmbeddingsResponse, p.OllamaError, p.OllamaEmbeddingsRequest)
+    ranges = {"summary": "A model's int8 ranges (embedq): low and high per dimension; ?dimensions=N for a Matryoshka size",
+              "responses": {"200": {"description": "OK"}}}  # fmt: skip
     health = {"summary": "Liveness", "responses": {"200": {"description": "the gateway is up"}}}
     metrics = {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}
     files = {
@@ -94,9 +98,11 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/v1/models": {"get": models},
             "/models": {"get": models},
             "/v1/models/{id}": {"get": model},
+            "/v1/quantization/{id}": {"get": ranges},
             "/v1/rerank": {"post": rerank},
             "/rerank": {"post": rerank},
             "/v2/rerank": {"post": cohere},
+            "/v2/embed": {"post": cohere_embed},
             "/score": {"post": score},
             "/v1/score": {"post": score},
             "/tokenize": {"post": tokenize},

@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 ALIVE_REFRESH_S = 1.0
 ALIVE_TTL_MS = 5000  # a replica silent this long counts as gone
 # What a release reads, in its liveness key; replicas from before wrote "1". 2: batch answers kept
-# as float32 frames (gateway/batches/frames.py).
+# as float32 frames (gateway/batches/frames.py); 3: frames of integers too (a line's output_dtype).
 READS_FRAMES = 2
-READS = READS_FRAMES
+READS_TYPED_FRAMES = 3
+READS = READS_TYPED_FRAMES
 RECONNECT_S = 0.5
 DOWN = (RedisError, OSError)  # what a command raises while Redis cannot be reached
 

@@ -65,6 +65,7 @@ from gateway.settings import GatewaySettings
 from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey
 from gateway.tenancy.limits import Decision, Limiter, Limits
+from gateway.vectors import CALIBRATED, Calibrations, Kept, cut_to, l2_normalize, quantize
 
 log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.25
@@ -109,8 +110,9 @@ def serves(route: Route) -> list[str]:
 
 class Service:
     def __init__(
-        self, settings: GatewaySettings, queue: JobQueue, workers: WorkerRegistry, metrics: GatewayMetrics, limiter: Limiter
-    ):
+        self, settings: GatewaySettings, queue: JobQueue, workers: WorkerRegistry, metrics: GatewayMetrics, limiter: Limiter,
+        kept: Kept,
+    ):  # fmt: skip
         self._settings = settings
         self._queue = queue
         self._workers = workers
@@ -118,6 +120,7 @@ class Service:
         self._limiter = limiter
         self._load: dict[str, QueueLoad] = {}  # per queue key: admitted, not yet answered
         self._background: set[asyncio.Task] = set()
+        self._calibrations = Calibrations(self._calibration_vectors, kept)
 
     async def route(self, model: str, key: ApiKey | None, tags: frozenset[str] = frozenset(), task: Task = "embed") -> Route:
         """Where ``model``'s jobs go for ``key`` (None: anonymous), waiting up to worker_wait_s for
@@ -157,7 +160,7 @@ class Service:
     ) -> Embeddings:
         """Embed ``inputs``; ``truncate=None``: not said (a chunking model chunks, else the model's
         default); ``prompt_name``, ``input_type``: which prompt (see the module's docstring)."""
-        _check_dimensions(route, dimensions)
+        check_dimensions(route, dimensions)
         cut = route.card.truncate if truncate is None and not route.card.chunked else bool(truncate)
         if not cut and not route.card.chunked:
             _check_context(route, inputs)
@@ -168,6 +171,19 @@ class Service:
         if dimensions is not None and dimensions < vectors.shape[1]:
             vectors = cut_to(vectors, dimensions, normalized)  # Matryoshka: a prefix is an embedding
         return Embeddings(route.model, vectors, _tokens(done), normalized)
+
+    async def quantized(self, route: Route, vectors: np.ndarray, dtype: str) -> np.ndarray:
+        """``embed``'s vectors (at any size the model has) as ``dtype`` (``vectors.py``): int8 and
+        uint8 by the model's ranges, calibrated the first time they are asked for."""
+        return quantize(vectors, dtype, await self.ranges(route, vectors.shape[1]) if dtype in CALIBRATED else None)
+
+    async def ranges(self, route: Route, dimensions: int) -> np.ndarray:
+        """The model's int8 ranges at ``dimensions`` (one it supports): (2, dimensions), low and high."""
+        return await self._calibrations.ranges(route, dimensions)
+
+    async def _calibration_vectors(self, route: Route, texts: list[str]) -> np.ndarray:
+        done = await self.embed(route, list(texts), single=False, key=None, truncate=True)
+        return done.vectors
 
     async def score(
         self,
@@ -471,17 +487,6 @@ def _estimate(item: JobInput) -> int:
     return len(item) // 4 + 2 if isinstance(item, str) else len(item)
 
 
-def cut_to(vectors: np.ndarray, dimensions: int, normalized: bool) -> np.ndarray:
-    """The first ``dimensions`` of each vector, re-normalised if the model's vectors are unit-length."""
-    cut = vectors[:, :dimensions]
-    return l2_normalize(cut) if normalized else np.ascontiguousarray(cut)
-
-
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
 def _check_context(route: Route, inputs: list[JobInput]) -> None:
     """Token-id inputs longer than the model takes are refused here, before any job is built (texts
     are counted by the worker, which holds the tokenizer)."""
@@ -497,7 +502,7 @@ def _check_context(route: Route, inputs: list[JobInput]) -> None:
             )
 
 
-def _check_dimensions(route: Route, dimensions: int | None) -> None:
+def check_dimensions(route: Route, dimensions: int | None) -> None:
     card = route.card
     if dimensions is None or dimensions == card.dimensions or dimensions in card.matryoshka_dimensions:
         return

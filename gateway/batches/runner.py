@@ -44,7 +44,7 @@ from gateway.errors import ApiError, ModelNotFound, Unauthorized
 from gateway.http import off_loop
 from gateway.metrics import GatewayMetrics
 from gateway.queue import BATCH, QueueUnavailable
-from gateway.redis_link import DOWN
+from gateway.redis_link import DOWN, READS_FRAMES, READS_TYPED_FRAMES
 from gateway.registry import WorkerRegistry
 from gateway.service import Service
 from gateway.settings import GatewaySettings
@@ -112,7 +112,7 @@ class BatchRunner:
         self._activity = activity
         self._driving: dict[str, asyncio.Task] = {}
         self._look = asyncio.Event()
-        self._frames = False  # answers kept as frames: once every gateway on the store reads them
+        self._reads = READS_FRAMES - 1  # answers kept as frames once every gateway on the store reads them
         self._fleet_looked = -FLEET_LOOK_S
 
     def look_now(self) -> None:
@@ -128,7 +128,7 @@ class BatchRunner:
                         task.add_done_callback(functools.partial(self._stopped_driving, batch_id))
                 if self._driving and time.monotonic() - self._fleet_looked >= FLEET_LOOK_S:
                     self._fleet_looked = time.monotonic()
-                    self._frames = await self._store.frames_readable()
+                    self._reads = await self._store.fleet_reads()
             except DOWN as exc:
                 log.warning("cannot look for batches to drive: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -317,7 +317,8 @@ class BatchRunner:
             req, inputs, single = await off_loop(len(body), parse_request, body, self._settings.max_inputs)
             result = await embedded(self._service, run.key, req, inputs, single)
             kept = frames.pack(line.custom_id, result.model, result.vectors, result.prompt_tokens, req.encoding_format)
-            if not self._frames:  # a gateway of an older release reads this store: its JSON line
+            if self._reads < (READS_FRAMES if result.vectors.dtype.kind == "f" else READS_TYPED_FRAMES):
+                # a gateway of an older release reads this store: its JSON line
                 kept = await off_loop(len(kept), frames.render, run.record.id, index, kept)
         except ModelNotFound:
             status = 503  # validated, so served before: after a restart its workers are yet to come back

@@ -15,6 +15,9 @@ Only the gateway driving a batch writes its record (``save_batch``); a client's 
 its own (``request_cancel``), so neither overwrites the other. What is deleted (a file, or a batch
 past its retention: ``retention.py``) takes what it owns along: an upload its bytes, an output or
 error file the answers it is read from, a batch its answers, flags and claim.
+
+Both also keep a few values for good, each written once (``keep``: the first writer wins): a
+model's int8 ranges (``vectors.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import IO, Any, cast
 
 import orjson
 
-from gateway.redis_link import READS_FRAMES, RedisLink, known, text
+from gateway.redis_link import READS, RedisLink, known, text
 
 READ_CHUNK = 1000  # result lines per read while streaming an output file
 
@@ -157,10 +160,11 @@ class BatchStore:
         """Whether ``holder`` drives the batch now (taking it if nobody does); renews its claim."""
         raise NotImplementedError
 
-    async def frames_readable(self) -> bool:
-        """Whether every gateway reading this store reads answers kept as frames (``frames.py``);
-        while one does not (a rolling upgrade), answers are kept as their JSON lines."""
-        return True
+    async def fleet_reads(self) -> int:
+        """What every gateway reading this store reads (``redis_link.READS``): while one reads no
+        frames (``frames.py``) or none of integers (a rolling upgrade), answers it cannot read are
+        kept as their JSON lines."""
+        return READS
 
     async def retention_since(self, now: int) -> int:
         """When files and batches began to expire here (``now``, the first time it is asked): what
@@ -170,6 +174,14 @@ class BatchStore:
     async def take_sweep(self, ttl_s: float) -> bool:
         """Whether this gateway sweeps now: with replicas, one of them a round."""
         return True
+
+    async def kept(self, name: str) -> bytes | None:
+        """A value kept for good under ``name`` (a model's int8 ranges: ``vectors.py``), if any."""
+        raise NotImplementedError
+
+    async def keep(self, name: str, value: bytes) -> bytes:
+        """Keep ``value`` under ``name`` unless one is kept already (the first writer wins); the one kept."""
+        raise NotImplementedError
 
     async def unclaim(self, batch_id: str, holder: str) -> None: ...
 
@@ -214,6 +226,7 @@ class DirStore(BatchStore):
             CREATE TABLE IF NOT EXISTS results (batch TEXT NOT NULL, idx INTEGER NOT NULL, ok INTEGER NOT NULL,
                 line BLOB NOT NULL, size INTEGER, PRIMARY KEY (batch, idx));
             CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS kept (name TEXT PRIMARY KEY, value BLOB NOT NULL);
             """
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
@@ -358,6 +371,16 @@ class DirStore(BatchStore):
         await self._run("INSERT OR IGNORE INTO counter VALUES ('retention_since', ?)", (now,))
         return (await self._run("SELECT n FROM counter WHERE name = 'retention_since'"))[0][0]
 
+    async def kept(self, name: str) -> bytes | None:
+        rows = await self._run("SELECT value FROM kept WHERE name = ?", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def keep(self, name: str, value: bytes) -> bytes:
+        await self._run("INSERT OR IGNORE INTO kept VALUES (?, ?)", (name, value))
+        kept = await self.kept(name)
+        assert kept is not None, "just kept"
+        return kept
+
 
 def _batch_row(row: tuple) -> BatchRecord:
     batch_id, owner, seq, doc = row
@@ -369,7 +392,7 @@ class RedisStore(BatchStore):
     ``P:file:<id>`` (an upload's bytes), ``P:batches:active`` and ``P:batches:cancel`` (sets),
     ``P:batch:<id>:ok`` / ``:failed`` (line index -> answer), ``:bytes`` (their output's sizes) and
     ``:driver`` (the replica driving it, expiring unless renewed); ``P:retention:since`` and
-    ``:sweeper`` (the replica sweeping this round)."""
+    ``:sweeper`` (the replica sweeping this round); ``P:kept:<name>`` (values kept for good)."""
 
     # KEYS: the batch's ok, failed and bytes hashes. ARGV: 0, 0, then per line index, ok, answer, size.
     RECORD = """
@@ -526,8 +549,8 @@ class RedisStore(BatchStore):
     async def unclaim(self, batch_id: str, holder: str) -> None:
         await self._unclaim(keys=[self._key("batch", batch_id, "driver")], args=[holder])
 
-    async def frames_readable(self) -> bool:
-        return await self._link.fleet_reads() >= READS_FRAMES
+    async def fleet_reads(self) -> int:
+        return await self._link.fleet_reads()
 
     async def retention_since(self, now: int) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -538,3 +561,13 @@ class RedisStore(BatchStore):
 
     async def take_sweep(self, ttl_s: float) -> bool:
         return bool(await self._redis.set(self._key("retention", "sweeper"), self._link.replica, nx=True, px=int(ttl_s * 1000)))
+
+    async def kept(self, name: str) -> bytes | None:
+        return cast(bytes | None, await self._redis.get(self._key("kept", name)))
+
+    async def keep(self, name: str, value: bytes) -> bytes:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("kept", name), value, nx=True)
+            pipe.get(self._key("kept", name))
+            _, kept = await pipe.execute()
+        return cast(bytes, kept)

@@ -1,22 +1,130 @@
-"""Cohere's rerank, ``POST /v2/rerank``: what the ``cohere`` client's ``ClientV2(base_url=...).rerank``
-sends. Ranked as vLLM's rerank is (``dialects/vllm.py``); answered in Cohere's shape, which has no
-documents and counts search units. Errors are Cohere's shape, ``{"message": "..."}`` (``http.py``).
+"""Cohere's v2 API: what the ``cohere`` client's ``ClientV2(base_url=...)`` sends.
+
+- ``POST /v2/embed``: texts (``texts``, or ``inputs`` of text parts, joined by newlines) embedded
+  once and answered in each of the ``embedding_types`` asked (float, int8, uint8, binary, ubinary,
+  base64: ``vectors.py``), at ``output_dimension`` (a Matryoshka size). ``input_type`` picks the
+  model's prompt as on every route; ``truncate`` END (the default) cuts over-long texts at the
+  model's context and NONE refuses them. What embedq cannot do is refused by name, never ignored:
+  START (cutting the beginning: workers cut the end), ``max_tokens`` below the model's context,
+  images.
+- ``POST /v2/rerank``: ranked as vLLM's rerank is (``dialects/vllm.py``); answered in Cohere's
+  shape, which has no documents and counts search units.
+
+Errors are Cohere's shape, ``{"message": "..."}`` (``http.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import uuid
 
+import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.dialects.schemas import RerankRequest, parse_body, validate
+from gateway.dialects.schemas import CohereEmbedRequest, RerankRequest, parse_body, validate
 from gateway.dialects.vllm import ITEM_BYTES, documents_of, ranked
+from gateway.errors import InvalidRequest
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.service import Scores
 from gateway.tenancy import calls
+from gateway.vectors import packed_size
+
+VALUE_BYTES = 12  # of an answer's JSON per value, about: what decides whether it is built off the loop
+
+
+async def embed(request: Request) -> Response:
+    state = request.app.state
+    key = state.auth.client(request)
+    body = await read_json(request)
+    req: CohereEmbedRequest = validate(
+        CohereEmbedRequest, await off_loop(len(body), parse_body, body, state.settings.max_request_inputs)
+    )
+    calls.ask_priority(req.priority)
+    texts, field = _texts(req, state.settings.max_inputs)
+    route = await state.service.route(req.model, key)
+    if req.truncate == "START":
+        raise InvalidRequest("'truncate': START (cutting the beginning of over-long texts) is not supported: embedq cuts "
+                             "their end (END, the default) or refuses them (NONE)", param="truncate")  # fmt: skip
+    if req.max_tokens is not None and req.max_tokens < route.card.max_input_tokens:
+        raise InvalidRequest(
+            f"'max_tokens' below model {req.model!r}'s context ({route.card.max_input_tokens} tokens) is not supported: "
+            "texts are cut at the context (or refused with truncate NONE)",
+            param="max_tokens",
+        )
+    if req.input_type == "image":
+        raise InvalidRequest(f"'input_type': model {req.model!r} embeds texts, not images", param="input_type")
+    work = state.service.embed(route, list(texts), single=False, key=key, dimensions=req.output_dimension,
+                               truncate=req.truncate == "END", input_type=req.input_type)  # fmt: skip
+    try:
+        result = await unless_disconnected(request, work)
+    except InvalidRequest as exc:
+        raise _renamed(exc, field) from None
+    types = list(dict.fromkeys(req.embedding_types))
+    typed = {
+        kind: await state.service.quantized(route, result.vectors, kind) for kind in types if kind not in ("float", "base64")
+    }
+    rows, dims = result.vectors.shape
+    size = rows * sum(packed_size(dims, kind) for kind in types) * VALUE_BYTES
+    return json_response(await off_loop(size, _embedded, types, result.vectors, typed, texts, result.prompt_tokens))
+
+
+def _texts(req: CohereEmbedRequest, max_inputs: int) -> tuple[list[str], str]:
+    """The texts to embed, and the field they came in: ``texts``, or ``inputs``' text parts."""
+    given = [name for name in ("texts", "inputs", "images") if getattr(req, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("send exactly one of 'texts' and 'inputs'" + (f" (got {' and '.join(given)})" if given else ""),
+                             param="texts", code="missing_field" if not given else "invalid_value")  # fmt: skip
+    field = given[0]
+    if field == "images":
+        raise InvalidRequest(f"'images': model {req.model!r} embeds texts, not images", param="images")
+    if field == "texts":
+        texts = req.texts or []
+    else:
+        texts = []
+        for i, item in enumerate(req.inputs or []):
+            for j, part in enumerate(item.content):
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequest(f"'inputs[{i}].content[{j}]': model {req.model!r} embeds texts, not images",
+                                         param=f"inputs[{i}].content[{j}]")  # fmt: skip
+            texts.append("\n".join(part.text or "" for part in item.content))
+    if len(texts) > max_inputs:
+        raise InvalidRequest(f"'{field}' has {len(texts)} items; at most {max_inputs} are allowed per request",
+                             param=field, code="too_many_inputs")  # fmt: skip
+    for i, text in enumerate(texts):
+        if not text:
+            raise InvalidRequest(f"'{field}[{i}]' must not be an empty string", param=f"{field}[{i}]", code="invalid_value")
+    return texts, field
+
+
+def _renamed(exc: InvalidRequest, field: str) -> InvalidRequest:
+    """An error that names OpenAI's fields (the service's words), in Cohere's."""
+    param = exc.param or ""
+    name = (
+        "output_dimension"
+        if param == "dimensions"
+        else field + param.removeprefix("input")
+        if param.startswith("input")
+        else param
+    )
+    if name == param:
+        return exc
+    return InvalidRequest(exc.message.replace(f"'{param}'", f"'{name}'"), param=name, code=exc.code)
+
+
+def _embedded(types: list[str], vectors: np.ndarray, typed: dict[str, np.ndarray], texts: list[str], tokens: int) -> bytes:
+    embeddings: dict = {}
+    for kind in types:
+        if kind == "base64":  # Cohere's: each vector's float32 bytes, little-endian
+            embeddings[kind] = [base64.b64encode(row.tobytes()).decode() for row in vectors.astype("<f4", copy=False)]
+        else:
+            embeddings[kind] = vectors if kind == "float" else typed[kind]
+    meta = {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}
+    body = {"id": str(uuid.uuid4()), "embeddings": embeddings, "texts": texts, "meta": meta,
+            "response_type": "embeddings_by_type"}  # fmt: skip
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def rerank(request: Request) -> Response:
@@ -40,4 +148,4 @@ def _reranked(top_n: int | None, scored: Scores) -> bytes:
     return orjson.dumps({"id": str(uuid.uuid4()), "results": results, "meta": meta})
 
 
-routes = [Route("/v2/rerank", rerank, methods=["POST"])]
+routes = [Route("/v2/embed", embed, methods=["POST"]), Route("/v2/rerank", rerank, methods=["POST"])]

@@ -27,8 +27,8 @@ from gateway.dialects.schemas import OllamaEmbeddingsRequest, OllamaEmbedRequest
 from gateway.errors import InvalidRequest, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected, vectors_response
 from gateway.registry import Route as ModelRoute
-from gateway.service import cut_to
 from gateway.tenancy import calls
+from gateway.vectors import cut_to
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API these endpoints follow; tools gate features on it
 KEEP_ALIVE = timedelta(minutes=5)  # what /api/ps says of a model's expiry: workers keep it loaded

@@ -7,6 +7,7 @@ with ``hosting`` and ``tags`` added.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,10 @@ from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, p
 from gateway.errors import InvalidRequest, ModelNotFound, WrongType
 from gateway.http import json_response, off_loop, read_json, unless_disconnected, vectors_response
 from gateway.registry import Route as ModelRoute
-from gateway.service import Embeddings, Service, serves
+from gateway.service import Embeddings, Service, check_dimensions, serves
 from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey
+from gateway.vectors import CALIBRATION_TEXTS
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
@@ -48,8 +50,11 @@ async def embedded(
     (``batches/frames.py``), and renders as ``render_embeddings`` does for ``/v1/embeddings``."""
     tags = frozenset(req.tags or ())
     route = await service.route(req.model, key, tags)
-    return await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
-                               prompt_name=req.prompt_name, input_type=req.input_type, tags=tags)  # fmt: skip
+    result = await service.embed(route, inputs, single=single, key=key, dimensions=req.dimensions, truncate=req.truncate,
+                                 prompt_name=req.prompt_name, input_type=req.input_type, tags=tags)  # fmt: skip
+    if req.output_dtype == "float":
+        return result
+    return dataclasses.replace(result, vectors=await service.quantized(route, result.vectors, req.output_dtype))
 
 
 async def list_models(request: Request) -> Response:
@@ -69,6 +74,24 @@ async def retrieve_model(request: Request) -> Response:
     if route is None or (key is not None and not key.allows(name)):
         raise ModelNotFound(f"model {name!r} not found", param="model")
     return json_response(_model(route))
+
+
+async def quantization(request: Request) -> Response:
+    """``GET /v1/quantization/{model}?dimensions=N``, an embedq extension: the per-dimension ranges
+    int8 and uint8 vectors of the model are made with (``vectors.py``), for a client that quantizes
+    floats it keeps or dequantizes what it got. Calibrated now if no request asked for int8 yet."""
+    state = request.app.state
+    key = state.auth.client(request)
+    route = await state.service.route(request.path_params["model"], key)
+    raw = request.query_params.get("dimensions", str(route.card.dimensions))
+    if not raw.isdigit():
+        raise WrongType(f"'dimensions' must be a positive integer (got {raw[:20]!r})", param="dimensions")
+    dimensions = int(raw)
+    check_dimensions(route, dimensions)
+    ranges = await state.service.ranges(route, dimensions)
+    body = {"model": route.model, "dimensions": dimensions, "low": ranges[0], "high": ranges[1],
+            "calibration_texts": CALIBRATION_TEXTS}  # fmt: skip
+    return json_response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def _model(route: ModelRoute) -> dict[str, Any]:
@@ -173,7 +196,9 @@ def render_embeddings(model: str, vectors: np.ndarray, prompt_tokens: int, encod
 
 
 def embeddings_body(model: str, vectors: np.ndarray, prompt_tokens: int, encoding_format: str) -> dict[str, Any]:
-    if encoding_format == "base64":
+    """Integer vectors (an ``output_dtype``) are lists whatever the ``encoding_format``: the openai
+    client asks for base64 unless told otherwise and reads it as float32, which integer bytes are not."""
+    if encoding_format == "base64" and vectors.dtype.kind == "f":
         little = vectors.astype("<f4", copy=False)
         items: list = [base64.b64encode(row.tobytes()).decode() for row in little]
     else:
@@ -194,5 +219,6 @@ routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+    Route("/v1/quantization/{model:path}", quantization, methods=["GET"]),
     Route("/models/{model:path}", retrieve_model, methods=["GET"]),
 ]

@@ -38,6 +38,11 @@ class EmbeddingsRequest(_Request):
     model: str = Field(min_length=1)
     input: Any = Field(description="a string, an array of strings, an array of token ids, or an array of arrays of token ids")
     encoding_format: Literal["float", "base64"] = "float"
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] = Field(
+        default="float",
+        description="Voyage's and Mistral's field: int8/uint8 (a byte a dimension) or binary/ubinary (a bit, packed), "
+        "answered as lists of integers whatever the encoding_format",
+    )
     dimensions: int | None = Field(
         default=None, gt=0, description="a size the model supports; the vector is cut and re-normalised"
     )
@@ -78,6 +83,41 @@ class RerankRequest(_Request):
     truncate: bool = Field(default=True, description="embedq extension: cut over-long documents; false: a 400")
     max_tokens_per_doc: int | None = Field(default=None, gt=0, description="Cohere: accepted; documents are cut to the context")
     priority: Priority = PRIORITY
+
+
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereContent(_Request):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+
+
+class CohereInput(_Request):
+    content: list[CohereContent] = Field(min_length=1)
+
+
+class CohereEmbedRequest(_Request):
+    """Cohere's ``POST /v2/embed``: what ``cohere.ClientV2.embed`` sends."""
+
+    model: str = Field(min_length=1)
+    texts: list[str] | None = Field(default=None, min_length=1)
+    inputs: list[CohereInput] | None = Field(default=None, min_length=1, description="texts in parts, joined by newlines")
+    images: list[Any] | None = None  # refused: no image model is served
+    input_type: str | None = Field(default=None, description="search_query, search_document, classification, clustering")
+    embedding_types: list[EmbeddingType] = Field(default=["float"], min_length=1)
+    output_dimension: int | None = Field(default=None, gt=0, description="a size the model supports (Matryoshka)")
+    max_tokens: int | None = Field(default=None, gt=0, description="accepted at or above the model's context")
+    truncate: Literal["NONE", "START", "END"] = Field(default="END", description="END cuts over-long texts; NONE: a 400")
+    priority: Priority = PRIORITY
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: dict[EmbeddingType, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str]
+    meta: dict[str, Any]
+    response_type: Literal["embeddings_by_type"]
 
 
 class ScoreRequest(_Request):
@@ -141,7 +181,9 @@ class BatchRequest(_Request):
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"]
-    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+    embedding: list[float] | list[int] | str = Field(
+        description="floats, base64 of little-endian float32, or integers (output_dtype)"
+    )
     index: int
 
 

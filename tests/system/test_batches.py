@@ -23,7 +23,7 @@ from bench.batch import start_batch as start_model_batch
 from bench.stack import FREE, Engine
 from gateway.batches.retention import Retention
 from gateway.batches.store import BatchRecord, FileRecord, RedisStore
-from gateway.redis_link import RedisLink
+from gateway.redis_link import READS, RedisLink
 from tests.system.conftest import Cluster, Gateway, fake_worker_config, free_port, wait_until
 from tests.system.load import DIMS, MODEL, expected
 
@@ -204,6 +204,6 @@ async def _retention_in_redis(prefix: str, store: RedisStore, raw: redis.asyncio
     assert "batch:batch_1:ok" not in await keys() and await store.counts("batch_1") == (0, 1, 0, 6)
     assert await Retention(store, 86400).sweep(now + 86400) == (2, 1)  # the error file and the upload; the batch
     assert await keys() == {"batches:seq", "retention:since"}
-    assert await store.frames_readable()  # this replica alone reads frames...
+    assert await store.fleet_reads() == READS  # this replica alone reads every frame...
     await raw.set(f"{prefix}:alive:an-older-replica", b"1", px=5000)  # (what releases before frames write)
-    assert not await store.frames_readable()  # ...one that does not is alive beside it
+    assert await store.fleet_reads() == 1  # ...one that reads none is alive beside it

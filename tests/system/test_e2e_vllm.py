@@ -180,6 +180,75 @@ def test_the_cohere_client_and_a_jina_request_rank_the_relevant_document_first(g
     assert scores[1] > scores[0] + 0.2, scores
 
 
+TOPICS = {
+    "volcanoes": "lava magma eruption ash crater Iceland basalt seismic",
+    "baking": "flour oven dough yeast bread butter crust knead",
+    "football": "goal striker referee penalty league stadium midfield match",
+    "astronomy": "galaxy telescope nebula orbit comet planet star light-year",
+    "gardening": "soil compost seeds tomato pruning roses watering mulch",
+    "banking": "loan interest mortgage deposit credit account savings branch",
+    "sailing": "boat wind sail harbor keel mast knots anchor",
+    "medicine": "doctor vaccine patient symptoms hospital dose diagnosis fever",
+    "music": "guitar melody chord rhythm concert piano orchestra song",
+    "programming": "python compiler function bug variable loop debugger code",
+    "cooking pasta": "spaghetti sauce garlic basil boil parmesan noodles olive",
+    "birds": "feathers nest wings migration sparrow eagle beak flock",
+    "chess": "checkmate pawn bishop knight opening gambit rook endgame",
+    "skiing": "snow slope lift powder skis mountain alpine helmet",
+    "coffee": "espresso beans roast barista grinder latte brew crema",
+    "elections": "vote ballot candidate campaign poll parliament party debate",
+    "oceans": "waves coral reef tide whale salt current deep",
+    "trains": "railway station locomotive track carriage timetable platform freight",
+    "painting": "canvas brush oil watercolor portrait gallery easel palette",
+    "weather": "rain storm forecast clouds thunder humidity temperature wind",
+}
+
+
+def _seeded_corpus() -> tuple[list[str], list[str]]:
+    """Ten documents a topic in words of its own, and a query a topic."""
+    import random
+
+    rng = random.Random(7)
+    documents = [f"{topic}: " + " ".join(rng.sample(words.split(), 5)) for topic, words in TOPICS.items() for _ in range(10)]
+    return documents, [f"tell me about {topic} and {words.split()[0]}" for topic, words in TOPICS.items()]
+
+
+def test_cohere_embed_types_on_vllm_are_the_reference_quantization_and_binary_search_ranks_like_float(gateway):
+    """int8 and binary vectors from real vLLM are sentence-transformers' quantization of the floats
+    (by the ranges the gateway reports), and a search by Hamming distance over the binary vectors
+    finds what the float search finds at the top: a test of correctness, not of quality."""
+    import cohere
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    documents, queries = _seeded_corpus()
+    kinds = ["float", "int8", "uint8", "binary", "ubinary"]
+    with cohere.ClientV2(api_key="unused", base_url=gateway.url, timeout=120) as client:
+        docs = client.embed(model=MODEL, input_type="search_document", texts=documents, embedding_types=kinds).embeddings
+        asked = client.embed(model=MODEL, input_type="search_query", texts=queries, embedding_types=kinds).embeddings
+    ranges = httpx.get(f"{gateway.url}/v1/quantization/{MODEL}", timeout=60).json()
+    low_high = np.array([ranges["low"], ranges["high"]], dtype=np.float32)
+    for got in (docs, asked):
+        floats = np.array(got.float_, dtype=np.float32)
+        for kind in ("int8", "uint8"):
+            assert np.array_equal(np.array(getattr(got, kind)), quantize_embeddings(floats, kind, ranges=low_high)), kind
+        for kind in ("binary", "ubinary"):
+            assert np.array_equal(np.array(getattr(got, kind)), quantize_embeddings(floats, kind)), kind
+        step = (low_high[1] - low_high[0]) / 255
+        inside = (floats >= low_high[0]) & (floats <= low_high[1])
+        assert inside.mean() > 0.98, inside.mean()  # ranges that fit the model's values on texts not calibrated on
+        back = low_high[0] + (np.array(got.int8, dtype=np.float32) + 128.5) * step  # dequantized
+        assert (np.abs(back - floats)[inside] <= (step / 2 + 1e-6)[np.nonzero(inside)[1]]).all()
+    float_top = np.argsort(-np.array(asked.float_) @ np.array(docs.float_).T, axis=1)[:, :10]
+    bits_q, bits_d = (
+        np.unpackbits(np.array(asked.ubinary, np.uint8), axis=1),
+        np.unpackbits(np.array(docs.ubinary, np.uint8), axis=1),
+    )
+    hamming = (bits_q[:, None, :] != bits_d[None, :, :]).sum(axis=2)
+    binary_top = np.argsort(hamming, axis=1, kind="stable")[:, :10]
+    recall = np.mean([len(set(f) & set(b)) / 10 for f, b in zip(float_top, binary_top)])
+    assert recall >= 0.9, recall
+
+
 def test_a_prompt_changes_the_vector_exactly_as_embedding_the_prefixed_text(gateway):
     prompted = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "a fox", "input_type": "search_query"},
                           timeout=60)  # fmt: skip

@@ -39,7 +39,7 @@ def _here(code: str, gateway) -> str:
 def test_the_readme_has_examples_for_every_dialect():
     assert any("/v1/embeddings" in c for c in CURLS) and any("/api/embed" in c for c in CURLS)
     imported = {module for code in PYTHONS for module in re.findall(r"(?:from|import) (\w+)", code)}
-    assert {"openai", "ollama", "aleph_alpha_client"} <= imported
+    assert {"openai", "ollama", "aleph_alpha_client", "cohere"} <= imported
 
 
 @pytest.mark.parametrize("command", CURLS, ids=[c.split()[1] for c in CURLS])
