@@ -31,7 +31,7 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/@+-]{1,64}$")]
 JobInput = str | list[int]
 # What a model's worker does natively: embed (an embedding model), score (a cross-encoder), and
 # tokenize (every model: its own tokenizer).
-Task = Literal["embed", "score", "tokenize"]
+Task = Literal["embed", "score", "sparse", "tokenize"]  # sparse: SPLADE weights, a vocabulary-sized vector
 JobKind = Literal["embed", "score", "tokenize", "detokenize"]
 
 

@@ -26,7 +26,7 @@ from gateway.batches.runner import BatchRunner
 from gateway.batches.store import BatchStore, DirStore
 from gateway.batches.store import RedisStore as RedisBatchStore
 from gateway.console import Sessions
-from gateway.dialects import cohere, ollama, openai, vllm
+from gateway.dialects import cohere, ollama, openai, tei, vllm
 from gateway.errors import ApiError
 from gateway.guard import BrowserGuard
 from gateway.http import BodyBytes, ClientGone, error_response, json_response, render_error
@@ -196,6 +196,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         *ollama.routes,
         *vllm.routes,
         *cohere.routes,
+        *tei.routes,
         *worker_endpoints.routes,
         *batches_api.routes,
         *admin.routes,

@@ -2,7 +2,8 @@
 
 Errors are rendered in one place, in the shape of the dialect the client called: OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` everywhere except Ollama's ``/api/`` paths,
-which answer ``{"error": "..."}``, and Cohere's ``/v2/`` ones, ``{"message": "..."}``.
+which answer ``{"error": "..."}``, Cohere's ``/v2/`` ones, ``{"message": "..."}``, and TEI's
+``/embed_sparse``, ``{"error": "...", "error_type": "..."}``.
 """
 
 from __future__ import annotations
@@ -213,6 +214,12 @@ async def render_error(request: Request, exc: Exception) -> Response:
 
 
 JINA_PATHS = ("/v1/rerank", "/rerank")
+TEI_PATHS = ("/embed_sparse",)
+
+
+def _tei_type(status: int) -> str:
+    """TEI's ``error_type`` for a status."""
+    return {429: "Overloaded", 503: "Unhealthy"}.get(status, "Validation" if status < 500 else "Backend")
 
 
 def error_response(path: str, error: ApiError) -> Response:
@@ -221,6 +228,8 @@ def error_response(path: str, error: ApiError) -> Response:
         body: dict = {"error": error.message}
     elif path.startswith("/v2/"):
         body = {"message": error.message}  # Cohere's
+    elif path in TEI_PATHS:
+        body = {"error": error.message, "error_type": _tei_type(error.status)}
     else:
         body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
         if path in JINA_PATHS:  # Jina's clients (LangChain's, LlamaIndex's, jina-haystack) read "detail"

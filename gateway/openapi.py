@@ -49,12 +49,12 @@ def _operation(
 def openapi_document(version: str) -> dict[str, Any]:
     requests: list[type[BaseModel]] = [
         p.EmbeddingsRequest, p.OllamaEmbedRequest, p.OllamaEmbeddingsRequest, p.RerankRequest, p.ScoreRequest,
-        p.TokenizeRequest, p.DetokenizeRequest, p.CohereEmbedRequest,
+        p.TokenizeRequest, p.DetokenizeRequest, p.CohereEmbedRequest, p.SparseRequest,
     ]  # fmt: skip
     responses: list[type[BaseModel]] = [
         p.EmbeddingsResponse, p.ModelList, p.ModelObject, p.ErrorResponse, p.OllamaEmbedResponse, p.OllamaEmbeddingsResponse,
         p.OllamaTags, p.OllamaError, p.RerankResponse, p.CohereRerankResponse, p.ScoreResponse, p.TokenizeResponse,
-        p.DetokenizeResponse, p.CohereEmbedResponse,
+        p.DetokenizeResponse, p.CohereEmbedResponse, p.SparseValue,
     ]  # fmt: skip
     modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         *((m, "validation") for m in requests),
@@ -69,6 +69,8 @@ def openapi_document(version: str) -> dict[str, Any]:
     cohere = _operation("Rerank documents (Cohere v2)", p.CohereRerankResponse, p.ErrorResponse, p.RerankRequest)
     cohere_embed = _operation("Create embeddings of several types (Cohere v2)", p.CohereEmbedResponse, p.ErrorResponse,
                               p.CohereEmbedRequest)  # fmt: skip
+    sparse = _operation("Sparse weights of a SPLADE model (TEI): per text, a list of SparseValue", p.SparseValue,
+                        p.ErrorResponse, p.SparseRequest)  # fmt: skip
     tokenize = _operation("Tokenize (vLLM)", p.TokenizeResponse, p.ErrorResponse, p.TokenizeRequest)
     detokenize = _operation("Detokenize (vLLM)", p.DetokenizeResponse, p.ErrorResponse, p.DetokenizeRequest)
     embed = _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)
@@ -103,6 +105,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/rerank": {"post": rerank},
             "/v2/rerank": {"post": cohere},
             "/v2/embed": {"post": cohere_embed},
+            "/embed_sparse": {"post": sparse},
             "/score": {"post": score},
             "/v1/score": {"post": score},
             "/tokenize": {"post": tokenize},

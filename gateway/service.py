@@ -101,7 +101,8 @@ class Tokens:
 
 def serves(route: Route) -> list[str]:
     """What a client may ask of the model: a cross-encoder scores; an embedding model also scores
-    and reranks, by the cosine of its embeddings; every model tokenizes."""
+    and reranks, by the cosine of its embeddings; a SPLADE model gives sparse weights (it embeds,
+    in the worker's words, a vector of the vocabulary's size); every model tokenizes."""
     tasks: set[str] = set(route.card.tasks)
     if "embed" in tasks:
         tasks.add("score")

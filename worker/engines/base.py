@@ -17,7 +17,7 @@ class EngineInfo:
     dimensions: int  # of its vectors; a cross-encoder's score is one number
     max_input_tokens: int
     vocab_size: int
-    task: Literal["embed", "score"] = "embed"
+    task: Literal["embed", "score", "sparse"] = "embed"
     call_s: float = 0.0  # the fixed part of an engine call: a call of one short input, timed at load (0: not known)
     # Whether its vectors are unit-length: a model whose sentence-transformers modules end in
     # Normalize (most do), as vLLM follows them. Without one, its vectors are the pooled ones as

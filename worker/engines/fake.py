@@ -1,7 +1,7 @@
 """The deterministic fake engine, for fast tests and gateway load tests: same input, same vector,
 on every worker; with faults to inject (a poisoned input, a dying engine, a hanging one, wrong
 answers). With ``task = "score"`` it is a fake cross-encoder: a pair's score is the cosine of its
-texts' fake vectors."""
+texts' fake vectors; with ``task = "sparse"`` a fake SPLADE (``sparse_weights``)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ class FakeEngine(Engine):
     CLS, SEP = 101, 102
 
     def __init__(self, generator: FakeGenerator):
+        sparse = generator.task == "sparse"  # a weight per vocabulary token, as SPLADE's
         self.info = EngineInfo(
-            generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task,
-            call_s=generator.call_s + generator.delay_s, normalized=generator.normalize,
+            30522 if sparse else generator.dimensions, generator.max_model_len, vocab_size=30522, task=generator.task,
+            call_s=generator.call_s + generator.delay_s, normalized=generator.normalize and not sparse,
         )  # fmt: skip
         self._call_s, self._token_s, self._delay_s = generator.call_s, generator.token_s, generator.delay_s
         self._dead_after = generator.dead_after_batches
@@ -77,6 +78,8 @@ class FakeEngine(Engine):
             raise RuntimeError("fake engine is dead")
         if self._vocab_poison and any(_contains(ids, self._vocab_poison) for ids in token_ids):
             raise RuntimeError("fake engine choked on a poisoned input")
+        if self.info.task == "sparse":
+            return self._wrong(sparse_weights(token_ids, self.info.vocab_size))
         # One hash per input, then splitmix64 over (input, dimension) counters, all rows at once.
         seeds = np.array([zlib.crc32(np.asarray(ids, dtype="<i8").tobytes()) for ids in token_ids], dtype=np.uint64)
         x = (seeds[:, None] << np.uint64(32)) + np.arange(self.info.dimensions, dtype=np.uint64)
@@ -105,3 +108,12 @@ class FakeEngine(Engine):
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
     return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
+
+
+def sparse_weights(token_ids: list[list[int]], vocab_size: int) -> np.ndarray:
+    """A fake SPLADE's vectors: each token of an input weighs 0.5 to 1.5 (by its id), the rest 0."""
+    out = np.zeros((len(token_ids), vocab_size), dtype=np.float32)
+    for row, ids in zip(out, token_ids):
+        unique = np.unique(np.asarray(ids, dtype=np.int64))
+        row[unique] = 0.5 + (unique * 2654435761 % 1000) / 1000
+    return out

@@ -57,6 +57,7 @@ class VllmEngine(Engine):
             gpu_memory_utilization=generator.gpu_memory_utilization,
             enforce_eager=generator.enforce_eager,
             trust_remote_code=generator.trust_remote_code,
+            hf_overrides={"architectures": [splade_architecture(generator.model_path)]} if generator.task == "sparse" else None,
         )
         self._tokenizer: Any = cast(Any, self._llm.get_tokenizer())  # Hugging Face's: vLLM's protocol names less of it
         max_len = self._llm.llm_engine.model_config.max_model_len
@@ -72,7 +73,7 @@ class VllmEngine(Engine):
             vector = warm_up()
             dimensions = vector.shape[1]
             # vLLM follows the model's modules.json: unit-length vectors only where it ends in Normalize.
-            normalized = abs(float(np.linalg.norm(vector[0])) - 1.0) < 1e-3
+            normalized = generator.task == "embed" and abs(float(np.linalg.norm(vector[0])) - 1.0) < 1e-3
         started = time.monotonic()
         warm_up()  # warmed up, a call of one short input is about the fixed part of any call
         call_s = time.monotonic() - started
@@ -84,8 +85,8 @@ class VllmEngine(Engine):
         with_specials, bare = self.tokenize(["a"]), self.tokenize(["a"], special_tokens=False)
         head = with_specials[0].index(bare[0][0])
         self._frame = (with_specials[0][:head], with_specials[0][head + len(bare[0]) :])
-        kind = (
-            "a cross-encoder" if generator.task == "score" else f"{dimensions} dims" + ("" if normalized else ", not normalised")
+        kind = {"score": "a cross-encoder", "sparse": f"SPLADE, a vocabulary of {dimensions}"}.get(
+            generator.task, f"{dimensions} dims" + ("" if normalized else ", not normalised")
         )
         log.info("vLLM engine ready: %s, %s, %d tokens max, %.0f ms a call of one short input", generator.model_path, kind,
                  max_len, call_s * 1000)  # fmt: skip
@@ -126,3 +127,19 @@ class VllmEngine(Engine):
     def close(self) -> None:
         # Stops the engine-core process now rather than at interpreter exit.
         self._llm.llm_engine.engine_core.shutdown()
+
+
+SPLADE = "BertSpladeSparseEmbeddingModel"  # vLLM's SPLADE: max over tokens of log(1 + relu(MLM logits))
+
+
+def splade_architecture(model_path: str) -> str:
+    """What vLLM loads a ``task = "sparse"`` model as: a SPLADE checkpoint is a BertForMaskedLM
+    (naver's, and sentence-transformers' SparseEncoder's); anything else is refused at start."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_path) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures", []) if config.exists() else []
+    if architectures and architectures[0] not in ("BertForMaskedLM", SPLADE):
+        raise ValueError(f'generator.task = "sparse" serves SPLADE models (BertForMaskedLM); {model_path} is {architectures[0]}')
+    return SPLADE
