@@ -18,7 +18,16 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message
 
-from gateway.errors import ApiError, Busy, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from gateway.errors import (
+    ApiError,
+    Busy,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from gateway.tenancy import calls
 
 T = TypeVar("T")
@@ -136,6 +145,16 @@ async def receive_in_time(request: Request, received: int, started: float) -> Me
             f"the first {settings.body_timeout_s:g}s, at {settings.body_min_rate} bytes/s or more",
             headers={"Connection": "close"},
         ) from None
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """A query parameter that must be an integer from ``low`` to ``high``: a 400 naming it otherwise
+    ("²" is a digit to ``str.isdigit``, and not to ``int``)."""
+    raw = request.query_params.get(name, str(default))
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and low <= int(raw) <= high):
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high} (got {raw[:20]!r})", param=name,
+                             code="invalid_value")  # fmt: skip
+    return int(raw)
 
 
 def is_json(content_type: str) -> bool:

@@ -54,7 +54,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     responses: list[type[BaseModel]] = [
         p.EmbeddingsResponse, p.ModelList, p.ModelObject, p.ErrorResponse, p.OllamaEmbedResponse, p.OllamaEmbeddingsResponse,
         p.OllamaTags, p.OllamaError, p.RerankResponse, p.CohereRerankResponse, p.ScoreResponse, p.TokenizeResponse,
-        p.DetokenizeResponse, p.CohereEmbedResponse, p.SparseValue,
+        p.DetokenizeResponse, p.CohereEmbedResponse, p.SparseResponse,
     ]  # fmt: skip
     modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         *((m, "validation") for m in requests),
@@ -69,8 +69,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     cohere = _operation("Rerank documents (Cohere v2)", p.CohereRerankResponse, p.ErrorResponse, p.RerankRequest)
     cohere_embed = _operation("Create embeddings of several types (Cohere v2)", p.CohereEmbedResponse, p.ErrorResponse,
                               p.CohereEmbedRequest)  # fmt: skip
-    sparse = _operation("Sparse weights of a SPLADE model (TEI): per text, a list of SparseValue", p.SparseValue,
-                        p.ErrorResponse, p.SparseRequest)  # fmt: skip
+    sparse = _operation("Sparse weights of a SPLADE model (TEI)", p.SparseResponse, p.ErrorResponse, p.SparseRequest)
     tokenize = _operation("Tokenize (vLLM)", p.TokenizeResponse, p.ErrorResponse, p.TokenizeRequest)
     detokenize = _operation("Detokenize (vLLM)", p.DetokenizeResponse, p.ErrorResponse, p.DetokenizeRequest)
     embed = _operation("Create embeddings (Ollama)", p.OllamaEmbedResponse, p.OllamaError, p.OllamaEmbedRequest)

@@ -144,6 +144,24 @@ class Service:
             )
         return route
 
+    async def sole_model(self, task: Task, key: ApiKey | None) -> str:
+        """The model a request that names none means (TEI's clients name none: TEI serves one):
+        the one model that does ``task`` for ``key``, waiting up to worker_wait_s for one to come
+        back; 400 where several do."""
+        deadline = time.monotonic() + self._settings.worker_wait_s
+        while True:
+            routes = self._workers.routes()
+            names = sorted(n for n, r in routes.items() if task in serves(r) and (key is None or key.allows(n)))
+            if len(names) == 1:
+                return names[0]
+            if names:
+                raise InvalidRequest(f"'model' is needed where several models do {task}: {', '.join(names)}",
+                                     param="model", code="missing_field")  # fmt: skip
+            if time.monotonic() >= deadline:
+                raise NoLiveWorker(f"no model that does {task} has a live worker right now; try again later", param="model",
+                                   headers={"Retry-After": str(self._settings.retry_after_s)})  # fmt: skip
+            await asyncio.sleep(WORKER_POLL_S)
+
     # -- what clients ask for ----------------------------------------------------------------
 
     async def embed(
@@ -183,8 +201,11 @@ class Service:
         return await self._calibrations.ranges(route, dimensions)
 
     async def _calibration_vectors(self, route: Route, texts: list[str]) -> np.ndarray:
-        done = await self.embed(route, list(texts), single=False, key=None, truncate=True)
-        return done.vectors
+        """The calibration corpus's vectors, in requests of a job each (whatever the request bounds)."""
+        size, inputs = self._settings.job_max_inputs, list[JobInput](texts)
+        parts = [self.embed(route, inputs[i : i + size], single=False, key=None, truncate=True)
+                 for i in range(0, len(inputs), size)]  # fmt: skip
+        return np.concatenate([done.vectors for done in await asyncio.gather(*parts)])
 
     async def score(
         self,
@@ -205,7 +226,7 @@ class Service:
                 done = await self._run(route, "score", list(first), key, single=False, truncate=truncate,
                                        pairs_with=list(second))  # fmt: skip
             except InvalidRequest as exc:
-                raise _renamed(exc, lambda i: f"{names[0]}[{i}] + {names[1]}[{i}]") from None
+                raise renamed(exc, lambda i: f"{names[0]}[{i}] + {names[1]}[{i}]") from None
             return Scores(route.model, [float(row[0]) for d in done for row in d.vectors], _tokens(done))
         queries, documents = list(dict.fromkeys(first)), list(dict.fromkeys(second))
         inputs = with_prompt(route, list(queries), input_type="search_query") + with_prompt(
@@ -214,7 +235,7 @@ class Service:
         try:
             done = await self._run(route, "embed", inputs, key, single=False, truncate=truncate)
         except InvalidRequest as exc:
-            raise _renamed(exc, lambda i: f"{names[0]}[{i}]" if i < len(queries) else f"{names[1]}[{i - len(queries)}]") from None
+            raise renamed(exc, lambda i: f"{names[0]}[{i}]" if i < len(queries) else f"{names[1]}[{i - len(queries)}]") from None
         vectors = l2_normalize(np.concatenate([d.vectors for d in done]))  # a cosine, whatever the model's lengths
         query_row = {text: i for i, text in enumerate(queries)}
         document_row = {text: len(queries) + i for i, text in enumerate(documents)}
@@ -448,12 +469,13 @@ def _picked_prompt(route: Route, prompt_name: str | None, input_type: str | None
     return prompt
 
 
-def _renamed(exc: InvalidRequest, name: Callable[[int], str]) -> InvalidRequest:
-    """The error of input[i] of a scoring's jobs, naming the text by the request's own field."""
+def renamed(exc: InvalidRequest, name: Callable[[int], str], fields: dict[str, str] | None = None) -> InvalidRequest:
+    """The error of input[i] (``name(i)``), or of one of ``fields`` (OpenAI's name -> the
+    request's), in the words of a request whose fields are named otherwise (a scoring's, Cohere's)."""
     match = re.fullmatch(r"input\[(\d+)\]", exc.param or "")
-    if match is None:
+    where = name(int(match.group(1))) if match else (fields or {}).get(exc.param or "")
+    if where is None:
         return exc
-    where = name(int(match.group(1)))
     return InvalidRequest(exc.message.replace(f"'{exc.param}'", f"'{where}'"), param=where, code=exc.code)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import orjson
 
 from gateway.calibration import calibration_texts
+from gateway.queue import INTERACTIVE
 from gateway.registry import Route
 from gateway.tenancy import calls
 
@@ -104,11 +105,10 @@ class Calibrations:
         if name not in self._known:
             task = self._running.get(name)
             if task is None:
-                call = calls.current()
-                # Its own context: the engine time is the service's, counted on no client's request.
+                # Its own context: the engine time is the service's, counted on no client's request;
+                # interactive, as the first request waiting for it may be (it is 256 texts, once).
                 context = contextvars.Context()
-                context.run(calls.enter, calls.Call(priority=call.priority if call is not None else calls.DEFAULT,
-                                                    source="calibration"))  # fmt: skip
+                context.run(calls.enter, calls.Call(priority=INTERACTIVE, source="calibration"))
                 task = asyncio.get_running_loop().create_task(self._calibrate(route, name), context=context)
                 self._running[name] = task
                 task.add_done_callback(lambda done: self._ended(name, done))

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import numpy as np
 from pydantic import ValidationError
 
 from contract import software_version
@@ -32,6 +33,7 @@ from contract.messages import (
     ErrorReport,
     Job,
     JobRef,
+    JobResult,
     LeaseRequest,
     ModelCard,
     Release,
@@ -57,6 +59,7 @@ GATEWAY_FAILURES = (httpx.HTTPError, ValidationError, NotRegistered)
 STALE_AFTER_S = 0.1
 RETRY_PAUSE_S = 2.0  # after a call failed all its retries, before the next round
 LEASE_ANSWER_TIMEOUT_S = 5.0  # how long a stopping worker waits for its in-flight lease's answer
+POST_BYTES = 8 << 20  # of vectors a results post carries at most: half the gateway's default body limit
 # Heartbeats per gateway TTL at least: a worker idle in a long-poll is touched by nothing else,
 # and one late heartbeat must not get it dropped.
 HEARTBEATS_PER_TTL = 3
@@ -291,9 +294,9 @@ class Worker:
 
     async def _post(self, outcome: BatchOutcome) -> None:
         try:
-            if outcome.results:
-                header = ResultsHeader(worker_id=self.worker_id, results=outcome.results)
-                reply = await self._client.post_results(encode_results(header, outcome.matrices))
+            for results, matrices in posts(outcome):
+                header = ResultsHeader(worker_id=self.worker_id, results=results)
+                reply = await self._client.post_results(encode_results(header, matrices))
                 self._metrics.stale_posts.inc(reply.ignored)
             if outcome.errors:
                 reply = await self._client.post_errors(ErrorReport(worker_id=self.worker_id, errors=outcome.errors))
@@ -350,6 +353,22 @@ def _model_cards(config: WorkerConfig, engine: Engine) -> dict[str, ModelCard]:
             normalized=info.normalized,
         )
     return cards
+
+
+def posts(outcome: BatchOutcome) -> list[tuple[list[JobResult], list[np.ndarray]]]:
+    """The outcome's answers in posts of at most POST_BYTES of vectors (but a job each at least):
+    a SPLADE model's are 122 KB an input, and a full engine call of them would exceed the body
+    a gateway takes."""
+    pieces: list[tuple[list[JobResult], list[np.ndarray]]] = []
+    size = 0
+    for result, matrix in zip(outcome.results, outcome.matrices):
+        if not pieces or (size and size + matrix.size * 4 > POST_BYTES):
+            pieces.append(([], []))
+            size = 0
+        pieces[-1][0].append(result)
+        pieces[-1][1].append(matrix)
+        size += matrix.size * 4
+    return pieces
 
 
 def _refs(worker_id: str, jobs: list[Job]) -> Release:

@@ -25,7 +25,7 @@ from gateway.batches.runner import batch_object, no_usage
 from gateway.batches.store import BatchRecord, FileRecord
 from gateway.dialects.schemas import BatchRequest, FileUpload, parse_body, validate
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from gateway.http import json_response, off_loop, read_json, receive_in_time
+from gateway.http import json_response, off_loop, query_int, read_json, receive_in_time
 from gateway.tenancy.keys import ApiKey
 
 T = TypeVar("T")
@@ -247,12 +247,7 @@ async def list_batches(request: Request) -> Response:
 def _page(request: Request, items: Sequence[T], ident: Callable[[T], str], render: Callable[[T], dict[str, Any]], *,
           default_limit: int, max_limit: int) -> dict[str, Any]:  # fmt: skip
     """OpenAI's cursor pages: ``after`` an id, ``limit`` items."""
-    raw = request.query_params.get("limit", str(default_limit))
-    if not raw.isdigit() or not 1 <= int(raw) <= max_limit:
-        raise InvalidRequest(
-            f"'limit' must be an integer from 1 to {max_limit} (got {raw!r})", param="limit", code="invalid_value"
-        )
-    limit = int(raw)
+    limit = query_int(request, "limit", default_limit, 1, max_limit)
     after = request.query_params.get("after")
     start = 0
     if after:

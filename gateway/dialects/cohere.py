@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.dialects.schemas import CohereEmbedRequest, RerankRequest, parse_body, validate
+from gateway.dialects.schemas import CohereEmbedRequest, RerankRequest, parse_body, texts_of, validate
 from gateway.dialects.vllm import ITEM_BYTES, documents_of, ranked
 from gateway.errors import InvalidRequest
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
-from gateway.service import Scores
+from gateway.service import Scores, renamed
 from gateway.tenancy import calls
 from gateway.vectors import packed_size
 
@@ -61,7 +61,7 @@ async def embed(request: Request) -> Response:
     try:
         result = await unless_disconnected(request, work)
     except InvalidRequest as exc:
-        raise _renamed(exc, field) from None
+        raise renamed(exc, lambda i: f"{field}[{i}]", {"input": field, "dimensions": "output_dimension"}) from None
     types = list(dict.fromkeys(req.embedding_types))
     typed = {
         kind: await state.service.quantized(route, result.vectors, kind) for kind in types if kind not in ("float", "base64")
@@ -86,32 +86,13 @@ def _texts(req: CohereEmbedRequest, max_inputs: int) -> tuple[list[str], str]:
         texts = []
         for i, item in enumerate(req.inputs or []):
             for j, part in enumerate(item.content):
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequest(f"'inputs[{i}].content[{j}]': model {req.model!r} embeds texts, not images",
-                                         param=f"inputs[{i}].content[{j}]")  # fmt: skip
+                where = f"inputs[{i}].content[{j}]"
+                if part.type != "text":
+                    raise InvalidRequest(f"'{where}': model {req.model!r} embeds texts, not images", param=where)
+                if part.text is None:
+                    raise InvalidRequest(f"'{where}.text' is a required field", param=f"{where}.text", code="missing_field")
             texts.append("\n".join(part.text or "" for part in item.content))
-    if len(texts) > max_inputs:
-        raise InvalidRequest(f"'{field}' has {len(texts)} items; at most {max_inputs} are allowed per request",
-                             param=field, code="too_many_inputs")  # fmt: skip
-    for i, text in enumerate(texts):
-        if not text:
-            raise InvalidRequest(f"'{field}[{i}]' must not be an empty string", param=f"{field}[{i}]", code="invalid_value")
-    return texts, field
-
-
-def _renamed(exc: InvalidRequest, field: str) -> InvalidRequest:
-    """An error that names OpenAI's fields (the service's words), in Cohere's."""
-    param = exc.param or ""
-    name = (
-        "output_dimension"
-        if param == "dimensions"
-        else field + param.removeprefix("input")
-        if param.startswith("input")
-        else param
-    )
-    if name == param:
-        return exc
-    return InvalidRequest(exc.message.replace(f"'{param}'", f"'{name}'"), param=name, code=exc.code)
+    return texts_of(texts, field, max_inputs), field
 
 
 def _embedded(types: list[str], vectors: np.ndarray, typed: dict[str, np.ndarray], texts: list[str], tokens: int) -> bytes:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from contract.messages import JobInput
 from gateway.dialects.schemas import EmbeddingsRequest, json_type, parse_body, preview, validate
 from gateway.errors import InvalidRequest, ModelNotFound, WrongType
-from gateway.http import json_response, off_loop, read_json, unless_disconnected, vectors_response
+from gateway.http import json_response, off_loop, query_int, read_json, unless_disconnected, vectors_response
 from gateway.registry import Route as ModelRoute
 from gateway.service import Embeddings, Service, check_dimensions, serves
 from gateway.tenancy import calls
@@ -83,10 +83,7 @@ async def quantization(request: Request) -> Response:
     state = request.app.state
     key = state.auth.client(request)
     route = await state.service.route(request.path_params["model"], key)
-    raw = request.query_params.get("dimensions", str(route.card.dimensions))
-    if not raw.isdigit():
-        raise WrongType(f"'dimensions' must be a positive integer (got {raw[:20]!r})", param="dimensions")
-    dimensions = int(raw)
+    dimensions = query_int(request, "dimensions", route.card.dimensions, 1, route.card.dimensions)
     check_dimensions(route, dimensions)
     ranges = await state.service.ranges(route, dimensions)
     body = {"model": route.model, "dimensions": dimensions, "low": ranges[0], "high": ranges[1],

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, WrongType
 
@@ -134,6 +134,10 @@ class SparseRequest(_Request):
 class SparseValue(BaseModel):
     index: int = Field(description="a token id")
     value: float
+
+
+class SparseResponse(RootModel[list[list[SparseValue]]]):
+    """Per text, its nonzero weights, by token id."""
 
 
 class ScoreRequest(_Request):
@@ -366,6 +370,22 @@ def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         if err["type"] in _TYPE_ERRORS:
             raise WrongType(problem, param=field) from None
         raise InvalidRequest(problem, param=field, code="invalid_value") from None
+
+
+def texts_of(items: Any, field: str, max_inputs: int) -> list[str]:
+    """A field that lists texts (Cohere's ``texts``, TEI's ``inputs``): an array of at most
+    ``max_inputs`` non-empty strings, or a 400 naming the field or the item."""
+    if not isinstance(items, list) or not items:
+        raise WrongType(f"'{field}' must be a non-empty array of texts, got {json_type(items)}", param=field)
+    if len(items) > max_inputs:
+        raise InvalidRequest(f"'{field}' has {len(items)} items; at most {max_inputs} are allowed per request",
+                             param=field, code="too_many_inputs")  # fmt: skip
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise WrongType(f"'{field}[{i}]' must be a string, got {json_type(text)}", param=f"{field}[{i}]")
+        if not text:
+            raise InvalidRequest(f"'{field}[{i}]' must not be an empty string", param=f"{field}[{i}]", code="invalid_value")
+    return items
 
 
 def json_type(value: Any) -> str:

@@ -15,17 +15,16 @@ model's, and made sparse here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.dialects.schemas import SparseRequest, parse_body, validate
-from gateway.errors import InvalidRequest, WrongType
+from gateway.dialects.schemas import SparseRequest, parse_body, texts_of, validate
+from gateway.errors import InvalidRequest
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
+from gateway.service import renamed
 from gateway.tenancy import calls
 
 SPARSE_BYTES = 30  # of the answer's JSON per nonzero weight, about
@@ -37,40 +36,19 @@ async def embed_sparse(request: Request) -> Response:
     body = await read_json(request)
     req: SparseRequest = validate(SparseRequest, await off_loop(len(body), parse_body, body, state.settings.max_request_inputs))
     calls.ask_priority(req.priority)
-    texts = _texts(req.inputs, state.settings.max_inputs)
+    texts = texts_of([req.inputs] if isinstance(req.inputs, str) else req.inputs, "inputs", state.settings.max_inputs)
     if req.truncation_direction != "Right":
         raise InvalidRequest("'truncation_direction': only Right is supported: workers cut the end of over-long inputs",
                              param="truncation_direction")  # fmt: skip
-    model = req.model or _only_sparse_model(state.workers.routes(), key)
+    model = req.model or await state.service.sole_model("sparse", key)
     route = await state.service.route(model, key, task="sparse")
-    work = state.service.embed(route, texts, single=isinstance(req.inputs, str), key=key, truncate=req.truncate,
-                               prompt_name=req.prompt_name)  # fmt: skip
-    vectors = (await unless_disconnected(request, work)).vectors
+    work = state.service.embed(route, texts, single=False, key=key, truncate=req.truncate, prompt_name=req.prompt_name)
+    try:
+        vectors = (await unless_disconnected(request, work)).vectors
+    except InvalidRequest as exc:
+        raise renamed(exc, lambda i: f"inputs[{i}]", {"input": "inputs"}) from None
     nonzero = int(np.count_nonzero(vectors))
     return json_response(await off_loop(nonzero * SPARSE_BYTES, sparse_body, vectors))
-
-
-def _texts(raw: Any, max_inputs: int) -> list[str]:
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts:
-        raise WrongType("'inputs' must be a text or a non-empty array of texts", param="inputs")
-    if len(texts) > max_inputs:
-        raise InvalidRequest(f"'inputs' has {len(texts)} items; at most {max_inputs} are allowed per request",
-                             param="inputs", code="too_many_inputs")  # fmt: skip
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InvalidRequest(f"'inputs[{i}]' must be a non-empty text", param=f"inputs[{i}]")
-    return texts
-
-
-def _only_sparse_model(routes: dict, key) -> str:
-    """The model a body that names none means: the one sparse model served (to this key)."""
-    sparse = sorted(name for name, route in routes.items() if "sparse" in route.card.tasks and (key is None or key.allows(name)))
-    if len(sparse) != 1:
-        served = ", ".join(sparse) or "none right now"
-        raise InvalidRequest(f"'model' is needed where not exactly one sparse model is served (served: {served})",
-                             param="model", code="missing_field")  # fmt: skip
-    return sparse[0]
 
 
 def sparse_body(vectors: np.ndarray) -> bytes:

@@ -16,6 +16,8 @@ import openai
 import pytest
 from sentence_transformers.util.quantization import quantize_embeddings
 
+from gateway.batches.frames import MAGIC
+from gateway.redis_link import READS_FRAMES
 from gateway.vectors import CALIBRATION_TEXTS, calibration_texts
 from tests.fast.conftest import URL, Gateway, running
 from tests.fast.test_batches import finished, request_line, start
@@ -183,6 +185,7 @@ async def test_embed_sparse_answers_each_texts_nonzero_weights_by_token_id_in_te
         sparse_of_dense = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS, "model": "fake-model"})
         left = await gateway.client.post("/embed_sparse", json={"inputs": TEXTS, "truncation_direction": "Left"})
         empty = await gateway.client.post("/embed_sparse", json={"inputs": ["a", ""]})
+        long = await gateway.client.post("/embed_sparse", json={"inputs": ["a", "word " * 100]})
     assert many.status_code == 200 and one.status_code == 200, many.text + one.text
     got = [{item["index"]: item["value"] for item in row} for row in many.json() + one.json()]
     want = fake_sparse(TEXTS[:3])
@@ -192,7 +195,8 @@ async def test_embed_sparse_answers_each_texts_nonzero_weights_by_token_id_in_te
     assert [item["index"] for item in many.json()[0]] == sorted(item["index"] for item in many.json()[0])
     assert models == {"splade": ["sparse", "tokenize"], "fake-model": ["embed", "score", "tokenize"]}
     assert dense_of_sparse.status_code == 400 and dense_of_sparse.json()["error"]["param"] == "model"
-    for response, field in ((sparse_of_dense, "model"), (left, "truncation_direction"), (empty, "inputs[1]")):
+    for response, field in ((sparse_of_dense, "model"), (left, "truncation_direction"), (empty, "inputs[1]"),
+                            (long, "'inputs[1]'")):  # fmt: skip
         assert response.status_code == 400 and response.json()["error_type"] == "Validation", response.text
         assert field in response.json()["error"], response.text
 
@@ -203,5 +207,58 @@ async def test_embed_sparse_needs_a_model_where_several_sparse_models_are_served
         await gateway.worker(model="splade-b", generator_extra='task = "sparse"')
         unnamed = await gateway.client.post("/embed_sparse", json={"inputs": "x"})
         named = await gateway.client.post("/embed_sparse", json={"inputs": "x", "model": "splade-b"})
-    assert unnamed.status_code == 400 and "splade-a, splade-b" in unnamed.json()["error"]
+    assert unnamed.status_code == 400 and "splade-a, splade-b" in unnamed.json()["error"], unnamed.text
     assert named.status_code == 200 and len(named.json()) == 1
+
+
+async def test_while_a_replica_reads_no_integer_frames_a_lines_integers_are_kept_as_its_json_line(monkeypatch):
+    """A rolling upgrade: a replica of the release before reads float32 frames only (READS 2)."""
+    async with running() as gateway:
+        await gateway.worker(dimensions=DIMS)
+        store = gateway.app.state.batches
+
+        async def older_replica_alive() -> int:
+            return READS_FRAMES
+
+        monkeypatch.setattr(store, "fleet_reads", older_replica_alive)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(gateway.app), base_url=URL, timeout=30)
+        oai = openai.AsyncOpenAI(base_url=URL + "/v1", api_key="unused", http_client=http, max_retries=0)
+        lines = [request_line("int8", TEXTS, output_dtype="int8"), request_line("float", TEXTS)]
+        _, batch = await start(oai, lines)
+        done = await finished(oai, batch.id)
+        kept = [answer async for chunk in store.results(batch.id, True, 2) for _, answer in chunk]
+        downloaded = (await oai.files.content(done.output_file_id)).content.splitlines()
+        direct = [(await gateway.client.post("/v1/embeddings", json=line["body"])).json() for line in lines]
+    assert kept[0].startswith(b"{") and kept[1].startswith(MAGIC)
+    assert [httpx.Response(200, content=line).json()["response"]["body"] for line in downloaded] == direct
+
+
+async def test_odd_query_numbers_are_400s_naming_the_parameter():
+    async with running() as gateway:
+        await gateway.worker(dimensions=DIMS)
+        answers = [await gateway.client.get(path) for path in ("/v1/quantization/fake-model?dimensions=²",
+                   "/v1/quantization/fake-model?dimensions=" + "9" * 5000, "/v1/quantization/fake-model?dimensions=8",
+                   "/v1/files?limit=²")]  # fmt: skip
+    for answer, param in zip(answers, ["dimensions", "dimensions", "dimensions", "limit"]):
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+async def test_a_sparse_models_large_answers_reach_the_gateway_in_posts_it_takes():
+    """200 inputs of a 30,522-token vocabulary are 24 MB of weights, over the 16 MiB body limit."""
+    async with running() as gateway:
+        await gateway.worker(model="splade", generator_extra='task = "sparse"', max_num_seqs=200)
+        texts = [f"text number {i}" for i in range(200)]
+        answer = await gateway.client.post("/embed_sparse", json={"inputs": texts})
+    assert answer.status_code == 200, answer.text
+    assert [{item["index"] for item in row} for row in answer.json()] == [set(w) for w in fake_sparse(texts)]
+
+
+async def test_embed_sparse_with_no_model_waits_for_a_sparse_worker_then_says_503():
+    async with running({"EMBEDQ_WORKER_WAIT_S": "0.5"}) as gateway:
+        await gateway.worker(dimensions=DIMS)  # dense only
+        started = asyncio.get_running_loop().time()
+        answer = await gateway.client.post("/embed_sparse", json={"inputs": "x"})
+        waited = asyncio.get_running_loop().time() - started
+        long = await gateway.client.post("/embed_sparse", json={"inputs": ["x"], "model": "fake-model"})
+    assert answer.status_code == 503 and answer.json()["error_type"] == "Unhealthy" and waited >= 0.5
+    assert "Retry-After" in answer.headers and long.status_code == 400

@@ -134,7 +134,8 @@ SPLADE = "BertSpladeSparseEmbeddingModel"  # vLLM's SPLADE: max over tokens of l
 
 def splade_architecture(model_path: str) -> str:
     """What vLLM loads a ``task = "sparse"`` model as: a SPLADE checkpoint is a BertForMaskedLM
-    (naver's, and sentence-transformers' SparseEncoder's); anything else is refused at start."""
+    (naver's, and sentence-transformers' SparseEncoder's); a checkpoint whose config.json names
+    another architecture is refused at start."""
     import json
     from pathlib import Path
 
