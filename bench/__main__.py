@@ -176,7 +176,7 @@ def batch_beside_interactive() -> dict:
             url = s.gateway()
             engine = s.fake_worker(url) if name == "fake" else s.vllm_worker(url)
             wait_for_model(url)
-            lines = 8000 if name == "fake" else 3000
+            lines = 8000 if name == "fake" else 6000
             results[name] = asyncio.run(beside_batch(url, MODEL, engine.counters, rate=8, seconds=20, lines=lines)).as_dict()
     return results
 

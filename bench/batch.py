@@ -101,9 +101,13 @@ async def beside_batch(
     t2, n2, e2 = await completed()
     await asyncio.sleep(seconds / 2)
     t3, n3, e3 = await completed()
-    await asyncio.to_thread(oai.batches.cancel, batch.id)
+    too_short = RuntimeError(f"the batch of {lines} lines ended before the measurement did: give it more lines")
     if n3 >= lines:
-        raise RuntimeError(f"the batch of {lines} lines ended before the measurement did: give it more lines")
+        raise too_short
+    try:
+        await asyncio.to_thread(oai.batches.cancel, batch.id)
+    except openai.BadRequestError:  # it completed meanwhile
+        raise too_short from None
     shared = shared_outcomes[math.ceil((t1 - sent) * rate) :]  # those sent once the batch ran
     ok_alone = [s for status, s in alone if status == 200]
     ok_shared = [s for status, s in shared if status == 200]

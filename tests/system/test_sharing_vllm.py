@@ -50,7 +50,7 @@ def served(tmp_path_factory) -> tuple[Gateway, Engine]:
 def test_interactive_requests_beside_a_batch_of_long_texts_wait_for_short_calls(served):
     gateway, engine = served
     key = create_key(gateway.url, ADMIN, "searcher")
-    figures = asyncio.run(beside_batch(gateway.url, MODEL, engine.counters, rate=8, seconds=10, lines=1500, key=key))
+    figures = asyncio.run(beside_batch(gateway.url, MODEL, engine.counters, rate=8, seconds=10, lines=6000, key=key))
     summary = f"{figures.summary()}; {figures.line_s * 1000:.0f} ms of engine time a line"
     print(summary)
     assert figures.served_all, summary
