@@ -25,6 +25,7 @@ do.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import hashlib
 import logging
@@ -70,6 +71,11 @@ def quantize(vectors: np.ndarray, dtype: str, ranges: np.ndarray | None = None) 
     steps = np.where(steps == 0, 1, steps)
     values = np.clip(np.floor((vectors - low) / steps), 0, 255)
     return values.astype(np.uint8) if dtype == "uint8" else (values - 128).astype(np.int8)
+
+
+def base64_rows(vectors: np.ndarray) -> list[str]:
+    """Each vector as base64 of its little-endian float32 bytes: OpenAI's base64, and Cohere's."""
+    return [base64.b64encode(row.tobytes()).decode() for row in vectors.astype("<f4", copy=False)]
 
 
 def packed_size(dimensions: int, dtype: str) -> int:

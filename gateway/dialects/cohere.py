@@ -15,7 +15,6 @@ Errors are Cohere's shape, ``{"message": "..."}`` (``http.py``).
 
 from __future__ import annotations
 
-import base64
 import uuid
 
 import numpy as np
@@ -30,7 +29,7 @@ from gateway.errors import InvalidRequest
 from gateway.http import json_response, off_loop, read_json, unless_disconnected
 from gateway.service import Scores, renamed
 from gateway.tenancy import calls
-from gateway.vectors import packed_size
+from gateway.vectors import base64_rows, packed_size
 
 VALUE_BYTES = 12  # of an answer's JSON per value, about: what decides whether it is built off the loop
 
@@ -99,7 +98,7 @@ def _embedded(types: list[str], vectors: np.ndarray, typed: dict[str, np.ndarray
     embeddings: dict = {}
     for kind in types:
         if kind == "base64":  # Cohere's: each vector's float32 bytes, little-endian
-            embeddings[kind] = [base64.b64encode(row.tobytes()).decode() for row in vectors.astype("<f4", copy=False)]
+            embeddings[kind] = base64_rows(vectors)
         else:
             embeddings[kind] = vectors if kind == "float" else typed[kind]
     meta = {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}

@@ -6,7 +6,6 @@ with ``hosting`` and ``tags`` added.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from typing import Any
 
@@ -25,7 +24,7 @@ from gateway.registry import Route as ModelRoute
 from gateway.service import Embeddings, Service, check_dimensions, serves
 from gateway.tenancy import calls
 from gateway.tenancy.keys import ApiKey
-from gateway.vectors import CALIBRATION_TEXTS
+from gateway.vectors import CALIBRATION_TEXTS, base64_rows
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOKEN_IDS = 131_072  # per input: more than any embedding model's context
@@ -196,8 +195,7 @@ def embeddings_body(model: str, vectors: np.ndarray, prompt_tokens: int, encodin
     """Integer vectors (an ``output_dtype``) are lists whatever the ``encoding_format``: the openai
     client asks for base64 unless told otherwise and reads it as float32, which integer bytes are not."""
     if encoding_format == "base64" and vectors.dtype.kind == "f":
-        little = vectors.astype("<f4", copy=False)
-        items: list = [base64.b64encode(row.tobytes()).decode() for row in little]
+        items: list = base64_rows(vectors)
     else:
         items = list(vectors)  # orjson writes float32 rows in their shortest exact form
     data = [{"object": "embedding", "embedding": item, "index": i} for i, item in enumerate(items)]
